@@ -1,0 +1,76 @@
+# crf-rnn-3d: every target sets itself up (virtual environment, pinned packages, compiled op).
+SHELL := /bin/bash
+PYTHON_SYS ?= $(shell command -v python3.11 || command -v python3)
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+
+CSRC       := src/lattice_op/csrc
+BUILD      := build
+LIB        := $(BUILD)/libcrf3d_lattice.so
+CORE_SRC   := $(CSRC)/permutohedral.cc
+CORE_HDR   := $(CSRC)/permutohedral.h $(CSRC)/parallel.h
+TF_SRC     := $(CSRC)/tf_ops.cc $(CSRC)/tf_kernels.cc
+CXX        ?= g++
+OPT        ?= -O3
+# The framework-free core is held to -Wall -Wextra -Werror; TensorFlow's headers warn, so the
+# adapter only shows warnings.
+CORE_FLAGS := -std=c++17 $(OPT) -fPIC -Wall -Wextra -Werror -pthread
+
+PYTEST_ARGS ?=
+
+.PHONY: setup build lint test test-all bench-lattice demo clean help
+
+help:
+	@echo "make test           set up, build the op, lint, run the fast tests"
+	@echo "make test-all       the same, slow tests included"
+	@echo "make demo           filter a synthetic 3D volume with the lattice op and check it"
+	@echo "make bench-lattice  lattice op benchmark against pydensecrf2 (docs/benchmarks.md)"
+	@echo "make build          compile the TensorFlow op into $(LIB)"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $@
+
+$(BENCH_STAMP): requirements-bench.txt $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	@touch $@
+
+build: $(LIB)
+
+$(BUILD)/permutohedral.o: $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CXX) $(CORE_FLAGS) -c $(CORE_SRC) -o $@
+
+$(LIB): $(BUILD)/permutohedral.o $(TF_SRC) $(CORE_HDR) $(STAMP)
+	@mkdir -p $(BUILD)
+	$(CXX) -std=c++17 $(OPT) -fPIC -shared -pthread -Wall -Wno-deprecated-declarations \
+	  $$($(PY) -c 'import tensorflow as tf; print(" ".join(tf.sysconfig.get_compile_flags()))' 2>/dev/null) \
+	  $(TF_SRC) $(BUILD)/permutohedral.o -o $@.tmp \
+	  $$($(PY) -c 'import tensorflow as tf; print(" ".join(tf.sysconfig.get_link_flags()))' 2>/dev/null)
+	@mv $@.tmp $@
+
+lint: $(STAMP)
+	$(PY) -m ruff check src scripts tests
+	$(PY) -m ruff format --check src scripts tests
+	$(CXX) $(CORE_FLAGS) -fsyntax-only $(CORE_SRC)
+
+test: $(STAMP) $(LIB) lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: $(STAMP) $(LIB) lint
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP) $(LIB)
+	PYTHONPATH=. $(PY) scripts/demo_lattice.py
+
+bench-lattice: $(BENCH_STAMP) $(LIB)
+	PYTHONPATH=. $(PY) scripts/bench_lattice.py $(ARGS)
+
+clean:
+	rm -rf $(BUILD)

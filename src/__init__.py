@@ -1,0 +1,1 @@
+"""crf-rnn-3d: dense CRFs as trainable layers for 3D medical images."""

@@ -1,0 +1,1 @@
+"""Readers, preprocessing, synthetic phantoms, splits and tf.data pipelines."""

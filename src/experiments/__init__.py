@@ -1,0 +1,1 @@
+"""Entry points: prepare, train, evaluate, cross-validate, report."""

@@ -1,0 +1,149 @@
+// The permutohedral lattice (Adams, Baek & Davis 2010) for high-dimensional Gaussian filtering:
+// one framework-free description shared by every binding (the TensorFlow op today).
+//
+// A lattice is built once from N feature vectors f_i in R^d (positions and intensities already
+// divided by their kernel widths) and then applied to any number of value arrays v [N, C]:
+//
+//   embed   each f_i is lifted onto the hyperplane H_d of R^{d+1} and located in its enclosing
+//           simplex: d+1 lattice points (vertex_index) and barycentric weights (vertex_weight);
+//   splat   each lattice point gathers the weighted values of the voxels around it;
+//   blur    a [1/2, 1, 1/2] stencil runs along each of the d+1 lattice directions in turn;
+//   slice   each voxel reads back the weighted values of its d+1 lattice points.
+//
+// The result approximates alpha_d * c * sum_j exp(-|f_i - f_j|^2 / 2) v_j with alpha_d =
+// 1 / (1 + 2^-d) (Krahenbuhl's normalisation) and a scale c that depends on how densely the
+// features sample the lattice: callers normalise by the filter of ones. The self term (j = i)
+// is included. The operator is S^T B_d ... B_0 S; each B_k is symmetric, so the adjoint is the
+// same filter with the blur directions in reverse order.
+//
+// Everything a filter call needs is in plain arrays (LatticeView), so the lattice can live in
+// ordinary framework tensors: no hidden state between calls.
+#ifndef CRF3D_PERMUTOHEDRAL_H_
+#define CRF3D_PERMUTOHEDRAL_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "parallel.h"
+
+namespace crf3d {
+
+struct Status {
+  enum class Code { kOk, kInvalidArgument, kResourceExhausted };
+  Code code = Code::kOk;
+  std::string message;
+  bool ok() const { return code == Code::kOk; }
+  static Status Ok() { return {}; }
+  static Status Invalid(std::string m) { return {Code::kInvalidArgument, std::move(m)}; }
+  static Status Exhausted(std::string m) { return {Code::kResourceExhausted, std::move(m)}; }
+};
+
+// Constants of the d-dimensional embedding, derived once per lattice.
+class Embedding {
+ public:
+  explicit Embedding(int d);
+  int dim() const { return d_; }
+  // Locates feature vector f (length d) in the lattice: writes the remainder-0 vertex rem0
+  // (d+1 coordinates), the rank of each coordinate (d+1) and the barycentric weights of the
+  // d+1 enclosing vertices (d+2 floats of scratch, the first d+1 meaningful). elevated is
+  // scratch of d+1 floats.
+  void Embed(const float* f, float* elevated, int32_t* rem0, int32_t* rank, float* bary) const;
+  // Key (d coordinates; the last one is implied by the zero sum) of vertex k in 0..d of the
+  // simplex described by rem0 and rank.
+  void VertexKey(const int32_t* rem0, const int32_t* rank, int k, int32_t* key) const {
+    for (int i = 0; i < d_; ++i) {
+      key[i] = rem0[i] + (rank[i] <= d_ - k ? k : k - (d_ + 1));
+    }
+  }
+  // Widest span (max - min) of one feature channel for which the lattice coordinates stay
+  // exact in single precision.
+  double max_feature_span() const;
+  // The slice normalisation 1 / (1 + 2^-d).
+  float alpha() const { return alpha_; }
+
+ private:
+  int d_;
+  std::vector<float> scale_;  // per feature channel: embedding scale (incl. the blur's std)
+  float alpha_;
+};
+
+// Open-addressing hash table from lattice keys (d int32 coordinates) to dense indices
+// 0..size()-1, in order of first insertion.
+class KeyTable {
+ public:
+  explicit KeyTable(int d, int64_t max_points);
+  // Index of key, inserted if absent; -1 when that would exceed max_points.
+  int32_t FindOrInsert(const int32_t* key);
+  // Index of key, or -1 if absent. Safe to call concurrently once insertion is over.
+  int32_t Find(const int32_t* key) const;
+  int64_t size() const { return static_cast<int64_t>(hashes_.size()); }
+  const int32_t* key(int64_t i) const { return keys_.data() + i * d_; }
+  void Reserve(int64_t points);
+
+ private:
+  uint64_t Hash(const int32_t* key) const;
+  bool Equal(int32_t index, const int32_t* key) const;
+  void Rehash(size_t capacity);
+  int d_;
+  int64_t max_points_;
+  std::vector<int32_t> keys_;
+  std::vector<uint64_t> hashes_;
+  std::vector<int32_t> slots_;  // power-of-two capacity, -1 marks an empty slot
+  uint64_t mask_ = 0;
+};
+
+// The lattice of one batch item.
+class LatticeBuilder {
+ public:
+  // features: [n, d] row-major, finite. Writes vertex_index [n, d+1] (indices local to this
+  // lattice, offset by index_base) and vertex_weight [n, d+1]. Fails with kResourceExhausted
+  // when the lattice would exceed max_points, and with kInvalidArgument for non-finite or too
+  // widely spread features (channel names in messages are 0-based).
+  Status Build(const float* features, int64_t n, int d, int64_t max_points, int32_t index_base,
+               int32_t* vertex_index, float* vertex_weight, const Parallel& par);
+  int64_t num_points() const { return table_ ? table_->size() : 0; }
+  // Fills rows [index_base, index_base + num_points()) of each direction's block of the blur
+  // neighbour table nbrs [d+1, total_points, 2] (the - and + neighbour); an absent neighbour is
+  // written as total_points, the index of an always-zero row.
+  void BlurNeighbours(int64_t total_points, int32_t index_base, int32_t* nbrs,
+                      const Parallel& par) const;
+
+ private:
+  int d_ = 0;
+  std::vector<KeyTable> table_storage_;
+  const KeyTable* table_ = nullptr;
+};
+
+// Transposes vertex_index [num_entries] (values in [0, num_points)) into a CSR list:
+// entries[offsets[m] .. offsets[m+1]) are the flat entry numbers (voxel * (d+1) + k) that touch
+// lattice point m, in increasing order (so every splat sums in the same order).
+void BuildSplatCsr(const int32_t* vertex_index, int64_t num_entries, int64_t num_points,
+                   int32_t* offsets, int32_t* entries, const Parallel& par);
+
+// A built lattice as the filter reads it; all arrays belong to the caller.
+struct LatticeView {
+  int64_t num_voxels = 0;                    // B * N
+  int d = 0;                                 // feature channels
+  int64_t num_points = 0;                    // M, lattice points of all batch items
+  const int32_t* vertex_index = nullptr;     // [num_voxels, d+1], values in [0, M)
+  const float* vertex_weight = nullptr;      // [num_voxels, d+1]
+  const int32_t* blur_neighbours = nullptr;  // [d+1, M, 2], values in [0, M]
+  const int32_t* splat_offsets = nullptr;    // [M+1]
+  const int32_t* splat_entries = nullptr;    // [num_voxels * (d+1)]
+};
+
+// Floats of scratch that Filter needs for `channels` value channels.
+inline int64_t FilterScratchSize(const LatticeView& lat, int channels) {
+  return 2 * (lat.num_points + 1) * static_cast<int64_t>(channels);
+}
+
+// out = K values (reverse = false) or K^T values (reverse = true); values and out are
+// [num_voxels, channels]. scratch holds FilterScratchSize floats. Fails with kInvalidArgument
+// when the lattice arrays are inconsistent (indices out of range).
+Status Filter(const LatticeView& lat, const float* values, int channels, bool reverse,
+              float* out, float* scratch, const Parallel& par);
+
+}  // namespace crf3d
+
+#endif  // CRF3D_PERMUTOHEDRAL_H_

@@ -1,0 +1,67 @@
+// Registration and shape functions of the lattice ops. Kernels: tf_kernels.cc.
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace crf3d {
+
+using ::tensorflow::Status;
+using ::tensorflow::shape_inference::DimensionHandle;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+
+// Shapes are checked here only where they are known; every check is repeated with a message
+// that names the tensor in the kernels, so unknown dimensions are always accepted.
+REGISTER_OP("Crf3dLatticeBuild")
+    .Input("features: float")
+    .Output("vertex_index: int32")
+    .Output("vertex_weight: float")
+    .Output("blur_neighbours: int32")
+    .Output("splat_offsets: int32")
+    .Output("splat_entries: int32")
+    .SetShapeFn([](InferenceContext* c) -> Status {
+      ShapeHandle features = c->input(0);
+      ShapeHandle vertex = c->UnknownShape();
+      DimensionHandle d1 = c->UnknownDim();
+      DimensionHandle entries = c->UnknownDim();
+      if (c->RankKnown(features) && c->Rank(features) >= 1) {
+        DimensionHandle f = c->Dim(features, -1);
+        if (c->ValueKnown(f)) d1 = c->MakeDim(c->Value(f) + 1);
+        TF_RETURN_IF_ERROR(c->ReplaceDim(features, -1, d1, &vertex));
+        ShapeHandle leading;
+        TF_RETURN_IF_ERROR(c->Subshape(features, 0, -1, &leading));
+        TF_RETURN_IF_ERROR(c->Multiply(c->NumElements(leading), d1, &entries));
+      }
+      c->set_output(0, vertex);
+      c->set_output(1, vertex);
+      c->set_output(2, c->MakeShape({d1, c->UnknownDim(), c->MakeDim(2)}));
+      c->set_output(3, c->Vector(c->UnknownDim()));
+      c->set_output(4, c->Vector(entries));
+      return ::tensorflow::OkStatus();
+    })
+    .Doc(R"doc(
+Builds the permutohedral lattice of each batch item from features [B, *spatial, F] (already
+divided by the kernel widths). vertex_index / vertex_weight [B, *spatial, F+1]: the enclosing
+lattice points of each voxel and their barycentric weights; blur_neighbours [F+1, M, 2]: the
+two neighbours of each of the M lattice points along each direction (M marks an absent one);
+splat_offsets [M+1] and splat_entries [B*N*(F+1)]: the voxel entries of each lattice point.
+)doc");
+
+REGISTER_OP("Crf3dLatticeFilter")
+    .Input("values: float")
+    .Input("vertex_index: int32")
+    .Input("vertex_weight: float")
+    .Input("blur_neighbours: int32")
+    .Input("splat_offsets: int32")
+    .Input("splat_entries: int32")
+    .Attr("reverse: bool = false")
+    .Output("output: float")
+    .SetShapeFn([](InferenceContext* c) -> Status {
+      c->set_output(0, c->input(0));
+      return ::tensorflow::OkStatus();
+    })
+    .Doc(R"doc(
+Filters values [B, *spatial, C] with a lattice from Crf3dLatticeBuild: splat, blur along the
+F+1 lattice directions (in reverse order when reverse is true, which gives the adjoint), slice.
+)doc");
+
+}  // namespace crf3d

@@ -1,0 +1,1 @@
+"""Segmentation networks: V-Net with an optional CRF head."""
