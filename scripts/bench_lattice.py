@@ -1,0 +1,778 @@
+"""Benchmark of the permutohedral lattice op against pydensecrf2 (run with `make bench-lattice`).
+
+Two references of realistic size, made deterministically (smooth anatomy, bias field, noise;
+never uniform random features, which would explode the lattice):
+
+  promise  one T2-like channel, 63 x 200 x 200 voxels at (z, y, x) = (2, 1, 1) mm, F = 4
+           (three positions in mm / theta_alpha, intensity / theta_beta), 2 labels;
+  brats    four correlated modalities (T1, T1c, T2, FLAIR), 155 x 240 x 240 at 1 mm, F = 7
+           (three positions + four intensities), 5 labels.
+
+For each it reports the lattice points, build time, time per filter call with C = 2 and C = 5
+values, peak memory, the normalised error against the exact float64 filter on a random
+subsample of voxels, and the CRF-shaped comparison with pydensecrf2 (Krahenbuhl's DenseCRF):
+
+  ours    Lattice(bilateral features) + 10 filter calls with C = number of labels;
+  theirs  DenseCRF setup (unary, a bilateral and a spatial kernel) + inference(5), i.e. its
+          10 filter calls (5 bilateral, 5 spatial) plus its own lattice builds.
+
+It also times our op with 1 and with 2 intra-op threads, and build / filter time over four
+input sizes (crops of the promise volume) to show that the cost grows linearly with voxels.
+Every timing and memory figure comes from a fresh subprocess (the script re-invokes itself with
+--worker), so TensorFlow's thread count is set before it initialises and peak RSS (VmHWM) is per
+configuration. All subprocesses read the same arrays, written once to a temporary folder.
+
+Results go to stdout (a table, then the Markdown for docs/benchmarks.md) and, as JSON, to
+results/bench_lattice/<timestamp>.json.
+
+Examples:
+  make bench-lattice                                  # the full benchmark (about 10 minutes)
+  make bench-lattice ARGS="--quick"                   # small volumes, a smoke run
+  make bench-lattice ARGS="--refs promise --parts ours,dcrf"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("ours", "threads", "dcrf", "error", "scaling")
+
+# Kernel widths (documented in docs/benchmarks.md). Intensities are z-scored, so theta_beta is
+# in units of the image's standard deviation; positions are in mm.
+THETA_ALPHA_MM = 5.0  # bilateral kernel, positions
+THETA_BETA = 0.5  # bilateral kernel, intensities (z-score units)
+THETA_GAMMA_MM = 3.0  # spatial kernel
+W_BILATERAL, W_SPATIAL = 5.0, 3.0  # pydensecrf Potts weights (do not change the cost)
+
+FULL_SHAPES = {"promise": (63, 200, 200), "brats": (155, 240, 240)}
+QUICK_SHAPES = {"promise": (24, 80, 80), "brats": (40, 64, 64)}
+SPACING = {"promise": (2.0, 1.0, 1.0), "brats": (1.0, 1.0, 1.0)}
+LABELS = {"promise": 2, "brats": 5}
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic references
+# ---------------------------------------------------------------------------------------------
+
+
+def _grid_mm(shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[np.ndarray]:
+    """Broadcastable (z, y, x) coordinate arrays in mm, float32, centred on the volume."""
+    axes = []
+    for a, (n, s) in enumerate(zip(shape, spacing, strict=True)):
+        c = (np.arange(n, dtype=np.float32) - (n - 1) / 2) * s
+        view = [1, 1, 1]
+        view[a] = n
+        axes.append(c.reshape(view))
+    return axes
+
+
+def _soft_ellipsoid(
+    grid: list[np.ndarray], centre_mm, radii_mm, edge_mm: float = 2.0
+) -> np.ndarray:
+    """1 inside, 0 outside, a logistic border about edge_mm wide; float32."""
+    r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre_mm, radii_mm, strict=True))
+    dist = (np.sqrt(r2) - 1.0) * float(min(radii_mm))  # approximate distance in mm
+    return (1.0 / (1.0 + np.exp(np.clip(dist / edge_mm, -30, 30)))).astype(np.float32)
+
+
+def _smooth_field(shape: tuple[int, ...], scale_vox: float, rng: np.random.Generator) -> np.ndarray:
+    """Zero-mean, unit-variance random field, smooth over about scale_vox voxels (float32).
+
+    Made at low resolution and interpolated up, so it costs about one pass over the volume.
+    """
+    low = tuple(max(4, math.ceil(n / scale_vox) + 3) for n in shape)
+    field = ndimage.gaussian_filter(rng.standard_normal(low), sigma=1.0, mode="wrap")
+    zoom = [n / m for n, m in zip(shape, low, strict=True)]
+    up = ndimage.zoom(field.astype(np.float32), zoom, order=1, grid_mode=True, mode="grid-wrap")
+    up = up[tuple(slice(0, n) for n in shape)]
+    up -= up.mean()
+    up /= up.std() + 1e-12
+    return up
+
+
+def _zscore(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    ref = x if mask is None else x[mask]
+    return ((x - ref.mean()) / (ref.std() + 1e-12)).astype(np.float32)
+
+
+def _label_probabilities(
+    anatomy: list[np.ndarray], labels: int, shape, rng: np.random.Generator
+) -> np.ndarray:
+    """Smooth label-probability-like values: softmax of anatomy-driven smooth logits, [*S, L]."""
+    logits = []
+    for k in range(labels):
+        base = 4.0 * anatomy[k % len(anatomy)] if k > 0 else np.zeros(shape, np.float32)
+        logits.append(base + 1.5 * _smooth_field(shape, 12.0, rng))
+    z = np.stack(logits, -1)
+    z -= z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def make_promise(shape: tuple[int, int, int], seed: int = 0):
+    """PROMISE12-like T2 volume [*S, 1] (z-scored), its anatomy masks, spacing (2, 1, 1) mm."""
+    rng = np.random.default_rng(seed)
+    spacing = SPACING["promise"]
+    g = _grid_mm(shape, spacing)
+    ext = [n * s for n, s in zip(shape, spacing, strict=True)]
+    body = _soft_ellipsoid(g, (0, 0, 0), (ext[0] * 2, 0.42 * ext[1], 0.47 * ext[2]), 3.0)
+    prostate = _soft_ellipsoid(g, (0, 8, 0), (0.22 * ext[0], 18, 22), 2.0)
+    zone = _soft_ellipsoid(g, (0, 6, 0), (0.15 * ext[0], 9, 11), 2.0)  # central gland
+    bladder = _soft_ellipsoid(g, (0.3 * ext[0], -22, 0), (0.3 * ext[0], 25, 30), 2.0)
+    rectum = _soft_ellipsoid(g, (0, 36, 0), (0.5 * ext[0], 10, 12), 2.0)
+    bones = _soft_ellipsoid(g, (0, 10, -60), (ext[0], 14, 14), 2.0) + _soft_ellipsoid(
+        g, (0, 10, 60), (ext[0], 14, 14), 2.0
+    )
+    texture = _smooth_field(shape, 6.0, rng)
+    img = 0.05 + body * (0.45 + 0.06 * texture)
+    img += prostate * (0.25 - 0.45 * zone * 0.5) + bladder * 0.9 - rectum * 0.3 - bones * 0.25
+    bias = np.exp(0.25 * _smooth_field(shape, 60.0, rng)).astype(np.float32)
+    img = img * bias + rng.normal(0.0, 0.06, size=shape).astype(np.float32)
+    image = _zscore(np.abs(img))[..., None]
+    return image, [prostate, bladder, rectum], spacing
+
+
+def make_brats(shape: tuple[int, int, int], seed: int = 1):
+    """BraTS-like (T1, T1c, T2, FLAIR) volume [*S, 4], z-scored inside the brain, 1 mm."""
+    rng = np.random.default_rng(seed)
+    spacing = SPACING["brats"]
+    g = _grid_mm(shape, spacing)
+    ext = [n * s for n, s in zip(shape, spacing, strict=True)]
+    brain = _soft_ellipsoid(g, (0, 0, 0), (0.42 * ext[0], 0.36 * ext[1], 0.29 * ext[2]), 1.5)
+    vents = _soft_ellipsoid(g, (0.05 * ext[0], -0.02 * ext[1], 0), (12, 22, 8), 1.5)
+    folds = _smooth_field(shape, 5.0, rng)  # grey / white matter pattern
+    wm = brain * (1.0 / (1.0 + np.exp(-3.0 * folds)))
+    gm = brain - wm
+    tc = (0.1 * ext[0], 0.12 * ext[1], 0.1 * ext[2])
+    edema = _soft_ellipsoid(g, tc, (28, 32, 26), 4.0) * brain
+    core = _soft_ellipsoid(g, tc, (15, 17, 14), 1.5)
+    necrosis = _soft_ellipsoid(g, tc, (8, 9, 8), 1.5)
+    enhancing = np.clip(core - necrosis, 0, 1)
+    edema = np.clip(edema - core, 0, 1)
+    csf = np.clip(vents + brain * 0.3 * (1.0 / (1.0 + np.exp(-4.0 * (folds - 1.8)))), 0, 1)
+    tissues = [wm, gm, csf, edema, enhancing, necrosis]
+    # Intensity of each tissue in (T1, T1c, T2, FLAIR): correlated across modalities.
+    table = np.array(
+        [
+            [0.90, 0.85, 0.45, 0.55],  # white matter
+            [0.65, 0.62, 0.65, 0.70],  # grey matter
+            [0.20, 0.22, 1.00, 0.15],  # CSF
+            [0.55, 0.55, 0.90, 0.95],  # edema
+            [0.60, 1.10, 0.75, 0.80],  # enhancing tumour
+            [0.30, 0.35, 0.95, 0.50],  # necrosis
+        ],
+        np.float32,
+    )
+    inside = brain > 0.5
+    mods = []
+    for m in range(4):
+        img = sum(t * table[i, m] for i, t in enumerate(tissues))
+        img = img * (1.0 + 0.05 * _smooth_field(shape, 8.0, rng))
+        img = img * np.exp(0.15 * _smooth_field(shape, 70.0, rng))
+        img = img + brain * rng.normal(0.0, 0.04, size=shape).astype(np.float32)
+        z = _zscore(img, inside)
+        z[brain < 0.02] = 0.0  # skull-stripped background is constant, as in BraTS
+        mods.append(z)
+    anatomy = [edema + enhancing + necrosis, enhancing + necrosis, necrosis, enhancing]
+    return np.stack(mods, -1), anatomy, spacing
+
+
+def make_reference(name: str, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Every array a worker needs for one reference, channels-last with a batch axis of 1."""
+    maker = make_promise if name == "promise" else make_brats
+    image, anatomy, spacing = maker(shape)
+    rng = np.random.default_rng(7)
+    g = _grid_mm(shape, spacing)
+    pos = np.stack(np.broadcast_arrays(*g), -1).astype(np.float32)
+    pos -= pos.min(axis=(0, 1, 2))
+    bilateral = np.concatenate([pos / THETA_ALPHA_MM, image / THETA_BETA], -1)
+    labels = LABELS[name]
+    probs = {c: _label_probabilities(anatomy, c, shape, rng) for c in sorted({2, 5, labels})}
+    return {
+        "image": image,
+        "bilateral": np.ascontiguousarray(bilateral[None], dtype=np.float32),
+        "spatial": np.ascontiguousarray((pos / THETA_GAMMA_MM)[None], dtype=np.float32),
+        "probs2": probs[2][None],
+        "probs5": probs[5][None],
+        "spacing": np.asarray(spacing, np.float64),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (each in a fresh process)
+# ---------------------------------------------------------------------------------------------
+
+
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    raise KeyError(field)
+
+
+def _reset_peak() -> float:
+    """Resets the peak-RSS mark (Linux clear_refs 5) and returns the current RSS in MiB.
+
+    ru_maxrss would not do: Linux carries the parent's resident size over fork and exec, and
+    it cannot be reset; VmHWM belongs to this process's memory map and can.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_mib("VmRSS")
+
+
+def _rss_mib() -> float:
+    """Peak resident set size since the last _reset_peak (or the start), MiB."""
+    try:
+        return _status_mib("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _load(folder: Path) -> dict[str, np.ndarray]:
+    return {p.stem: np.load(p) for p in sorted(folder.glob("*.npy"))}
+
+
+def _init_tf(threads: int):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if threads > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    from src.lattice_op import Lattice
+
+    # Warm up: load the library and run both code paths once on a tiny lattice.
+    tiny = np.random.default_rng(0).normal(size=(1, 6, 6, 6, 4)).astype(np.float32)
+    lat = Lattice(tiny)
+    for c in (1, 2, 5):
+        lat.filter(np.ones((1, 6, 6, 6, c), np.float32)).numpy()
+    return tf, Lattice
+
+
+def _timed(fn, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), times
+
+
+def _lattice_bytes(lat) -> int:
+    return int(sum(t.numpy().nbytes for t in lat.tensors))
+
+
+def worker_ours(folder: Path, threads: int, repeats: int, labels: int) -> dict:
+    """Build, filter, CRF-shaped sequence and peak memory of our op at a given thread count."""
+    tf, Lattice = _init_tf(threads)
+    data = _load(folder)
+    feats = tf.constant(data["bilateral"])
+    spatial = tf.constant(data["spatial"])
+    vals = {2: tf.constant(data["probs2"]), 5: tf.constant(data["probs5"])}
+    crf_vals = vals[labels]
+    del data
+    n = int(np.prod(feats.shape[1:-1]))
+    base = _reset_peak()
+
+    # Peak memory of one lattice and one C = 5 filter call, before anything else runs.
+    t0 = time.perf_counter()
+    lat = Lattice(feats)
+    points = int(lat.num_points.numpy())
+    first_build = time.perf_counter() - t0
+    lat.filter(vals[5]).numpy()
+    peak_one = _rss_mib()
+    lattice_bytes = _lattice_bytes(lat)
+    out = {
+        "threads": threads,
+        "voxels": n,
+        "features": int(feats.shape[-1]),
+        "lattice_points": points,
+        "points_per_voxel": points / n,
+        "lattice_mib": lattice_bytes / 2**20,
+        "rss_baseline_mib": base,
+        "rss_peak_build_filter_mib": peak_one,
+        "rss_increase_mib": peak_one - base,
+        "first_build_s": first_build,
+    }
+    del lat
+
+    def build():
+        Lattice(feats).num_points.numpy()
+
+    out["build_s"], out["build_runs_s"] = _timed(build, repeats)
+    lat = Lattice(feats)
+    for c, v in vals.items():
+        out[f"filter_c{c}_s"], out[f"filter_c{c}_runs_s"] = _timed(
+            lambda v=v, lat=lat: lat.filter(v).numpy(), max(3, repeats)
+        )
+    del lat
+
+    def crf_sequence():
+        lattice = Lattice(feats)
+        for _ in range(10):
+            lattice.filter(crf_vals).numpy()
+
+    out["crf_s"], out["crf_runs_s"] = _timed(crf_sequence, repeats)
+
+    # Like-for-like with DenseCRF: both kernels, each filtered 5 times.
+    def crf_both_kernels():
+        lb, ls = Lattice(feats), Lattice(spatial)
+        for _ in range(5):
+            lb.filter(crf_vals).numpy()
+            ls.filter(crf_vals).numpy()
+
+    out["crf_both_s"], out["crf_both_runs_s"] = _timed(crf_both_kernels, repeats)
+    ls = Lattice(spatial)
+    out["spatial_points"] = int(ls.num_points.numpy())
+    out["spatial_filter_s"], _ = _timed(lambda: ls.filter(crf_vals).numpy(), 3)
+    out["rss_peak_end_mib"] = _rss_mib()
+    return out
+
+
+def worker_dcrf(folder: Path, repeats: int, labels: int) -> dict:
+    """pydensecrf2: setup (unary + bilateral + spatial kernel) and inference(5), peak memory."""
+    import pydensecrf.densecrf as dcrf
+
+    data = _load(folder)
+    probs = data[f"probs{labels}"][0]
+    n = int(np.prod(probs.shape[:-1]))
+    unary = np.ascontiguousarray(-np.log(np.maximum(probs.reshape(n, labels).T, 1e-8)))
+    fb = np.ascontiguousarray(data["bilateral"].reshape(n, -1).T)
+    fs = np.ascontiguousarray(data["spatial"].reshape(n, -1).T)
+    del data, probs
+    base = _reset_peak()
+    runs = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        crf = dcrf.DenseCRF(n, labels)
+        crf.setUnaryEnergy(unary)
+        t1 = time.perf_counter()
+        crf.addPairwiseEnergy(
+            fb,
+            compat=W_BILATERAL,
+            kernel=dcrf.DIAG_KERNEL,
+            normalization=dcrf.NORMALIZE_SYMMETRIC,
+        )
+        t2 = time.perf_counter()
+        crf.addPairwiseEnergy(
+            fs,
+            compat=W_SPATIAL,
+            kernel=dcrf.DIAG_KERNEL,
+            normalization=dcrf.NORMALIZE_SYMMETRIC,
+        )
+        t3 = time.perf_counter()
+        q = crf.inference(5)
+        t4 = time.perf_counter()
+        if r == 0:
+            peak = _rss_mib()
+            q = np.asarray(q)
+            check = bool(np.allclose(q.sum(0), 1.0, atol=1e-3))
+        del crf, q
+        runs.append(
+            {
+                "setup_s": t3 - t0,
+                "setup_bilateral_s": t2 - t1,
+                "setup_spatial_s": t3 - t2,
+                "inference5_s": t4 - t3,
+                "total_s": t4 - t0,
+            }
+        )
+    best = min(runs, key=lambda x: x["total_s"])
+    return {
+        "voxels": n,
+        "labels": labels,
+        **best,
+        "runs": runs,
+        "rss_baseline_mib": base,
+        "rss_peak_mib": peak,
+        "rss_increase_mib": peak - base,
+        "q_sums_to_one": check,
+    }
+
+
+def _exact_rows_windowed(values, features, shape, spacing, rows, radius):
+    """Exact normalised filter at `rows`, summing over a box of +-radius theta_alpha around each.
+
+    Terms outside the box have a position distance > radius (in units of theta_alpha), so each
+    weighs < exp(-radius^2 / 2); the caller picks radius so that all of them together are
+    negligible. The sums themselves are src/lattice_op/reference.py's float64 brute force.
+    """
+    from src.lattice_op.reference import exact_normalised_filter
+
+    half = [math.ceil(radius * THETA_ALPHA_MM / s) for s in spacing]
+    vol_v = values.reshape(*shape, -1)
+    vol_f = features.reshape(*shape, -1)
+    out = np.empty((len(rows), values.shape[-1]), np.float64)
+    for i, flat in enumerate(rows):
+        c = np.unravel_index(int(flat), shape)
+        sl = tuple(
+            slice(max(0, ci - h), min(n, ci + h + 1))
+            for ci, h, n in zip(c, half, shape, strict=True)
+        )
+        local = np.ravel_multi_index(
+            tuple(ci - s.start for ci, s in zip(c, sl, strict=True)), [s.stop - s.start for s in sl]
+        )
+        fv = vol_f[sl].reshape(-1, features.shape[-1])
+        vv = vol_v[sl].reshape(-1, values.shape[-1])
+        out[i] = exact_normalised_filter(vv, fv, rows=np.array([local]))[0]
+    return out
+
+
+def worker_error(folder: Path, threads: int, labels: int, samples: int, seed: int) -> dict:
+    """Normalised error of filter(v) / filter(1) against the exact filter on sampled voxels."""
+    from src.lattice_op.reference import exact_gaussian_filter
+
+    tf, Lattice = _init_tf(threads)
+    data = _load(folder)
+    feats = data["bilateral"]
+    shape = feats.shape[1:-1]
+    spacing = tuple(float(s) for s in data["spacing"])
+    probs = data[f"probs{labels}"]
+    n = int(np.prod(shape))
+    stacked = np.concatenate([probs, np.ones_like(probs[..., :1])], -1)
+    lat = Lattice(tf.constant(feats))
+    out = lat.filter(tf.constant(stacked)).numpy().reshape(n, -1)
+    ours = out[:, :-1] / out[:, -1:]
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=min(samples, n), replace=False))
+    v = probs.reshape(n, -1)
+    f = feats.reshape(n, -1)
+    # Box radius (in theta_alpha) such that N * exp(-r^2 / 2) <= 1e-9 (self weight is 1).
+    radius = math.sqrt(2.0 * math.log(n * 1e9))
+    t0 = time.perf_counter()
+    exact = _exact_rows_windowed(v, f, shape, spacing, rows, radius)
+    exact_s = time.perf_counter() - t0
+    # Check the window on a few rows against the full O(N) sum.
+    check_rows = rows[:: max(1, len(rows) // 6)][:6]
+    full = exact_gaussian_filter(np.concatenate([v, np.ones((n, 1), v.dtype)], 1), f, check_rows, 2)
+    full = full[:, :-1] / full[:, -1:]
+    window_dev = float(np.abs(full - exact[np.searchsorted(rows, check_rows)]).max())
+    value_range = float(v.max() - v.min())
+    err = np.abs(ours[rows] - exact) / value_range
+    return {
+        "samples": len(rows),
+        "channels": labels,
+        "value_range": value_range,
+        "max_error": float(err.max()),
+        "rms_error": float(np.sqrt(np.mean(err**2))),
+        "mean_error": float(err.mean()),
+        "window_radius_theta": radius,
+        "window_vs_full_max_dev": window_dev,
+        "exact_s": exact_s,
+    }
+
+
+def worker_scaling(folder: Path, threads: int, repeats: int) -> dict:
+    """Build and filter (C = 2) time over four crops of the volume: 1/8, 1/4, 1/2, 1 of it."""
+    tf, Lattice = _init_tf(threads)
+    data = _load(folder)
+    feats, vals = data["bilateral"], data["probs2"]
+    _, z, y, x, _ = feats.shape
+    crops = [(z // 2, y // 2, x // 2), (z // 2, y, x // 2), (z, y, x // 2), (z, y, x)]
+    rows = []
+    for cz, cy, cx in crops:
+        sl = (slice(None), slice(0, cz), slice(0, cy), slice((x - cx) // 2, (x - cx) // 2 + cx))
+        f = tf.constant(np.ascontiguousarray(feats[sl]))
+        v = tf.constant(np.ascontiguousarray(vals[sl]))
+        n = cz * cy * cx
+        build_s, _ = _timed(lambda f=f: Lattice(f).num_points.numpy(), repeats)
+        lat = Lattice(f)
+        points = int(lat.num_points.numpy())
+        filter_s, _ = _timed(lambda lat=lat, v=v: lat.filter(v).numpy(), max(3, repeats))
+        rows.append(
+            {
+                "shape": [cz, cy, cx],
+                "voxels": n,
+                "lattice_points": points,
+                "build_s": build_s,
+                "filter_c2_s": filter_s,
+                "build_ns_per_voxel": build_s / n * 1e9,
+                "filter_ns_per_voxel": filter_s / n * 1e9,
+            }
+        )
+        del lat
+    return {"threads": threads, "sizes": rows}
+
+
+def run_worker(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("kind", choices=["ours", "dcrf", "error", "scaling"])
+    p.add_argument("folder", type=Path)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--labels", type=int, default=2)
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.kind == "ours":
+        res = worker_ours(a.folder, a.threads, a.repeats, a.labels)
+    elif a.kind == "dcrf":
+        res = worker_dcrf(a.folder, a.repeats, a.labels)
+    elif a.kind == "error":
+        res = worker_error(a.folder, a.threads, a.labels, a.samples, a.seed)
+    else:
+        res = worker_scaling(a.folder, a.threads, a.repeats)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def call_worker(*args: str) -> dict:
+    """Runs this script as a worker in a fresh process and returns its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"worker {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    res = json.loads(lines[-1][len("RESULT ") :])
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+        info["memory_gib"] = round(int(mem) / 2**20, 1)
+    except OSError:
+        pass
+    info["load_avg_at_start"] = os.getloadavg()
+    for dist in ("tensorflow-cpu", "tensorflow", "pydensecrf2"):
+        try:
+            info[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+def _f(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    refs = results["references"]
+    t = results["threads"]
+    lines.append(
+        f"#### Per reference (our op with {t} intra-op threads unless stated; "
+        "pydensecrf2 is single-threaded)\n"
+    )
+    head = (
+        "| reference | shape | F | voxels | lattice points (per voxel) | lattice MiB | build s "
+        "| filter C=2 s | filter C=5 s | peak RSS increase MiB | max err | RMS err |"
+    )
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in refs.items():
+        o = r.get("ours", {})
+        e = r.get("error", {})
+        lines.append(
+            f"| {name} | {' x '.join(map(str, r['shape']))} | {o.get('features', '-')} "
+            f"| {r['voxels']:,} | {o.get('lattice_points', 0):,} "
+            f"({_f(o.get('points_per_voxel'), '.2f')}) | {_f(o.get('lattice_mib'), '.0f')} "
+            f"| {_f(o.get('build_s'), '.2f')} | {_f(o.get('filter_c2_s'), '.2f')} "
+            f"| {_f(o.get('filter_c5_s'), '.2f')} | {_f(o.get('rss_increase_mib'), '.0f')} "
+            f"| {_f(e.get('max_error'), '.2e')} | {_f(e.get('rms_error'), '.2e')} |"
+        )
+    lines.append("")
+    lines.append("#### CRF-shaped comparison with pydensecrf2\n")
+    head = (
+        "| reference | labels | ours: build + 10 filters s | pydensecrf2: setup s | "
+        "inference(5) s | total s | peak RSS increase MiB (ours / theirs) | ratio ours/theirs "
+        "| goal <= 0.5 | ours, both kernels s | ratio, both kernels |"
+    )
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in refs.items():
+        o, d = r.get("ours"), r.get("dcrf")
+        if not o or not d:
+            continue
+        ratio = o["crf_s"] / d["total_s"]
+        ratio_both = o["crf_both_s"] / d["total_s"]
+        lines.append(
+            f"| {name} | {r['labels']} | {o['crf_s']:.2f} | {d['setup_s']:.2f} "
+            f"| {d['inference5_s']:.2f} | {d['total_s']:.2f} "
+            f"| {o['rss_increase_mib']:.0f} / {d['rss_increase_mib']:.0f} | **{ratio:.2f}** "
+            f"| {'met' if ratio <= 0.5 else 'NOT met'} | {o['crf_both_s']:.2f} "
+            f"| {ratio_both:.2f} |"
+        )
+    lines.append("")
+    if any("threads_1" in r for r in refs.values()):
+        lines.append("#### Threads (our op)\n")
+        head = (
+            "| reference | threads | build s | filter C=2 s | filter C=5 s | build + 10 filters s "
+            "| ratio to pydensecrf2 | speed-up 1 -> 2 (build + 10 filters) |"
+        )
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for name, r in refs.items():
+            one = r.get("threads_1")
+            two = r.get("ours")
+            d = r.get("dcrf")
+            for label, o in (("1", one), (str(t), two)):
+                if not o:
+                    continue
+                ratio = f"{o['crf_s'] / d['total_s']:.2f}" if d else "-"
+                speed = f"{one['crf_s'] / two['crf_s']:.2f}x" if (one and two and o is two) else ""
+                lines.append(
+                    f"| {name} | {label} | {o['build_s']:.2f} | {o['filter_c2_s']:.3f} "
+                    f"| {o['filter_c5_s']:.3f} | {o['crf_s']:.2f} | {ratio} | {speed} |"
+                )
+        lines.append("")
+    sc = results.get("scaling")
+    if sc:
+        lines.append(
+            f"#### Size scaling (crops of the promise reference, {sc['threads']} threads, C = 2)\n"
+        )
+        head = (
+            "| crop (z x y x x) | voxels | lattice points | build s | filter s "
+            "| build ns/voxel | filter ns/voxel |"
+        )
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for s in sc["sizes"]:
+            lines.append(
+                f"| {' x '.join(map(str, s['shape']))} | {s['voxels']:,} "
+                f"| {s['lattice_points']:,} | {s['build_s']:.3f} | {s['filter_c2_s']:.3f} "
+                f"| {s['build_ns_per_voxel']:.0f} | {s['filter_ns_per_voxel']:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        run_worker(sys.argv[2:])
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small volumes (a smoke run)")
+    p.add_argument("--refs", default="promise,brats", help="comma list of promise, brats")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="main thread count")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats (median is reported)")
+    p.add_argument("--samples", type=int, default=2000, help="voxels for the error check")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "bench_lattice")
+    a = p.parse_args()
+    refs = [r.strip() for r in a.refs.split(",") if r.strip()]
+    parts = {s.strip() for s in a.parts.split(",") if s.strip()}
+    for bad in [r for r in refs if r not in FULL_SHAPES] + [s for s in parts if s not in PARTS]:
+        p.error(f"unknown reference or part {bad!r}")
+    shapes = QUICK_SHAPES if a.quick else FULL_SHAPES
+    samples = min(a.samples, 200) if a.quick else a.samples
+
+    results: dict = {
+        "command": " ".join(["python", "scripts/bench_lattice.py", *sys.argv[1:]]),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "threads": a.threads,
+        "theta": {
+            "alpha_mm": THETA_ALPHA_MM,
+            "beta_zscore": THETA_BETA,
+            "gamma_mm": THETA_GAMMA_MM,
+        },
+        "references": {},
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="bench_lattice_"))
+    t_start = time.perf_counter()
+    try:
+        for name in refs:
+            t0 = time.perf_counter()
+            arrays = make_reference(name, shapes[name])
+            folder = tmp / name
+            folder.mkdir()
+            for key, arr in arrays.items():
+                np.save(folder / f"{key}.npy", arr)
+            del arrays
+            labels = LABELS[name]
+            entry = {
+                "shape": list(shapes[name]),
+                "voxels": int(np.prod(shapes[name])),
+                "labels": labels,
+                "generate_s": time.perf_counter() - t0,
+            }
+            results["references"][name] = entry
+            print(f"[{name}] generated {shapes[name]} in {entry['generate_s']:.1f} s", flush=True)
+            common = ["--repeats", str(a.repeats), "--labels", str(labels)]
+            if "ours" in parts:
+                entry["ours"] = call_worker(
+                    "ours", str(folder), "--threads", str(a.threads), *common
+                )
+                print(f"[{name}] ours: {json.dumps(_short(entry['ours']))}", flush=True)
+            if "threads" in parts and a.threads != 1:
+                entry["threads_1"] = call_worker("ours", str(folder), "--threads", "1", *common)
+                print(f"[{name}] 1 thread: {json.dumps(_short(entry['threads_1']))}", flush=True)
+            if "dcrf" in parts:
+                entry["dcrf"] = call_worker("dcrf", str(folder), *common)
+                print(f"[{name}] pydensecrf2: {json.dumps(_short(entry['dcrf']))}", flush=True)
+            if "error" in parts:
+                entry["error"] = call_worker(
+                    "error",
+                    str(folder),
+                    "--threads",
+                    str(a.threads),
+                    "--labels",
+                    str(labels),
+                    "--samples",
+                    str(samples),
+                )
+                print(f"[{name}] error: {json.dumps(_short(entry['error']))}", flush=True)
+            if "scaling" in parts and name == "promise":
+                results["scaling"] = call_worker(
+                    "scaling", str(folder), "--threads", str(a.threads), "--repeats", "3"
+                )
+                print("[promise] scaling done", flush=True)
+            shutil.rmtree(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["total_s"] = time.perf_counter() - t_start
+    results["machine"]["load_avg_at_end"] = os.getloadavg()
+
+    md = markdown(results)
+    print("\n" + md)
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    tmp_path = path.with_suffix(".json.tmp")
+    tmp_path.write_text(json.dumps(results, indent=2))
+    tmp_path.rename(path)
+    print(f"\nresults written to {path.relative_to(REPO_ROOT)} (total {results['total_s']:.0f} s)")
+
+
+def _short(res: dict) -> dict:
+    """The scalar entries of a worker result, rounded, for progress lines."""
+    return {
+        k: (round(v, 4) if isinstance(v, float) else v)
+        for k, v in res.items()
+        if isinstance(v, int | float | bool)
+    }
+
+
+if __name__ == "__main__":
+    main()
