@@ -1,0 +1,226 @@
+"""Reading and writing medical volumes: the one place where file axis order meets array order.
+
+Every volume leaves this module as a :class:`Volume`: a numpy array indexed ``[z, y, x]``
+(slowest to fastest on disk) with its spacing, origin and direction also given in (z, y, x)
+order, in millimetres. SimpleITK and nibabel report geometry in (x, y, z) order; the reversal
+happens in :func:`_volume_from_xyz_geometry` and :func:`_xyz_geometry` and nowhere else.
+
+Formats: MetaImage (``.mhd`` + ``.raw``, ``.mha``) and anything else SimpleITK reads through
+:func:`read_sitk`; NIfTI (``.nii``, ``.nii.gz``) through :func:`read_nifti` (nibabel). No format
+is parsed by hand. Read failures (missing, unreadable or truncated files) raise
+:class:`~src.datasets.errors.DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from src.datasets.errors import DataError
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A volume as an array with its physical geometry.
+
+    Attributes:
+      array: [z, y, x] voxel values, as stored in the file (dtype kept).
+      spacing: (z, y, x) voxel size in mm.
+      origin: (z, y, x) physical position of voxel [0, 0, 0] in mm (file's world frame).
+      direction: 3 x 3 direction cosines, rows and columns in (z, y, x) order.
+      path: the file it came from.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[tuple[float, float, float], ...]
+    path: str
+
+
+def _volume_from_xyz_geometry(
+    array_zyx: np.ndarray,
+    spacing_xyz: tuple[float, ...],
+    origin_xyz: tuple[float, ...],
+    direction_xyz: np.ndarray,
+    path: str,
+) -> Volume:
+    """The axis reversal: geometry given in (x, y, z) order -> a (z, y, x) Volume."""
+    d = np.asarray(direction_xyz, dtype=float).reshape(3, 3)[::-1, ::-1]
+    return Volume(
+        array=array_zyx,
+        spacing=tuple(float(s) for s in spacing_xyz[::-1]),
+        origin=tuple(float(o) for o in origin_xyz[::-1]),
+        direction=tuple(tuple(float(v) for v in row) for row in d),
+        path=path,
+    )
+
+
+def _xyz_geometry(
+    spacing_zyx: tuple[float, ...],
+    origin_zyx: tuple[float, ...] | None,
+    direction_zyx: tuple[tuple[float, ...], ...] | np.ndarray | None,
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """The reverse of :func:`_volume_from_xyz_geometry`, for writers: (z, y, x) -> (x, y, z)."""
+    origin_zyx = (0.0, 0.0, 0.0) if origin_zyx is None else origin_zyx
+    d = np.eye(3) if direction_zyx is None else np.asarray(direction_zyx, dtype=float)
+    return (
+        tuple(float(s) for s in spacing_zyx[::-1]),
+        tuple(float(o) for o in origin_zyx[::-1]),
+        tuple(float(v) for v in d.reshape(3, 3)[::-1, ::-1].ravel()),
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # SimpleITK puts the useful sentence last; keep the message short.
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def read_sitk(path: str | os.PathLike) -> Volume:
+    """Reads a 3D image with SimpleITK (MetaImage .mhd/.mha, NRRD, ...).
+
+    Returns a :class:`Volume` with array [z, y, x] in the file's pixel type.
+    Raises DataError if the file is missing, unreadable, truncated or not 3D scalar.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(path, "an image file", "no such file")
+    try:
+        image = sitk.ReadImage(path)
+        array = sitk.GetArrayFromImage(image)  # SimpleITK already returns [z, y, x]
+    except Exception as exc:  # SimpleITK raises RuntimeError with a long ITK trace
+        raise DataError(path, "a readable image", f"read failed: {_first_line(exc)}") from exc
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(
+            path,
+            "a 3D single-component image",
+            f"{image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} components",
+        )
+    return _volume_from_xyz_geometry(
+        array, image.GetSpacing(), image.GetOrigin(), np.array(image.GetDirection()), path
+    )
+
+
+def read_nifti(path: str | os.PathLike) -> Volume:
+    """Reads a 3D NIfTI image (.nii or .nii.gz) with nibabel (see :func:`nifti_to_volume`).
+
+    Returns a :class:`Volume` with array [z, y, x].
+    Raises DataError if the file is missing, unreadable, truncated or not 3D.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(path, "a NIfTI file", "no such file")
+    try:
+        image = nib.load(path)
+        return nifti_to_volume(image, path)
+    except DataError:
+        raise
+    except Exception as exc:  # nibabel raises several kinds (ImageFileError, EOFError, ...)
+        raise DataError(path, "a readable NIfTI image", f"read failed: {_first_line(exc)}") from exc
+
+
+def nifti_to_volume(image: nib.Nifti1Image, path: str) -> Volume:
+    """A loaded nibabel image (e.g. one of nilearn's templates) as a [z, y, x] Volume.
+
+    The voxel array is taken as stored (no reorientation to RAS); the direction is the affine's
+    rotation part. ``path`` names the image in errors.
+    """
+    data = np.asarray(image.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(path, "a 3D image", f"array of shape {data.shape}")
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    affine = image.affine
+    rotation = affine[:3, :3] / np.where(np.array(zooms) > 0, np.array(zooms), 1.0)
+    # nibabel indexes [i, j, k] = [x, y, z]: transpose to [z, y, x].
+    return _volume_from_xyz_geometry(
+        np.ascontiguousarray(data.transpose(2, 1, 0)), zooms, tuple(affine[:3, 3]), rotation, path
+    )
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Reads a 3D volume, choosing nibabel for NIfTI and SimpleITK for everything else."""
+    name = str(path).lower()
+    if name.endswith(".nii") or name.endswith(".nii.gz"):
+        return read_nifti(path)
+    return read_sitk(path)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; on success it is renamed to ``path``.
+
+    The temporary name keeps the real extension(s) last (``.tmp-<pid>-<name>``) so writers that
+    pick the format from the name still do. If the body raises, the temporary file is removed
+    and ``path`` is left as it was: an interrupted write never leaves a half file under the
+    final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_sitk(
+    array_zyx: np.ndarray,
+    spacing_zyx: tuple[float, ...],
+    path: str | os.PathLike,
+    origin_zyx: tuple[float, ...] | None = None,
+    direction_zyx: tuple[tuple[float, ...], ...] | None = None,
+    compress: bool = False,
+) -> None:
+    """Writes a [z, y, x] array with SimpleITK (format from the extension), atomically.
+
+    For ``.mhd`` the pixel data goes to a ``.raw`` beside it (``.zraw`` when compressed). Both
+    are written under temporary names and renamed, data file first.
+    """
+    path = Path(path)
+    spacing, origin, direction = _xyz_geometry(spacing_zyx, origin_zyx, direction_zyx)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".mhd":
+        # The header names its data file: write into a temp folder, then move both files.
+        tmp_dir = path.parent / f".tmp-{os.getpid()}-{path.stem}"
+        tmp_dir.mkdir(exist_ok=True)
+        try:
+            sitk.WriteImage(image, str(tmp_dir / path.name), compress)
+            for f in sorted(tmp_dir.iterdir(), key=lambda p: p.suffix.lower() == ".mhd"):
+                os.replace(f, path.parent / f.name)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        return
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
+
+
+def write_nifti(
+    array_zyx: np.ndarray, spacing_zyx: tuple[float, ...], path: str | os.PathLike
+) -> None:
+    """Writes a [z, y, x] array as NIfTI (axis-aligned affine from the spacing), atomically."""
+    path = Path(path)
+    spacing_xyz = [float(s) for s in spacing_zyx[::-1]]
+    image = nib.Nifti1Image(
+        np.ascontiguousarray(np.asarray(array_zyx).transpose(2, 1, 0)), np.diag([*spacing_xyz, 1.0])
+    )
+    image.header.set_zooms(spacing_xyz)
+    with atomic_output(path) as tmp:
+        nib.save(image, str(tmp))

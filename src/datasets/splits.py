@@ -1,0 +1,94 @@
+"""Train / validation splits, stored beside the cache like nnU-Net's ``splits_final.json``.
+
+The file is a JSON list with one ``{"train": [...], "val": [...]}`` entry per fold. For
+``kfold`` there are ``folds`` entries and each case is in exactly one ``val`` list; for
+``holdout`` there is one entry whose ``val`` list is the held-out test set (``round(n *
+holdout_fraction)`` cases, 33 of BraTS 2015's 220 HGG cases at 0.15). A split file that exists
+is reused as is (like nnU-Net), provided it covers exactly the cached cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from src.datasets.cache import atomic_write_json
+from src.datasets.errors import ConfigError, DataError
+
+SCHEMES = ("kfold", "holdout")
+
+
+def kfold_splits(case_ids: Sequence[str], folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """``folds`` folds over the sorted ids shuffled with ``seed``; val sizes differ by <= 1."""
+    ids = sorted(case_ids)
+    if not 2 <= folds <= len(ids):
+        raise ConfigError("data.split.folds", f"2..{len(ids)} (number of cases)", folds)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    parts = np.array_split(order, folds)
+    out = []
+    for part in parts:
+        val = sorted(ids[i] for i in part)
+        out.append({"train": [i for i in ids if i not in set(val)], "val": val})
+    return out
+
+
+def holdout_split(
+    case_ids: Sequence[str], fraction: float, seed: int
+) -> list[dict[str, list[str]]]:
+    """One split: ``round(n * fraction)`` cases (at least 1) held out, chosen with ``seed``."""
+    ids = sorted(case_ids)
+    if not 0 < fraction < 1:
+        raise ConfigError("data.split.holdout_fraction", "a fraction in (0, 1)", fraction)
+    n_test = min(len(ids) - 1, max(1, round(len(ids) * fraction)))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    test = sorted(ids[i] for i in order[:n_test])
+    return [{"train": [i for i in ids if i not in set(test)], "val": test}]
+
+
+def make_splits(case_ids: Sequence[str], split_cfg: Mapping) -> list[dict[str, list[str]]]:
+    """Splits as chosen by the ``data.split`` config (scheme, folds, holdout_fraction, seed)."""
+    scheme = str(split_cfg["scheme"])
+    if scheme == "kfold":
+        return kfold_splits(case_ids, int(split_cfg["folds"]), int(split_cfg["seed"]))
+    if scheme == "holdout":
+        return holdout_split(case_ids, float(split_cfg["holdout_fraction"]), int(split_cfg["seed"]))
+    raise ConfigError("data.split.scheme", f"one of {SCHEMES}", scheme)
+
+
+def split_file(processed_dir: str | os.PathLike, split_cfg: Mapping) -> Path:
+    """Where the splits live: ``split.file`` in the cache folder."""
+    return Path(processed_dir) / str(split_cfg["file"])
+
+
+def load_or_create_splits(
+    processed_dir: str | os.PathLike, case_ids: Sequence[str], split_cfg: Mapping
+) -> list[dict[str, list[str]]]:
+    """Reuses the split file when present (it must cover exactly ``case_ids``), else makes one.
+
+    Raises DataError naming the file when it is unreadable or covers other cases.
+    """
+    path = split_file(processed_dir, split_cfg)
+    if path.is_file():
+        try:
+            with open(path) as f:
+                splits = json.load(f)
+            covered = {c for s in splits for c in (*s["train"], *s["val"])}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(str(path), "a JSON list of {train, val} folds", repr(exc)) from exc
+        if covered != set(case_ids):
+            extra = sorted(covered - set(case_ids))[:5]
+            missing = sorted(set(case_ids) - covered)[:5]
+            raise DataError(
+                str(path),
+                f"splits over the {len(case_ids)} cached cases",
+                f"cases not in the cache {extra}, cached cases missing {missing}; "
+                "delete the file to make new splits",
+            )
+        return splits
+    splits = make_splits(case_ids, split_cfg)
+    atomic_write_json(path, splits)
+    return splits
