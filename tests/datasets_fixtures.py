@@ -128,3 +128,14 @@ def write_brats_nifti_case(
     lab[2, 3, 4] = 4
     files["label"] = write_nifti_file(folder / f"{case}_seg.nii.gz", lab, spacing_xyz)
     return files
+
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def compose_config(data: str, overrides: list[str] | None = None):
+    """The real configs composed as the prepare app does, with overrides (a DictConfig)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[f"data={data}", *(overrides or [])])

@@ -1,0 +1,390 @@
+"""Synthetic phantoms written in the real formats and layouts (the demo and tests run on them).
+
+Two sets, each seeded (case ``i`` draws from ``numpy.random.default_rng([seed, i])``, so a case
+does not depend on how many others are made), sized by the ``data.phantom`` config:
+
+- **PROMISE12-like**: ``CaseNN.mhd/.raw`` (int16) and ``CaseNN_segmentation.mhd/.raw`` (uint8
+  {0, 1}), with a spacing drawn per case from the configured in-plane and slice choices (so sizes
+  differ too). A body ellipse of soft tissue holding a prostate-like organ (an ellipsoid with an
+  irregular, smooth surface and a slightly different brightness), a bright bladder above it and a
+  dark rectum behind it. The organ's edges are soft: the intensity image is blurred with a
+  Gaussian of ``edge_blur_mm`` before a smooth multiplicative bias field and Rician noise are
+  applied. The label is the organ's shape sampled at voxel centres, unblurred.
+- **BraTS-2015-like**: the ``HGG/<case>/VSD.Brain.XX.O.MR_<Mod>.<id>/...mha`` tree with the
+  label in ``VSD.Brain_3more.XX.O.OT.<id>``, built on a real brain: the MNI152 2009 template
+  that nilearn ships inside its wheel (grey- and white-matter maps and brain mask; nothing is
+  downloaded). CSF is the rest of the brain mask. A tumour is placed in white matter: necrosis
+  (label 1) inside an enhancing rim (4) with a non-enhancing patch (3), surrounded by oedema (2),
+  all with irregular borders. T1, T1c, T2 and Flair intensities come from a per-tissue contrast
+  table in the config; outside the brain every modality is 0 (skull-stripped, as BraTS is).
+
+Arrays are [z, y, x]; spacings (z, y, x) in mm; config values ending in ``_xyz`` are (x, y, z).
+A ``phantoms.json`` beside the cases records the settings: :func:`write_phantoms` regenerates
+only when it is missing or differs, so re-running leaves the files (and the cache) untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from src.datasets.cache import atomic_write_json, settings_hash
+from src.datasets.errors import ConfigError
+from src.datasets.io import nifti_to_volume, write_sitk
+from src.datasets.preprocess import centre_offsets, crop_or_pad, resample_image, xyz_to_zyx
+
+PHANTOM_MANIFEST = "phantoms.json"
+PHANTOM_VERSION = 1  # bump when the generator changes, so old phantom sets are regenerated
+BRATS_TISSUES = ("csf", "gm", "wm", "necrosis", "oedema", "non_enhancing", "enhancing")
+BRATS_LABEL_OF = {"necrosis": 1, "oedema": 2, "non_enhancing": 3, "enhancing": 4}
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def physical_grid(shape: Sequence[int], spacing: Sequence[float]) -> list[np.ndarray]:
+    """Voxel-centre coordinates in mm, centred on the grid's middle: three [z, y, x] arrays."""
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)]
+    return np.meshgrid(*axes, indexing="ij", sparse=True)
+
+
+def smooth_noise(
+    rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float], scale_mm: float
+) -> np.ndarray:
+    """A smooth random field [z, y, x] with unit standard deviation and correlation length
+    ``scale_mm`` (white noise blurred by a Gaussian of that width, in mm per axis)."""
+    field = ndimage.gaussian_filter(
+        rng.standard_normal(shape), [scale_mm / s for s in spacing], mode="wrap"
+    )
+    std = field.std()
+    return field / std if std > 0 else field
+
+
+def bias_field(
+    rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float], amplitude: float
+) -> np.ndarray:
+    """A smooth multiplicative field [z, y, x]: exp of a random linear-plus-quadratic function of
+    position, scaled so its log spans at most ``amplitude`` either side of 0 (0.2: about +-20%)."""
+    z, y, x = physical_grid(shape, spacing)
+    extent = max(n * s for n, s in zip(shape, spacing, strict=True)) / 2
+    coords = [z / extent, y / extent, x / extent]
+    terms = [*coords, coords[0] * coords[1], coords[1] * coords[2], coords[2] ** 2, coords[1] ** 2]
+    log = sum(rng.uniform(-1, 1) * t for t in terms)
+    log = np.broadcast_to(log, tuple(shape)).astype(np.float64)
+    peak = np.abs(log).max()
+    return np.exp(log * (amplitude / peak if peak > 0 else 0.0))
+
+
+def rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Magnitude of the signal with complex Gaussian noise: |signal + n1 + i n2|, n ~ N(0, sigma^2).
+
+    This is the noise of a magnitude MR image (Rician; Rayleigh where the signal is 0).
+    """
+    real = signal + rng.normal(0.0, sigma, signal.shape)
+    imag = rng.normal(0.0, sigma, signal.shape)
+    return np.hypot(real, imag)
+
+
+def irregular_blob(
+    coords: Sequence[np.ndarray],
+    radii_mm: Sequence[float],
+    roughness: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """Normalised radius [z, y, x] of an ellipsoid: sqrt(sum (c / r)^2) - roughness.
+
+    Values below 1 are inside. ``roughness`` (a smooth field, or 0) bends the surface.
+    """
+    d = np.sqrt(sum((c / r) ** 2 for c, r in zip(coords, radii_mm, strict=True)))
+    return d - roughness
+
+
+def _to_int16(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image), -32768, 32767).astype(np.int16)
+
+
+# --------------------------------------------------------------------------- PROMISE12-like
+
+
+def _choice(rng: np.random.Generator, values: Sequence[float]) -> float:
+    return float(values[int(rng.integers(len(values)))])
+
+
+def promise_phantom(
+    rng: np.random.Generator, cfg: Mapping
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """One PROMISE12-like case.
+
+    Config keys (``data.phantom``): ``fov_xyz`` (mm), ``inplane_spacings`` and
+    ``slice_spacings`` (mm; one of each drawn per case), ``organ_radii_mm`` ([min, max] semi-axis),
+    ``organ_roughness``, ``intensities`` (fat, muscle, organ, bladder, rectum), ``edge_blur_mm``,
+    ``bias_amplitude``, ``noise_sigma`` (same unit as ``intensities``).
+
+    Returns image [z, y, x] int16, label [z, y, x] uint8 {0, 1}, spacing (z, y, x) mm.
+    """
+    inplane = _choice(rng, cfg["inplane_spacings"])
+    spacing = (_choice(rng, cfg["slice_spacings"]), inplane, inplane)
+    fov = xyz_to_zyx(cfg["fov_xyz"])
+    shape = tuple(max(4, round(f / s)) for f, s in zip(fov, spacing, strict=True))
+    z, y, x = physical_grid(shape, spacing)
+    lo, hi = cfg["organ_radii_mm"]
+    it = cfg["intensities"]
+
+    # anatomy (mm): body ellipse, organ near the middle, bladder above it (+z), rectum behind (-y)
+    body = np.broadcast_to((y / (0.42 * fov[1])) ** 2 + (x / (0.48 * fov[2])) ** 2 < 1, shape)
+    centre = [rng.uniform(-4, 4) for _ in range(3)]
+    radii = [rng.uniform(lo, hi) * f for f in (0.8, 1.0, 1.1)]  # flatter along z
+    rough = float(cfg["organ_roughness"]) * smooth_noise(rng, shape, spacing, 12.0)
+    organ_d = irregular_blob((z - centre[0], y - centre[1], x - centre[2]), radii, rough)
+    organ = organ_d < 1
+    bladder = (
+        irregular_blob(
+            (z - centre[0] - radii[0] - 14, y - centre[1] - 6, x - centre[2]), (14, 20, 24)
+        )
+        < 1
+    )
+    rectum = (
+        irregular_blob((z - centre[0], y - centre[1] + radii[1] + 10, x - centre[2]), (30, 9, 11))
+        < 1
+    )
+
+    texture = smooth_noise(rng, shape, spacing, 4.0)
+    image = np.where(body, it["muscle"] + 0.04 * it["muscle"] * texture, it["fat"] * 0.15)
+    image = np.where(bladder & body, it["bladder"], image)
+    image = np.where(rectum & body, it["rectum"], image)
+    image = np.where(organ, it["organ"] + 0.05 * it["organ"] * texture, image)
+    image = ndimage.gaussian_filter(image, [float(cfg["edge_blur_mm"]) / s for s in spacing])
+    image = image * bias_field(rng, shape, spacing, float(cfg["bias_amplitude"]))
+    image = rician(image, float(cfg["noise_sigma"]), rng)
+    return _to_int16(image), organ.astype(np.uint8), spacing
+
+
+def write_promise_phantoms(
+    cfg: Mapping, root: str | os.PathLike, progress: bool = False
+) -> dict[str, list[str]]:
+    """Writes ``cfg.n_cases`` PROMISE12-like cases into ``root`` with PROMISE12's file names.
+
+    Returns case id (Case00, Case01, ...) -> the files written (header and data files).
+    """
+    root = Path(root)
+    written = {}
+    for i in tqdm(range(int(cfg["n_cases"])), desc="PROMISE12 phantoms", disable=not progress):
+        rng = np.random.default_rng([int(cfg["seed"]), i])
+        image, label, spacing = promise_phantom(rng, cfg)
+        case_id = f"Case{i:02d}"
+        write_sitk(label, spacing, root / f"{case_id}_segmentation.mhd")
+        write_sitk(image, spacing, root / f"{case_id}.mhd")
+        written[case_id] = [
+            str(root / f"{case_id}{suffix}")
+            for suffix in (".mhd", ".raw", "_segmentation.mhd", "_segmentation.raw")
+        ]
+    return written
+
+
+# --------------------------------------------------------------------------- BraTS-like
+
+
+def mni152_tissues(
+    resolution_mm: int, spacing: Sequence[float], shape: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """CSF, GM and WM fractions [z, y, x] (float32 in [0, 1], summing to the brain mask) of
+    nilearn's bundled MNI152 template, resampled to ``spacing`` (mm) and centre-cropped/padded
+    on the brain's bounding box to ``shape``. ``resolution_mm``: the template's (1 or 2)."""
+    from nilearn import datasets as nd  # imported here: only the phantoms need nilearn
+
+    loaders = {
+        "mask": nd.load_mni152_brain_mask,
+        "gm": nd.load_mni152_gm_template,
+        "wm": nd.load_mni152_wm_template,
+    }
+    vols = {
+        k: nifti_to_volume(f(resolution=resolution_mm), f"nilearn MNI152 {k}")
+        for k, f in loaders.items()
+    }
+    src_spacing = vols["mask"].spacing
+    stack = np.stack([vols[k].array.astype(np.float32) for k in ("mask", "gm", "wm")], axis=-1)
+    if not np.allclose(src_spacing, spacing):
+        stack = resample_image(stack, src_spacing, spacing, order=1)
+    mask = stack[..., 0] > 0.5
+    box = np.argwhere(mask)
+    lo, hi = box.min(0), box.max(0) + 1
+    centre_offset = centre_offsets(hi - lo, shape)
+    offsets = tuple(int(a + b) for a, b in zip(lo, centre_offset, strict=True))
+    stack = crop_or_pad(stack, tuple(shape), offsets, 0.0)
+    mask = stack[..., 0] > 0.5
+    gm = np.clip(stack[..., 1], 0, 1) * mask
+    wm = np.clip(stack[..., 2], 0, 1) * mask
+    total = gm + wm
+    scale = np.where(total > 1, 1 / np.maximum(total, 1e-6), 1.0)
+    gm, wm = gm * scale, wm * scale
+    csf = np.where(mask, 1 - gm - wm, 0.0)
+    return {"csf": csf.astype(np.float32), "gm": gm.astype(np.float32), "wm": wm.astype(np.float32)}
+
+
+def brats_phantom(
+    rng: np.random.Generator,
+    tissues: Mapping[str, np.ndarray],
+    spacing: Sequence[float],
+    cfg: Mapping,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One BraTS-like case on the given brain.
+
+    Args:
+      tissues: ``csf``, ``gm``, ``wm`` fractions [z, y, x] (see :func:`mni152_tissues`).
+      spacing: (z, y, x) mm.
+      cfg: ``data.phantom`` with ``tumour_radius_mm`` ([min, max] of the core), ``oedema_scale``
+        ([min, max] oedema radius / core radius), ``necrosis_fraction`` (of the core radius),
+        ``tumour_roughness``, ``contrasts`` (modality -> tissue -> intensity, tissues as in
+        :data:`BRATS_TISSUES`), ``bias_amplitude``, ``noise_sigma``, ``modalities``.
+    Returns:
+      modality -> image [z, y, x] int16 (0 outside the brain), label [z, y, x] uint8 in {0..4}.
+    """
+    shape = tissues["wm"].shape
+    brain = (tissues["csf"] + tissues["gm"] + tissues["wm"]) > 0.5
+    # tumour centre: a white-matter voxel at least one core radius inside the brain
+    r_core = rng.uniform(*cfg["tumour_radius_mm"])
+    depth = ndimage.distance_transform_edt(brain, sampling=spacing)
+    candidates = np.argwhere((tissues["wm"] > 0.5) & (depth > r_core * 1.2))
+    if len(candidates) == 0:
+        raise ConfigError(
+            "data.phantom.tumour_radius_mm", "a tumour that fits inside the white matter", r_core
+        )
+    centre = candidates[int(rng.integers(len(candidates)))]
+    z, y, x = physical_grid(shape, spacing)
+    mid = [(n - 1) / 2 for n in shape]
+    c = [(centre[a] - mid[a]) * spacing[a] for a in range(3)]
+    coords = (z - c[0], y - c[1], x - c[2])
+    rough = float(cfg["tumour_roughness"])
+    radii = [r_core * rng.uniform(0.85, 1.15) for _ in range(3)]
+    d_core = irregular_blob(coords, radii, rough * smooth_noise(rng, shape, spacing, 6.0))
+    scale = rng.uniform(*cfg["oedema_scale"])
+    d_oed = irregular_blob(
+        coords, [r * scale for r in radii], 2 * rough * smooth_noise(rng, shape, spacing, 10.0)
+    )
+    patch = smooth_noise(rng, shape, spacing, 5.0) > 1.0
+
+    label = np.zeros(shape, np.uint8)
+    label[(d_oed < 1) & brain & (tissues["csf"] < 0.7)] = 2
+    core = (d_core < 1) & brain
+    label[core] = 4
+    label[core & patch] = 3
+    label[(d_core < float(cfg["necrosis_fraction"])) & brain] = 1
+
+    # tissue fractions: tumour classes replace the healthy ones where they are
+    fractions = dict(tissues)
+    healthy = 1.0 - (label > 0)
+    fractions = {k: v * healthy for k, v in fractions.items()}
+    for name, value in BRATS_LABEL_OF.items():
+        fractions[name] = (label == value).astype(np.float32)
+
+    images = {}
+    bias = bias_field(rng, shape, spacing, float(cfg["bias_amplitude"]))
+    texture = smooth_noise(rng, shape, spacing, 3.0)
+    for mod in cfg["modalities"]:
+        table = cfg["contrasts"][mod]
+        unknown = sorted(set(table) - set(BRATS_TISSUES))
+        if unknown or set(table) != set(BRATS_TISSUES):
+            raise ConfigError(
+                f"data.phantom.contrasts.{mod}",
+                f"an intensity for each of {BRATS_TISSUES}",
+                dict(table),
+            )
+        img = sum(float(table[t]) * fractions[t] for t in BRATS_TISSUES)
+        img = img * (1 + 0.03 * texture)
+        img = ndimage.gaussian_filter(img, [0.6 / s for s in spacing])  # partial volume
+        img = rician(img * bias, float(cfg["noise_sigma"]), rng)
+        images[mod] = np.where(brain, _to_int16(img), 0).astype(np.int16)
+    return images, label
+
+
+def write_brats_phantoms(
+    cfg: Mapping, root: str | os.PathLike, progress: bool = False
+) -> dict[str, list[str]]:
+    """Writes ``cfg.n_cases`` BraTS-2015-like cases as ``root/HGG/<case>/VSD...`` .mha files.
+
+    Each file gets its own numeric id (as in the download, ids differ per file and case).
+    Returns case id -> the files written.
+    """
+    root = Path(root)
+    spacing = tuple(float(s) for s in xyz_to_zyx(cfg["spacing_xyz"]))
+    shape = tuple(int(n) for n in xyz_to_zyx(cfg["shape_xyz"]))
+    tissues = mni152_tissues(int(cfg["template_resolution_mm"]), spacing, shape)
+    written = {}
+    next_id = 54512
+    for i in tqdm(range(int(cfg["n_cases"])), desc="BraTS phantoms", disable=not progress):
+        rng = np.random.default_rng([int(cfg["seed"]), i])
+        images, label = brats_phantom(rng, tissues, spacing, cfg)
+        case_id = f"brats_synth_pat{i:04d}_1"
+        folder = root / "HGG" / case_id
+        files = []
+        for mod, image in images.items():
+            name = f"VSD.Brain.XX.O.MR_{mod}.{next_id}"
+            files.append(folder / name / f"{name}.mha")
+            write_sitk(image, spacing, files[-1], compress=True)
+            next_id += 1
+        name = f"VSD.Brain_3more.XX.O.OT.{next_id}"
+        files.append(folder / name / f"{name}.mha")
+        write_sitk(label, spacing, files[-1], compress=True)
+        next_id += 1
+        written[case_id] = [str(f) for f in files]
+    return written
+
+
+# --------------------------------------------------------------------------- entry
+
+
+WRITERS: dict[str, Callable[..., dict[str, list[str]]]] = {
+    "promise12": write_promise_phantoms,
+    "brats2015": write_brats_phantoms,
+}
+
+
+def write_phantoms(
+    fmt: str, cfg: Mapping, root: str | os.PathLike, progress: bool = False
+) -> tuple[list[str], bool]:
+    """Writes the phantom set of format ``fmt`` (``promise12`` or ``brats2015``) into ``root``.
+
+    ``cfg`` is the plain ``data.phantom`` mapping. Skips the work when ``root/phantoms.json``
+    records the same settings and every file it lists exists; otherwise removes the files that
+    the old record lists (and nothing else), writes the new cases, then the record.
+    Returns (case ids, whether anything was written).
+    """
+    if fmt not in WRITERS:
+        raise ConfigError("data.format", f"one of {sorted(WRITERS)} for phantoms", fmt)
+    root = Path(root)
+    settings = {"format": fmt, "phantom": cfg, "version": PHANTOM_VERSION}
+    shash = settings_hash(settings)
+    record_path = root / PHANTOM_MANIFEST
+    old = None
+    if record_path.is_file():
+        try:
+            old = json.loads(record_path.read_text())
+        except ValueError:
+            old = None
+    if (
+        old is not None
+        and old.get("settings_hash") == shash
+        and all(os.path.isfile(f) for files in old["cases"].values() for f in files)
+    ):
+        return sorted(old["cases"]), False
+    if old is not None:
+        for files in old.get("cases", {}).values():
+            for f in files:
+                if os.path.isfile(f):
+                    os.unlink(f)
+                    _remove_empty_parents(Path(f).parent, root)
+        record_path.unlink()
+    written = WRITERS[fmt](cfg, root, progress)
+    atomic_write_json(record_path, {"settings_hash": shash, "settings": settings, "cases": written})
+    return sorted(written), True
+
+
+def _remove_empty_parents(folder: Path, root: Path) -> None:
+    while folder != root and root in folder.parents and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
