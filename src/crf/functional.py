@@ -1,0 +1,250 @@
+"""Functional mean-field inference for the fully connected CRF (TensorFlow, any n-D).
+
+The CRF-as-RNN layer (``src.crf.layer``) and the NumPy post-processing (``src.crf.dense_crf``)
+both call :func:`mean_field`; nothing here holds state or weights.
+
+Model (Krahenbuhl & Koltun 2011; Zheng et al. 2015; Monteiro et al. 2018). For unary logits U
+[B, *spatial, K] (higher = more likely) and a reference image I [B, *spatial, M]:
+
+    Q = softmax(U)
+    repeat num_iterations times:
+        m_l   = w1[l] * A(Q)_l + w2[l] * G(Q)_l          (message passing, per-class weighting)
+        p_l   = sum_l' mu[l, l'] * m_l'                  (compatibility transform)
+        L     = U - p                                    (add unaries)
+        Q     = softmax(L)                               (normalise)
+    return L                                             (refined logits)
+
+A is the appearance (bilateral) kernel exp(-|p_i-p_j|^2/(2 theta_alpha^2)
+- sum_c |I_ic-I_jc|^2/(2 theta_beta_c^2)), G the smoothness (spatial) kernel
+exp(-|p_i-p_j|^2/(2 theta_gamma^2)); positions p are in millimetres (voxel index x spacing).
+Both kernels include the self term j = i and are normalised:
+  "mean":      A(Q) = K Q / K 1        (a Gaussian-weighted average; Zheng et al., Monteiro et al.)
+  "symmetric": A(Q) = n * K (n * Q), n = (K 1)^(-1/2)   (pydensecrf's NORMALIZE_SYMMETRIC)
+An unnormalised kernel is not offered: the permutohedral lattice's global scale is not 1 and
+depends on how densely the features sample the lattice, so only normalised outputs are
+comparable between the lattice and an exact filter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import tensorflow as tf
+
+from src.lattice_op import Lattice
+
+NORMALISATIONS = ("mean", "symmetric")
+BILATERAL_FILTERS = ("lattice", "exact")
+SPATIAL_FILTERS = ("separable", "lattice")
+# The exact bilateral filter keeps a dense [N, N] kernel per image: for tests and tiny inputs.
+EXACT_BILATERAL_MAX_VOXELS = 8192
+# The separable spatial kernel is cut at this many standard deviations (see
+# separable_spatial_filter).
+SPATIAL_TRUNCATE = 4.0
+
+Filter = Callable[[tf.Tensor], tf.Tensor]
+
+
+def positions(
+    shape: tf.Tensor, spacing: Sequence[float], theta: float, dtype: tf.DType
+) -> tf.Tensor:
+    """Voxel positions in millimetres divided by `theta` (mm).
+
+    Args:
+      shape: int32 [rank] dynamic shape of a [B, *spatial, C] tensor.
+      spacing: voxel size in mm per spatial axis (len(spatial) entries).
+      theta: kernel width in mm.
+      dtype: output dtype.
+
+    Returns:
+      [B, *spatial, len(spatial)]: channel a is index_a * spacing[a] / theta.
+    """
+    ndim = len(spacing)
+    channels = []
+    for axis in range(ndim):
+        coord = tf.range(shape[axis + 1], dtype=dtype) * (float(spacing[axis]) / float(theta))
+        view = [1] * (ndim + 2)
+        view[axis + 1] = -1
+        coord = tf.reshape(coord, view)
+        channels.append(tf.broadcast_to(coord, tf.concat([shape[:-1], [1]], 0)))
+    return tf.concat(channels, axis=-1)
+
+
+def bilateral_features(
+    image: tf.Tensor, spacing: Sequence[float], theta_alpha: float, theta_beta: Sequence[float]
+) -> tf.Tensor:
+    """Features of the appearance kernel: [B, *spatial, ndim + M] = (positions in mm / theta_alpha,
+    image channel c / theta_beta[c]), in the image's dtype."""
+    pos = positions(tf.shape(image), spacing, theta_alpha, image.dtype)
+    scale = tf.constant([1.0 / float(t) for t in theta_beta], dtype=image.dtype)
+    return tf.concat([pos, image * scale], axis=-1)
+
+
+def _normalised(apply: Filter, ones_filtered: tf.Tensor, normalisation: str) -> Filter:
+    if normalisation == "mean":
+        inv = 1.0 / ones_filtered
+        return lambda q: apply(q) * inv
+    norm = tf.math.rsqrt(ones_filtered + 1e-20)
+    return lambda q: apply(q * norm) * norm
+
+
+def lattice_filter(features: tf.Tensor, normalisation: str) -> Filter:
+    """Normalised Gaussian filter over a permutohedral lattice built once from `features`
+    [B, *spatial, F] (already divided by the kernel widths). The returned function filters
+    [B, *spatial, C] tensors of any float dtype (computed in float32) and reuses the lattice."""
+    lattice = Lattice(tf.cast(features, tf.float32))
+    dtype = features.dtype
+
+    def apply(values: tf.Tensor) -> tf.Tensor:
+        return tf.cast(lattice.filter(tf.cast(values, tf.float32)), dtype)
+
+    ones = tf.ones_like(features[..., :1])
+    return _normalised(apply, apply(ones), normalisation)
+
+
+def exact_filter(features: tf.Tensor, normalisation: str) -> Filter:
+    """Normalised Gaussian filter with the dense kernel exp(-|f_i - f_j|^2 / 2), O(N^2), in the
+    features' dtype (float64 allowed). For tests and inputs of at most
+    EXACT_BILATERAL_MAX_VOXELS voxels per image."""
+    num_features = features.shape[-1]
+    flat = tf.reshape(features, [tf.shape(features)[0], -1, num_features])
+    sq = tf.reduce_sum(flat * flat, axis=-1)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * tf.matmul(flat, flat, transpose_b=True)
+    kernel = tf.exp(-0.5 * tf.maximum(d2, 0.0))
+
+    def apply(values: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(values)
+        out = tf.matmul(kernel, tf.reshape(values, [shape[0], -1, shape[-1]]))
+        return tf.reshape(out, shape)
+
+    ones = tf.ones_like(features[..., :1])
+    return _normalised(apply, apply(ones), normalisation)
+
+
+def separable_spatial_filter(
+    shape: tf.Tensor,
+    spacing: Sequence[float],
+    theta: float,
+    normalisation: str,
+    dtype: tf.DType,
+    static_shape: Sequence[int | None] | None = None,
+) -> Filter:
+    """Spatial Gaussian exp(-|p_i - p_j|^2 / (2 theta^2)) as a separable convolution, one 1-D
+    kernel per axis, zero outside the volume (so the sum runs over voxels inside it only).
+
+    Each axis's kernel covers +-ceil(SPATIAL_TRUNCATE * sigma) voxels, sigma = theta / spacing,
+    and at most the whole axis when its length is known: the result is then the exact Gaussian
+    sum whenever the axis is shorter than the truncation radius, and otherwise misses the
+    Gaussian's tails beyond 4 sigma (relative mass 6e-5 per axis), with the filter of ones
+    computed with the same kernel so the normalisation stays exact for what is summed.
+
+    Args:
+      shape: int32 [rank] dynamic shape of the [B, *spatial, C] tensors to filter.
+      spacing: mm per spatial axis; theta: kernel width in mm.
+      normalisation: "mean" or "symmetric"; dtype: the values' dtype.
+      static_shape: the tensors' static shape (None entries allowed), to cap the radius.
+    """
+    ndim = len(spacing)
+    kernels = []
+    for axis in range(ndim):
+        sigma = float(theta) / float(spacing[axis])
+        radius = math.ceil(SPATIAL_TRUNCATE * sigma)
+        length = None if static_shape is None else static_shape[axis + 1]
+        if length is not None:
+            radius = min(radius, max(length - 1, 0))
+        taps = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
+        kernels.append(tf.constant(taps, dtype=dtype))
+
+    def along_axis(values: tf.Tensor, axis: int, kernel: tf.Tensor) -> tf.Tensor:
+        vshape = tf.shape(values)
+        outer = tf.reduce_prod(vshape[: axis + 1])
+        inner = tf.reduce_prod(vshape[axis + 2 :])
+        folded = tf.reshape(values, tf.stack([outer, vshape[axis + 1], 1, inner]))
+        taps = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), tf.stack([1, 1, inner, 1]))
+        out = tf.nn.depthwise_conv2d(folded, taps, [1, 1, 1, 1], "SAME")
+        return tf.reshape(out, vshape)
+
+    def apply(values: tf.Tensor) -> tf.Tensor:
+        out = values
+        for axis, kernel in enumerate(kernels):
+            out = along_axis(out, axis, kernel)
+        return out
+
+    ones = tf.ones(tf.concat([shape[:-1], [1]], 0), dtype=dtype)
+    return _normalised(apply, apply(ones), normalisation)
+
+
+def mean_field(
+    unaries: tf.Tensor,
+    image: tf.Tensor,
+    *,
+    spacing: Sequence[float],
+    theta_alpha: float,
+    theta_beta: Sequence[float],
+    theta_gamma: float,
+    bilateral_weight: tf.Tensor,
+    spatial_weight: tf.Tensor,
+    compatibility: tf.Tensor,
+    num_iterations: int,
+    normalisation: str = "mean",
+    bilateral_filter: str = "lattice",
+    spatial_filter: str = "separable",
+) -> tf.Tensor:
+    """Mean-field inference of the fully connected CRF (see the module docstring).
+
+    Args:
+      unaries: [B, *spatial, K] unary logits (log-probabilities up to a constant per voxel).
+      image: [B, *spatial, M] reference image, same batch and spatial shape, same dtype.
+      spacing: voxel size in mm, one entry per spatial axis.
+      theta_alpha, theta_gamma: kernel widths in mm (> 0); theta_beta: one width per image
+        channel, in the image's units (> 0).
+      bilateral_weight, spatial_weight: [K] weights w1, w2 applied to the filtered class l.
+      compatibility: [K, K] mu (used as given: zero its diagonal yourself for the paper's model).
+      num_iterations: mean-field iterations (>= 1).
+      normalisation: "mean" or "symmetric" (see module docstring).
+      bilateral_filter: "lattice" (permutohedral, built once and reused for every iteration and
+        the backward pass) or "exact" (dense O(N^2) kernel, for tests).
+      spatial_filter: "separable" (exact, per-axis dense Gaussian) or "lattice" (a second,
+        position-only lattice).
+
+    Returns:
+      [B, *spatial, K] refined logits U - p after the last iteration (softmax them for Q).
+    """
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    if bilateral_filter not in BILATERAL_FILTERS:
+        raise ValueError(
+            f"bilateral_filter must be one of {BILATERAL_FILTERS}, got {bilateral_filter!r}"
+        )
+    if spatial_filter not in SPATIAL_FILTERS:
+        raise ValueError(f"spatial_filter must be one of {SPATIAL_FILTERS}, got {spatial_filter!r}")
+    features = bilateral_features(image, spacing, theta_alpha, theta_beta)
+    if bilateral_filter == "lattice":
+        appearance = lattice_filter(features, normalisation)
+    else:
+        voxels = math.prod(d for d in unaries.shape[1:-1] if d is not None)
+        if voxels > EXACT_BILATERAL_MAX_VOXELS:
+            raise ValueError(
+                f"bilateral_filter='exact' keeps a dense N x N kernel and allows at most "
+                f"{EXACT_BILATERAL_MAX_VOXELS} voxels per image; unaries have shape "
+                f"{unaries.shape} ({voxels} voxels). Use bilateral_filter='lattice'."
+            )
+        appearance = exact_filter(features, normalisation)
+    if spatial_filter == "separable":
+        smoothness = separable_spatial_filter(
+            tf.shape(unaries), spacing, theta_gamma, normalisation, unaries.dtype, unaries.shape
+        )
+    else:
+        smoothness = lattice_filter(
+            positions(tf.shape(unaries), spacing, theta_gamma, unaries.dtype), normalisation
+        )
+    logits = unaries
+    shape, num_classes = tf.shape(unaries), unaries.shape[-1]
+    for _ in range(num_iterations):
+        # over [N, K]: TensorFlow's CPU softmax takes tensors of rank <= 5 only
+        q = tf.reshape(tf.nn.softmax(tf.reshape(logits, [-1, num_classes])), shape)
+        message = bilateral_weight * appearance(q) + spatial_weight * smoothness(q)
+        pairwise = tf.einsum("...k,lk->...l", message, compatibility)
+        logits = unaries - pairwise
+    return logits

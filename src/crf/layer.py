@@ -1,0 +1,268 @@
+"""CRF-as-RNN: the fully connected CRF's mean-field inference as a trainable Keras 3 layer.
+
+The layer needs the TensorFlow backend (its message passing is the compiled lattice op).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from src.crf import functional as mf
+
+
+def _positive(name: str, value: Any) -> float:
+    """A finite float > 0, else ValueError naming the setting."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from err
+    if not math.isfinite(number) or number <= 0.0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def _positive_list(name: str, value: Any) -> list[float]:
+    values = list(value) if isinstance(value, Sequence | np.ndarray) else [value]
+    if not values:
+        raise ValueError(f"{name} must hold at least one positive number, got {value!r}")
+    return [_positive(f"{name}[{i}]", v) for i, v in enumerate(values)]
+
+
+def _finite(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a finite number, got {value!r}") from err
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _iterations(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def _exact_constant(value: np.ndarray) -> Any:
+    """Initializer giving `value` in the variable's own dtype (keras' Constant rounds through
+    float32, which would make a float64 layer start from 0.699999988 instead of 0.7)."""
+
+    def initializer(shape: Any, dtype: Any = None) -> tf.Tensor:
+        return tf.reshape(tf.constant(value, dtype=dtype), shape)
+
+    return initializer
+
+
+@keras.saving.register_keras_serializable(package="crf_rnn_3d")
+class CrfRnn(keras.layers.Layer):
+    """Fully connected CRF with Gaussian kernels, mean field unrolled as an RNN.
+
+    Call it on ``[unaries, image]``:
+      unaries: [B, *spatial, K] unary logits from the network beneath (K >= 2 classes).
+      image:   [B, *spatial, M] reference image (M >= 1 channels, e.g. MRI modalities), same
+               batch and spatial shape; any number of spatial dimensions >= 1, B >= 1.
+    Returns [B, *spatial, K] refined logits (apply softmax for probabilities).
+
+    Each iteration (Zheng et al. 2015; see src/crf/functional.py for the equations):
+    Q = softmax(L); message m_l = w1[l] A(Q)_l + w2[l] G(Q)_l; pairwise p = mu m;
+    L = unaries - p. A is the appearance (bilateral) kernel
+    exp(-|p_i-p_j|^2 / 2 theta_alpha^2 - sum_c (I_ic-I_jc)^2 / 2 theta_beta_c^2), G the
+    smoothness (spatial) kernel exp(-|p_i-p_j|^2 / 2 theta_gamma^2), p in mm.
+
+    Args:
+      theta_alpha: appearance kernel's spatial width in mm (default 10.0).
+      theta_beta: appearance kernel's width(s) in image units: one number for every channel, or
+        one per channel (default 1.0, i.e. suited to images normalised to unit variance).
+      theta_gamma: smoothness kernel's width in mm (default 3.0).
+      spacing: voxel size in mm per spatial axis, in the tensors' axis order (default: 1 mm on
+        every axis). Its length must equal the number of spatial axes.
+      num_iterations: mean-field iterations when training (default 5).
+      num_iterations_inference: iterations at inference (default: num_iterations).
+      bilateral_weight_init: initial w1 for every class (default 1.0).
+      spatial_weight_init: initial w2 for every class (default 1.0).
+      compatibility_init: initial off-diagonal value of mu; mu starts as the Potts model
+        compatibility_init * (1 - I) (default 1.0).
+      normalisation: how both kernels are normalised (self term included in both):
+        "mean" (default; A(Q) = K Q / K 1, a Gaussian-weighted average of Q, as in Zheng et al.
+        and Monteiro et al.) or "symmetric" (n K(n Q) with n = (K 1)^(-1/2), pydensecrf's
+        default). No unnormalised option: the lattice's global scale is not 1.
+      bilateral_filter: "lattice" (default; one permutohedral lattice per forward pass, reused
+        by every iteration and the backward pass) or "exact" (dense O(N^2) kernel, at most
+        8192 voxels per image; for tests and float64 gradient checks).
+      spatial_filter: "separable" (default; Gaussian cut at 4 sigma, see docs/crf.md for the
+        measurement that chose it) or "lattice" (a second, position-only lattice).
+
+    Weights (trainable): ``bilateral_weight`` w1 [K], ``spatial_weight`` w2 [K],
+    ``compatibility`` mu [K, K], whose diagonal is held at zero (masked in call, so the stored
+    diagonal has no effect and receives a zero gradient). The kernel widths are settings, not
+    weights: the lattice gives the features no gradient yet.
+
+    Raises:
+      ValueError: a bad setting (non-positive or non-finite theta, spacing, iteration count,
+        unknown option) in the constructor; at build time inputs that are not two tensors of the
+        same rank >= 3, K < 2, mismatched batch/spatial shapes, spacing or theta_beta of the
+        wrong length.
+      tf.errors.InvalidArgumentError: at call time, batch/spatial shapes that differ when they
+        were unknown at build time.
+    """
+
+    def __init__(
+        self,
+        theta_alpha: float = 10.0,
+        theta_beta: float | Sequence[float] = 1.0,
+        theta_gamma: float = 3.0,
+        spacing: Sequence[float] | None = None,
+        num_iterations: int = 5,
+        num_iterations_inference: int | None = None,
+        bilateral_weight_init: float = 1.0,
+        spatial_weight_init: float = 1.0,
+        compatibility_init: float = 1.0,
+        normalisation: str = "mean",
+        bilateral_filter: str = "lattice",
+        spatial_filter: str = "separable",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.theta_alpha = _positive("theta_alpha", theta_alpha)
+        self.theta_beta = _positive_list("theta_beta", theta_beta)
+        self.theta_gamma = _positive("theta_gamma", theta_gamma)
+        self.spacing = None if spacing is None else _positive_list("spacing", spacing)
+        self.num_iterations = _iterations("num_iterations", num_iterations)
+        self.num_iterations_inference = (
+            self.num_iterations
+            if num_iterations_inference is None
+            else _iterations("num_iterations_inference", num_iterations_inference)
+        )
+        self.bilateral_weight_init = _finite("bilateral_weight_init", bilateral_weight_init)
+        self.spatial_weight_init = _finite("spatial_weight_init", spatial_weight_init)
+        self.compatibility_init = _finite("compatibility_init", compatibility_init)
+        self.normalisation = _choice("normalisation", normalisation, mf.NORMALISATIONS)
+        self.bilateral_filter = _choice("bilateral_filter", bilateral_filter, mf.BILATERAL_FILTERS)
+        self.spatial_filter = _choice("spatial_filter", spatial_filter, mf.SPATIAL_FILTERS)
+
+    def _check_shapes(self, unaries_shape: Any, image_shape: Any) -> None:
+        u = tf.TensorShape(unaries_shape)
+        im = tf.TensorShape(image_shape)
+        if u.rank is None or im.rank is None:
+            raise ValueError(f"CrfRnn needs inputs of known rank; got unaries {u} and image {im}")
+        if u.rank < 3:
+            raise ValueError(
+                f"unaries must have shape [batch, *spatial, classes] (rank >= 3); got {u}"
+            )
+        if im.rank != u.rank:
+            raise ValueError(
+                f"image must have the rank of the unaries ([batch, *spatial, channels], rank "
+                f"{u.rank}); got image {im} for unaries {u}"
+            )
+        if u[-1] is None or u[-1] < 2:
+            raise ValueError(
+                f"unaries must have a known number of classes K >= 2 in the last axis; got {u}"
+            )
+        if im[-1] is None or im[-1] < 1:
+            raise ValueError(f"image must have a known number of channels >= 1; got {im}")
+        if not u[:-1].is_compatible_with(im[:-1]):
+            raise ValueError(
+                f"unaries {u} and image {im} must have the same batch and spatial shape"
+            )
+        ndim = u.rank - 2
+        if self.spacing is not None and len(self.spacing) != ndim:
+            raise ValueError(
+                f"spacing must have one entry per spatial axis ({ndim} for unaries {u}); got "
+                f"{len(self.spacing)}: {self.spacing}"
+            )
+        if len(self.theta_beta) not in (1, im[-1]):
+            raise ValueError(
+                f"theta_beta must hold one value or one per image channel ({im[-1]} for image "
+                f"{im}); got {len(self.theta_beta)}: {self.theta_beta}"
+            )
+
+    def build(self, input_shape: Any) -> None:
+        if not isinstance(input_shape, list | tuple) or len(input_shape) != 2:
+            raise ValueError(f"CrfRnn is called on [unaries, image]; got input shape {input_shape}")
+        unaries_shape, image_shape = input_shape
+        self._check_shapes(unaries_shape, image_shape)
+        num_classes = int(unaries_shape[-1])
+        self.num_classes = num_classes
+        self.bilateral_weight = self.add_weight(
+            name="bilateral_weight",
+            shape=(num_classes,),
+            initializer=_exact_constant(np.full(num_classes, self.bilateral_weight_init)),
+        )
+        self.spatial_weight = self.add_weight(
+            name="spatial_weight",
+            shape=(num_classes,),
+            initializer=_exact_constant(np.full(num_classes, self.spatial_weight_init)),
+        )
+        potts = self.compatibility_init * (1.0 - np.eye(num_classes))
+        self.compatibility = self.add_weight(
+            name="compatibility",
+            shape=(num_classes, num_classes),
+            initializer=_exact_constant(potts),
+        )
+
+    def call(self, inputs: Sequence[tf.Tensor], training: bool | None = None) -> tf.Tensor:
+        unaries, image = inputs
+        self._check_shapes(unaries.shape, image.shape)
+        unaries = tf.convert_to_tensor(unaries)
+        image = tf.cast(image, unaries.dtype)
+        tf.debugging.assert_equal(
+            tf.shape(unaries)[:-1],
+            tf.shape(image)[:-1],
+            message="CrfRnn: unaries and image must have the same batch and spatial shape",
+        )
+        ndim = unaries.shape.rank - 2
+        spacing = self.spacing if self.spacing is not None else [1.0] * ndim
+        theta_beta = self.theta_beta
+        if len(theta_beta) == 1:
+            theta_beta = theta_beta * image.shape[-1]
+        mask = 1.0 - tf.eye(self.num_classes, dtype=unaries.dtype)
+        iterations = self.num_iterations if training else self.num_iterations_inference
+        return mf.mean_field(
+            unaries,
+            image,
+            spacing=spacing,
+            theta_alpha=self.theta_alpha,
+            theta_beta=theta_beta,
+            theta_gamma=self.theta_gamma,
+            bilateral_weight=tf.cast(self.bilateral_weight, unaries.dtype),
+            spatial_weight=tf.cast(self.spatial_weight, unaries.dtype),
+            compatibility=tf.cast(self.compatibility, unaries.dtype) * mask,
+            num_iterations=iterations,
+            normalisation=self.normalisation,
+            bilateral_filter=self.bilateral_filter,
+            spatial_filter=self.spatial_filter,
+        )
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape[0]
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            theta_alpha=self.theta_alpha,
+            theta_beta=list(self.theta_beta),
+            theta_gamma=self.theta_gamma,
+            spacing=None if self.spacing is None else list(self.spacing),
+            num_iterations=self.num_iterations,
+            num_iterations_inference=self.num_iterations_inference,
+            bilateral_weight_init=self.bilateral_weight_init,
+            spatial_weight_init=self.spatial_weight_init,
+            compatibility_init=self.compatibility_init,
+            normalisation=self.normalisation,
+            bilateral_filter=self.bilateral_filter,
+            spatial_filter=self.spatial_filter,
+        )
+        return config
