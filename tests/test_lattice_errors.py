@@ -118,9 +118,14 @@ def test_corrupted_lattice_tensors() -> None:
     with pytest.raises(InvalidArg, match="out of range"):
         ops.crf3d_lattice_filter(vals(), t.vertex_index, t.vertex_weight, bad_nbrs, *t[3:])
     with pytest.raises(InvalidArg, match="splat_offsets must start at 0"):
-        ops.crf3d_lattice_filter(vals(), *t[:3], t.splat_offsets + 1, t.splat_entries)
-    with pytest.raises(InvalidArg, match=r"splat_entries must have shape"):
-        ops.crf3d_lattice_filter(vals(), *t[:4], t.splat_entries[:-1])
+        ops.crf3d_lattice_filter(vals(), *t[:3], t.splat_offsets + 1, *t[4:])
+    bad_voxels = t.splat_voxels + tf.shape(t.splat_voxels)[0]
+    with pytest.raises(InvalidArg, match="out of range"):
+        ops.crf3d_lattice_filter(vals(), *t[:4], bad_voxels, t.splat_weights)
+    with pytest.raises(InvalidArg, match=r"splat_voxels must have shape"):
+        ops.crf3d_lattice_filter(vals(), *t[:4], t.splat_voxels[:-1], t.splat_weights)
+    with pytest.raises(InvalidArg, match=r"splat_weights must have shape"):
+        ops.crf3d_lattice_filter(vals(), *t[:5], t.splat_weights[:-1])
 
 
 def test_missing_library_is_named(monkeypatch, tmp_path) -> None:

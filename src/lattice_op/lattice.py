@@ -52,15 +52,18 @@ class LatticeTensors(NamedTuple):
     vertex_weight:   float32 [B, *spatial, F+1]  barycentric weight of that vertex
     blur_neighbours: int32 [F+1, M, 2]  the two neighbours of each lattice point per direction
                      (M, one past the last point, marks an absent neighbour)
-    splat_offsets:   int32 [M+1]  CSR row pointers into splat_entries
-    splat_entries:   int32 [B*N*(F+1)]  flat vertex entries (voxel * (F+1) + k) per lattice point
+    splat_offsets:   int32 [M+1]  CSR row pointers into splat_voxels / splat_weights
+    splat_voxels:    int32 [B*N*(F+1)]  per lattice point, the flat voxel index of each entry
+                     that touches it (in increasing order of voxel * (F+1) + k)
+    splat_weights:   float32 [B*N*(F+1)]  the barycentric weight of that entry
     """
 
     vertex_index: tf.Tensor
     vertex_weight: tf.Tensor
     blur_neighbours: tf.Tensor
     splat_offsets: tf.Tensor
-    splat_entries: tf.Tensor
+    splat_voxels: tf.Tensor
+    splat_weights: tf.Tensor
 
 
 class Lattice:
@@ -133,11 +136,11 @@ def _filter_gradient(op: tf.Operation, grad: tf.Tensor) -> list[tf.Tensor | None
     """The filter is linear in values: its gradient is the adjoint filter on the same lattice."""
     lattice = op.inputs[1:]
     d_values = _ops().crf3d_lattice_filter(grad, *lattice, reverse=not op.get_attr("reverse"))
-    # vertex_index, blur_neighbours, splat_offsets and splat_entries are integer structure
-    # (piecewise constant in the features): no gradient. vertex_weight does depend smoothly on
-    # the features, but its gradient (and so the features') is not implemented yet: None, not
-    # zeros, so that nobody mistakes it for a computed zero.
-    return [d_values, None, None, None, None, None]
+    # vertex_index, blur_neighbours, splat_offsets and splat_voxels are integer structure
+    # (piecewise constant in the features): no gradient. vertex_weight and splat_weights do
+    # depend smoothly on the features, but their gradient (and so the features') is not
+    # implemented yet: None, not zeros, so that nobody mistakes it for a computed zero.
+    return [d_values] + [None] * len(LatticeTensors._fields)
 
 
 # The build op's outputs are either integer structure or weights whose gradient is not

@@ -60,15 +60,16 @@ void Embedding::Embed(const float* f, float* elevated, int32_t* rem0, int32_t* r
   sum /= (d + 1);
 
   // Rank the differential; it orders the simplex's vertices.
-  for (int i = 0; i <= d; ++i) rank[i] = 0;
+  // (Comparisons counted without branches: their outcome is unpredictable.)
+  for (int i = 0; i <= d; ++i) {
+    rank[i] = 0;
+    bary[i] = elevated[i] - static_cast<float>(rem0[i]);  // bary is scratch until below
+  }
   for (int i = 0; i < d; ++i) {
-    const float di = elevated[i] - static_cast<float>(rem0[i]);
     for (int j = i + 1; j <= d; ++j) {
-      if (di < elevated[j] - static_cast<float>(rem0[j])) {
-        ++rank[i];
-      } else {
-        ++rank[j];
-      }
+      const int32_t less = bary[i] < bary[j];
+      rank[i] += less;
+      rank[j] += 1 - less;
     }
   }
   // Bring the point back onto the hyperplane when the rounding left it off.
@@ -97,14 +98,24 @@ void Embedding::Embed(const float* f, float* elevated, int32_t* rem0, int32_t* r
 // hash table of lattice points
 // ---------------------------------------------------------------------------------------------
 
-KeyTable::KeyTable(int d, int64_t max_points) : d_(d), max_points_(max_points) { Rehash(64); }
+KeyTable::KeyTable(int d, int64_t max_points)
+    : d_(d), max_points_(max_points), coefficients_(static_cast<size_t>(d)) {
+  // Odd pseudo-random coefficients from a SplitMix64 sequence: fixed, so a key's hash is too.
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  for (uint64_t& c : coefficients_) {
+    state += 0x9E3779B97F4A7C15ull;
+    uint64_t z = state;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    c = (z ^ (z >> 31)) | 1u;
+  }
+  Rehash(64);
+}
 
-uint64_t KeyTable::Hash(const int32_t* key) const {
-  uint64_t h = 0x9E3779B97F4A7C15ull;
+uint64_t KeyTable::Linear(const int32_t* key) const {
+  uint64_t h = 0;
   for (int i = 0; i < d_; ++i) {
-    h ^= static_cast<uint32_t>(key[i]);
-    h *= 0xBF58476D1CE4E5B9ull;
-    h ^= h >> 31;
+    h += static_cast<uint64_t>(static_cast<int64_t>(key[i])) * coefficients_[static_cast<size_t>(i)];
   }
   return h;
 }
@@ -118,49 +129,56 @@ bool KeyTable::Equal(int32_t index, const int32_t* key) const {
 }
 
 void KeyTable::Rehash(size_t capacity) {
-  slots_.assign(capacity, -1);
+  slots_.assign(capacity, 0);
   mask_ = capacity - 1;
-  for (size_t p = 0; p < hashes_.size(); ++p) {
-    uint64_t s = hashes_[p] & mask_;
-    while (slots_[s] >= 0) s = (s + 1) & mask_;
-    slots_[s] = static_cast<int32_t>(p);
+  for (int64_t p = 0; p < size(); ++p) {
+    const uint64_t h = Hash(key(p));
+    uint64_t s = h & mask_;
+    while (slots_[s] != 0) s = (s + 1) & mask_;
+    slots_[s] = Entry(h, static_cast<int32_t>(p));
   }
 }
 
 void KeyTable::Reserve(int64_t points) {
   keys_.reserve(static_cast<size_t>(points * d_));
-  hashes_.reserve(static_cast<size_t>(points));
   size_t capacity = slots_.size();
   while (capacity < static_cast<size_t>(2 * points)) capacity *= 2;
   if (capacity != slots_.size()) Rehash(capacity);
 }
 
-int32_t KeyTable::FindOrInsert(const int32_t* key) {
-  const uint64_t h = Hash(key);
+int32_t KeyTable::FindOrInsert(const int32_t* key, uint64_t h) {
   uint64_t s = h & mask_;
-  while (slots_[s] >= 0) {
-    const int32_t p = slots_[s];
-    if (hashes_[static_cast<size_t>(p)] == h && Equal(p, key)) return p;
+  for (uint64_t e = slots_[s]; e != 0; e = slots_[s]) {
+    if (SameTag(e, h) && Equal(Index(e), key)) return Index(e);
     s = (s + 1) & mask_;
   }
   if (size() >= max_points_) return -1;
   const auto p = static_cast<int32_t>(size());
   keys_.insert(keys_.end(), key, key + d_);
-  hashes_.push_back(h);
-  slots_[s] = p;
-  if (2 * hashes_.size() > slots_.size()) Rehash(2 * slots_.size());  // load factor <= 1/2
+  ++size_;
+  slots_[s] = Entry(h, p);
+  if (2 * static_cast<size_t>(size_) > slots_.size()) Rehash(2 * slots_.size());  // load <= 1/2
   return p;
 }
 
-int32_t KeyTable::Find(const int32_t* key) const {
-  const uint64_t h = Hash(key);
+int32_t KeyTable::Find(const int32_t* key, uint64_t h) const {
   uint64_t s = h & mask_;
-  while (slots_[s] >= 0) {
-    const int32_t p = slots_[s];
-    if (hashes_[static_cast<size_t>(p)] == h && Equal(p, key)) return p;
+  for (uint64_t e = slots_[s]; e != 0; e = slots_[s]) {
+    if (SameTag(e, h) && Equal(Index(e), key)) return Index(e);
     s = (s + 1) & mask_;
   }
   return -1;
+}
+
+void KeyTable::FindMany(const int32_t* keys, const uint64_t* h, int count, int32_t* out) const {
+  // Three passes over the batch overlap the cache misses of its lookups: prefetch the home
+  // slots, then the keys they point at, then compare.
+  for (int i = 0; i < count; ++i) __builtin_prefetch(&slots_[h[i] & mask_]);
+  for (int i = 0; i < count; ++i) {
+    const uint64_t e = slots_[h[i] & mask_];
+    if (e != 0) __builtin_prefetch(keys_.data() + static_cast<int64_t>(Index(e)) * d_);
+  }
+  for (int i = 0; i < count; ++i) out[i] = Find(keys + static_cast<int64_t>(i) * d_, h[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,21 +218,63 @@ bool EmbedRange(const float* features, int64_t begin, int64_t end, const Embeddi
                 int32_t* vertex_index, float* vertex_weight) {
   const int d = emb.dim();
   const int d1 = d + 1;
+  // Voxels go through in groups whose vertex keys are hashed and prefetched before any is
+  // inserted (in order), so the table's cache misses overlap. Neighbouring voxels of a smooth
+  // image often fall in the same simplex (same remainder-0 vertex and rank): such a voxel
+  // takes its predecessor's lattice points without touching the table.
+  const int group = std::max(1, KeyTable::kMaxBatch / d1);
   std::vector<float> f(static_cast<size_t>(d)), elevated(static_cast<size_t>(d1)),
       bary(static_cast<size_t>(d1 + 1));
-  std::vector<int32_t> rem0(static_cast<size_t>(d1)), rank(static_cast<size_t>(d1)),
-      key(static_cast<size_t>(d1));
-  for (int64_t i = begin; i < end; ++i) {
-    // The filter is invariant to a common shift of the features; removing the minimum keeps
-    // lattice coordinates small and exact.
-    for (int k = 0; k < d; ++k) f[static_cast<size_t>(k)] = features[i * d + k] - shift[static_cast<size_t>(k)];
-    emb.Embed(f.data(), elevated.data(), rem0.data(), rank.data(), bary.data());
-    for (int k = 0; k < d1; ++k) {
-      emb.VertexKey(rem0.data(), rank.data(), k, key.data());
-      const int32_t p = table.FindOrInsert(key.data());
-      if (p < 0) return false;
-      vertex_index[i * d1 + k] = p + index_base;
-      vertex_weight[i * d1 + k] = bary[static_cast<size_t>(k)];
+  std::vector<int32_t> simplex(static_cast<size_t>(2 * d1)), previous(static_cast<size_t>(2 * d1)),
+      by_rank(static_cast<size_t>(d1));
+  uint64_t coefficient_sum = 0;
+  for (int i = 0; i < d; ++i) coefficient_sum += table.coefficient(i);
+  int32_t* rem0 = simplex.data();
+  int32_t* rank = simplex.data() + d1;
+  bool have_previous = false;
+  std::vector<int32_t> keys(static_cast<size_t>(group * d1 * d));
+  std::vector<uint64_t> hashes(static_cast<size_t>(group * d1));
+  std::vector<char> repeat(static_cast<size_t>(group));
+  for (int64_t g0 = begin; g0 < end; g0 += group) {
+    const int64_t g1 = std::min<int64_t>(end, g0 + group);
+    for (int64_t i = g0; i < g1; ++i) {
+      // The filter is invariant to a common shift of the features; removing the minimum
+      // keeps lattice coordinates small and exact.
+      for (int k = 0; k < d; ++k) {
+        f[static_cast<size_t>(k)] = features[i * d + k] - shift[static_cast<size_t>(k)];
+      }
+      emb.Embed(f.data(), elevated.data(), rem0, rank, bary.data());
+      for (int k = 0; k < d1; ++k) vertex_weight[i * d1 + k] = bary[static_cast<size_t>(k)];
+      const bool same = have_previous && simplex == previous;
+      repeat[static_cast<size_t>(i - g0)] = same;
+      if (same) continue;
+      previous = simplex;
+      have_previous = true;
+      // Vertex k + 1 is vertex k plus (1, ..., 1) minus (d+1) at the coordinate of rank d - k
+      // (the implied last coordinate has no hash coefficient).
+      for (int k = 0; k < d1; ++k) by_rank[static_cast<size_t>(rank[k])] = k;
+      uint64_t linear = table.Linear(rem0);
+      for (int k = 0; k < d1; ++k) {
+        const int64_t slot = (i - g0) * d1 + k;
+        emb.VertexKey(rem0, rank, k, keys.data() + slot * d);
+        hashes[static_cast<size_t>(slot)] = KeyTable::Mix(linear);
+        table.Prefetch(hashes[static_cast<size_t>(slot)]);
+        const int moved = by_rank[static_cast<size_t>(d - k)];
+        linear += coefficient_sum - (moved < d ? static_cast<uint64_t>(d1) * table.coefficient(moved) : 0);
+      }
+    }
+    for (int64_t i = g0; i < g1; ++i) {
+      int32_t* out = vertex_index + i * d1;
+      if (repeat[static_cast<size_t>(i - g0)]) {
+        for (int k = 0; k < d1; ++k) out[k] = out[k - d1];
+        continue;
+      }
+      for (int k = 0; k < d1; ++k) {
+        const int64_t slot = (i - g0) * d1 + k;
+        const int32_t p = table.FindOrInsert(keys.data() + slot * d, hashes[static_cast<size_t>(slot)]);
+        if (p < 0) return false;
+        out[k] = p + index_base;
+      }
     }
   }
   return true;
@@ -311,10 +371,18 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
     const KeyTable& t = local[static_cast<size_t>(c)];
     std::vector<int32_t>& map = to_global[static_cast<size_t>(c)];
     map.resize(static_cast<size_t>(t.size()));
-    for (int64_t p = 0; p < t.size(); ++p) {
-      const int32_t g = global.FindOrInsert(t.key(p));
-      if (g < 0) return Status::Exhausted(TooManyPoints(max_points, n, d));
-      map[static_cast<size_t>(p)] = g + index_base;
+    for (int64_t p0 = 0; p0 < t.size(); p0 += KeyTable::kMaxBatch) {
+      const int64_t p1 = std::min<int64_t>(t.size(), p0 + KeyTable::kMaxBatch);
+      uint64_t hashes[KeyTable::kMaxBatch];
+      for (int64_t p = p0; p < p1; ++p) {
+        hashes[p - p0] = global.Hash(t.key(p));
+        global.Prefetch(hashes[p - p0]);
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        const int32_t g = global.FindOrInsert(t.key(p), hashes[p - p0]);
+        if (g < 0) return Status::Exhausted(TooManyPoints(max_points, n, d));
+        map[static_cast<size_t>(p)] = g + index_base;
+      }
     }
     local[static_cast<size_t>(c)] = KeyTable(d, 0);  // free the chunk's table
   }
@@ -336,54 +404,93 @@ void LatticeBuilder::BlurNeighbours(int64_t total_points, int32_t index_base, in
   const int d = d_;
   const int64_t m = num_points();
   const auto absent = static_cast<int32_t>(total_points);
+  // Neighbour keys of a few points at a time go to FindMany as one batch; slot q of the batch
+  // is (point p0 + q / (2 (d+1)), direction (q / 2) mod (d+1), minus or plus).
+  const int per_point = 2 * (d + 1);
+  uint64_t coefficient_sum = 0;
+  for (int i = 0; i < d; ++i) coefficient_sum += table_->coefficient(i);
   par.For(m, 60 * d * (d + 1), [&](int64_t b, int64_t e) {
-    std::vector<int32_t> plus(static_cast<size_t>(d)), minus(static_cast<size_t>(d));
+    std::vector<int32_t> keys(static_cast<size_t>(KeyTable::kMaxBatch) * d);
+    uint64_t hashes[KeyTable::kMaxBatch];
+    int32_t found[KeyTable::kMaxBatch];
+    int count = 0;
+    int64_t first = b * per_point;  // slot number (p * per_point + offset) of keys[0]
+    auto flush = [&] {
+      table_->FindMany(keys.data(), hashes, count, found);
+      for (int q = 0; q < count; ++q) {
+        const int64_t slot = first + q;
+        const int64_t p = slot / per_point;
+        const int j = static_cast<int>(slot % per_point) / 2;
+        nbrs[(j * total_points + index_base + p) * 2 + slot % 2] =
+            found[q] < 0 ? absent : found[q] + index_base;
+      }
+      first += count;
+      count = 0;
+    };
     for (int64_t p = b; p < e; ++p) {
       const int32_t* key = table_->key(p);
+      const uint64_t linear = table_->Linear(key);
       for (int j = 0; j <= d; ++j) {
-        // One step along direction j adds (d+1) e_j - (1, ..., 1).
-        for (int k = 0; k < d; ++k) {
-          plus[static_cast<size_t>(k)] = key[k] - 1;
-          minus[static_cast<size_t>(k)] = key[k] + 1;
+        // One step along direction j adds (d+1) e_j - (1, ..., 1); for j == d the d+1 lands
+        // on the implied last coordinate (no hash coefficient). sign 0 is the step back, 1 the
+        // step forward.
+        const uint64_t step = (j < d ? static_cast<uint64_t>(d + 1) * table_->coefficient(j) : 0) -
+                              coefficient_sum;
+        for (int sign = 0; sign < 2; ++sign) {
+          int32_t* out = keys.data() + static_cast<int64_t>(count) * d;
+          const int32_t ones = sign ? -1 : 1;
+          for (int k = 0; k < d; ++k) out[k] = key[k] + ones;
+          if (j < d) out[j] = key[j] + (sign ? d : -d);
+          hashes[count] = KeyTable::Mix(sign ? linear + step : linear - step);
+          if (++count == KeyTable::kMaxBatch) flush();
         }
-        if (j < d) {  // for j == d the +d lands on the implied last coordinate
-          plus[static_cast<size_t>(j)] = key[j] + d;
-          minus[static_cast<size_t>(j)] = key[j] - d;
-        }
-        const int32_t a = table_->Find(minus.data());
-        const int32_t c = table_->Find(plus.data());
-        int32_t* out = nbrs + (j * total_points + index_base + p) * 2;
-        out[0] = a < 0 ? absent : a + index_base;
-        out[1] = c < 0 ? absent : c + index_base;
       }
     }
+    if (count > 0) flush();
   });
 }
 
-void BuildSplatCsr(const int32_t* vertex_index, int64_t num_entries, int64_t num_points,
-                   int32_t* offsets, int32_t* entries, const Parallel& par) {
-  std::unique_ptr<std::atomic<int32_t>[]> cursor(new std::atomic<int32_t>[static_cast<size_t>(num_points)]);
-  par.For(num_points, 2, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) cursor[p].store(0, std::memory_order_relaxed);
-  });
-  par.For(num_entries, 8, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) cursor[vertex_index[i]].fetch_add(1, std::memory_order_relaxed);
-  });
-  offsets[0] = 0;
-  for (int64_t p = 0; p < num_points; ++p) {
-    const int32_t count = cursor[p].load(std::memory_order_relaxed);
-    cursor[p].store(offsets[p], std::memory_order_relaxed);
-    offsets[p + 1] = offsets[p] + count;
-  }
-  par.For(num_entries, 10, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      entries[cursor[vertex_index[i]].fetch_add(1, std::memory_order_relaxed)] = static_cast<int32_t>(i);
+void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int64_t num_voxels,
+                   int d, int64_t num_points, int32_t* offsets, int32_t* voxels, float* weights,
+                   const Parallel& par) {
+  // A counting sort in parts: part t counts the entries of its contiguous range of voxels per
+  // point, the offsets give each (point, part) its place, then each part writes its entries in
+  // order. Every list comes out in increasing entry order whatever the number of parts, with no
+  // atomics and no sort. The lists hold each entry's voxel and weight, so that the splat reads
+  // them in order instead of gathering weights from the voxel-ordered arrays.
+  const int64_t d1 = d + 1;
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(par.num_threads()), 16, num_voxels / 8192}));
+  auto part_begin = [&](int64_t t) { return num_voxels * t / parts; };
+  std::vector<int32_t> cursor(static_cast<size_t>(parts * num_points), 0);
+  par.For(parts, 4 * d1 * (num_voxels / parts + 1), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      int32_t* count = cursor.data() + t * num_points;
+      for (int64_t i = part_begin(t) * d1; i < part_begin(t + 1) * d1; ++i) ++count[vertex_index[i]];
     }
   });
-  // Concurrent filling leaves each list in arbitrary order; sort for reproducible sums.
-  const int64_t per_point = num_points > 0 ? num_entries / num_points + 1 : 1;
-  par.For(num_points, 20 * per_point, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) std::sort(entries + offsets[p], entries + offsets[p + 1]);
+  int32_t start = 0;
+  for (int64_t p = 0; p < num_points; ++p) {
+    offsets[p] = start;
+    for (int64_t t = 0; t < parts; ++t) {
+      int32_t& c = cursor[static_cast<size_t>(t * num_points + p)];
+      const int32_t count = c;
+      c = start;
+      start += count;
+    }
+  }
+  offsets[num_points] = start;
+  par.For(parts, 8 * d1 * (num_voxels / parts + 1), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      int32_t* next = cursor.data() + t * num_points;
+      for (int64_t i = part_begin(t); i < part_begin(t + 1); ++i) {
+        for (int64_t k = 0; k < d1; ++k) {
+          const int32_t q = next[vertex_index[i * d1 + k]]++;
+          voxels[q] = static_cast<int32_t>(i);
+          weights[q] = vertex_weight[i * d1 + k];
+        }
+      }
+    }
   });
 }
 
@@ -402,15 +509,15 @@ bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool 
   const int64_t m = lat.num_points;
   const int64_t n_entries = lat.num_voxels * d1;
   const auto m_u = static_cast<uint64_t>(m);
-  const auto entries_u = static_cast<uint64_t>(n_entries);
   std::atomic<bool> bad{false};
   float* cur = scratch;
   float* next = scratch + (m + 1) * C;
   // Row m of both buffers is the absent neighbour: always zero.
   for (int64_t c = 0; c < C; ++c) cur[m * C + c] = next[m * C + c] = 0.0f;
 
-  // splat: each lattice point gathers from the voxels of its CSR list.
+  // splat: each lattice point gathers the weighted values of the voxels of its CSR list.
   const int64_t per_point = m > 0 ? n_entries / m + 1 : 1;
+  const auto voxels_u = static_cast<uint64_t>(lat.num_voxels);
   par.For(m, 4 * per_point * (C + 2), [&](int64_t b, int64_t e) {
     bool ok = true;
     for (int64_t p = b; p < e; ++p) {
@@ -423,13 +530,13 @@ bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool 
         continue;
       }
       for (int64_t q = lo; q < hi; ++q) {
-        const int32_t entry = lat.splat_entries[q];
-        if (static_cast<uint64_t>(static_cast<int64_t>(entry)) >= entries_u) {
+        const int32_t voxel = lat.splat_voxels[q];
+        if (static_cast<uint64_t>(static_cast<int64_t>(voxel)) >= voxels_u) {
           ok = false;
           continue;
         }
-        const float w = lat.vertex_weight[entry];
-        const float* v = values + (entry / d1) * C;
+        const float w = lat.splat_weights[q];
+        const float* v = values + static_cast<int64_t>(voxel) * C;
         for (int64_t c = 0; c < C; ++c) row[c] += w * v[c];
       }
     }
@@ -506,7 +613,7 @@ Status Filter(const LatticeView& lat, const float* values, int channels, bool re
   }
   if (!ok) {
     return Status::Invalid(
-        "lattice: an index in vertex_index, blur_neighbours or splat_entries is out of range; "
+        "lattice: an index in vertex_index, blur_neighbours or splat_voxels is out of range; "
         "pass the tensors of one lattice build unchanged");
   }
   return Status::Ok();

@@ -68,28 +68,55 @@ class Embedding {
   float alpha_;
 };
 
-// Open-addressing hash table from lattice keys (d int32 coordinates) to dense indices
-// 0..size()-1, in order of first insertion.
+// Open-addressing hash table (linear probing, load <= 1/2) from lattice keys (d int32
+// coordinates) to dense indices 0..size()-1, in order of first insertion. A slot holds the
+// upper half of the key's hash beside its index, so most mismatches never touch the keys.
 class KeyTable {
  public:
+  static constexpr int kMaxBatch = 128;  // most keys FindMany takes at once
+
   explicit KeyTable(int d, int64_t max_points);
-  // Index of key, inserted if absent; -1 when that would exceed max_points.
-  int32_t FindOrInsert(const int32_t* key);
-  // Index of key, or -1 if absent. Safe to call concurrently once insertion is over.
-  int32_t Find(const int32_t* key) const;
-  int64_t size() const { return static_cast<int64_t>(hashes_.size()); }
+  // A key's hash is Mix(sum_i key[i] * coefficient(i)): the sum is linear in the key, so the
+  // hashes of a simplex's vertices and of a point's blur neighbours follow from one another by
+  // an addition (see EmbedRange and BlurNeighbours) instead of a pass over d coordinates each.
+  uint64_t coefficient(int i) const { return coefficients_[static_cast<size_t>(i)]; }
+  uint64_t Linear(const int32_t* key) const;
+  static uint64_t Mix(uint64_t linear) {
+    linear ^= linear >> 33;
+    linear *= 0xFF51AFD7ED558CCDull;
+    linear ^= linear >> 33;
+    linear *= 0xC4CEB9FE1A85EC53ull;
+    return linear ^ (linear >> 33);
+  }
+  uint64_t Hash(const int32_t* key) const { return Mix(Linear(key)); }
+  // Starts loading the home slot of hash h (a hint that overlaps cache misses).
+  void Prefetch(uint64_t h) const { __builtin_prefetch(&slots_[h & mask_]); }
+  // Index of key (whose hash is h), inserted if absent; -1 when that would exceed max_points.
+  int32_t FindOrInsert(const int32_t* key, uint64_t h);
+  // Index of key (whose hash is h), or -1 if absent. Safe to call concurrently once insertion
+  // is over.
+  int32_t Find(const int32_t* key, uint64_t h) const;
+  // Finds count <= kMaxBatch keys (count * d ints, with their hashes) at once; out[i] is -1
+  // for an absent key.
+  void FindMany(const int32_t* keys, const uint64_t* hashes, int count, int32_t* out) const;
+  int64_t size() const { return size_; }
   const int32_t* key(int64_t i) const { return keys_.data() + i * d_; }
   void Reserve(int64_t points);
 
  private:
-  uint64_t Hash(const int32_t* key) const;
+  static uint64_t Entry(uint64_t h, int32_t index) {
+    return (h & 0xFFFFFFFF00000000ull) | (static_cast<uint64_t>(index) + 1);
+  }
+  static int32_t Index(uint64_t entry) { return static_cast<int32_t>((entry & 0xFFFFFFFFull) - 1); }
+  static bool SameTag(uint64_t entry, uint64_t h) { return (entry ^ h) >> 32 == 0; }
   bool Equal(int32_t index, const int32_t* key) const;
   void Rehash(size_t capacity);
   int d_;
   int64_t max_points_;
+  std::vector<uint64_t> coefficients_;  // odd, one per key coordinate
+  int64_t size_ = 0;
   std::vector<int32_t> keys_;
-  std::vector<uint64_t> hashes_;
-  std::vector<int32_t> slots_;  // power-of-two capacity, -1 marks an empty slot
+  std::vector<uint64_t> slots_;  // power-of-two capacity; 0 marks an empty slot
   uint64_t mask_ = 0;
 };
 
@@ -115,11 +142,14 @@ class LatticeBuilder {
   const KeyTable* table_ = nullptr;
 };
 
-// Transposes vertex_index [num_entries] (values in [0, num_points)) into a CSR list:
-// entries[offsets[m] .. offsets[m+1]) are the flat entry numbers (voxel * (d+1) + k) that touch
-// lattice point m, in increasing order (so every splat sums in the same order).
-void BuildSplatCsr(const int32_t* vertex_index, int64_t num_entries, int64_t num_points,
-                   int32_t* offsets, int32_t* entries, const Parallel& par);
+// Transposes the vertex entries (voxel i, vertex k; flat number i * (d+1) + k) into CSR lists
+// per lattice point: entries offsets[m] .. offsets[m+1] of voxels / weights are the voxel and
+// barycentric weight of each entry that touches lattice point m, in increasing entry order (so
+// every splat sums in the same order, whatever the thread count). vertex_index and
+// vertex_weight are [num_voxels, d+1], index values in [0, num_points).
+void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int64_t num_voxels,
+                   int d, int64_t num_points, int32_t* offsets, int32_t* voxels, float* weights,
+                   const Parallel& par);
 
 // A built lattice as the filter reads it; all arrays belong to the caller.
 struct LatticeView {
@@ -130,7 +160,8 @@ struct LatticeView {
   const float* vertex_weight = nullptr;      // [num_voxels, d+1]
   const int32_t* blur_neighbours = nullptr;  // [d+1, M, 2], values in [0, M]
   const int32_t* splat_offsets = nullptr;    // [M+1]
-  const int32_t* splat_entries = nullptr;    // [num_voxels * (d+1)]
+  const int32_t* splat_voxels = nullptr;     // [num_voxels * (d+1)], values in [0, num_voxels)
+  const float* splat_weights = nullptr;      // [num_voxels * (d+1)]
 };
 
 // Floats of scratch that Filter needs for `channels` value channels.

@@ -100,8 +100,10 @@ class LatticeBuildOp : public OpKernel {
     // Memory: the per-entry arrays (index, weight, splat list) are fixed by the input; what is
     // left of the budget bounds the number of lattice points.
     const int64_t budget = MemoryBudget();
-    const int64_t fixed = entries * 12 + shape.num_elements() * 4;
-    const int64_t per_point = d * 4 + 8 + 8 + d1 * 8 + 4;
+    // Per entry: vertex_index, vertex_weight, splat_voxels and splat_weights. Per point: its
+    // key, two hash slots, blur neighbours, CSR offset and up to 16 counting-sort cursors.
+    const int64_t fixed = entries * 16 + shape.num_elements() * 4;
+    const int64_t per_point = d * 4 + 16 + d1 * 8 + 4 + 16 * 4;
     OP_REQUIRES(ctx, fixed < budget,
                 errors::ResourceExhausted("features of shape ", ShapeText(shape), " need ",
                                           fixed, " bytes of lattice entries, more than the ",
@@ -139,17 +141,19 @@ class LatticeBuildOp : public OpKernel {
 
     Tensor* nbrs = nullptr;
     Tensor* offsets = nullptr;
-    Tensor* splat = nullptr;
+    Tensor* splat_voxels = nullptr;
+    Tensor* splat_weights = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({d1, m, 2}), &nbrs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({m + 1}), &offsets));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({entries}), &splat));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({entries}), &splat_voxels));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({entries}), &splat_weights));
     for (int64_t b = 0; b < batch; ++b) {
       builders[b].BlurNeighbours(m, base[b], nbrs->flat<int32_t>().data(), par);
     }
     builders.clear();
     try {
-      BuildSplatCsr(vi, entries, m, offsets->flat<int32_t>().data(), splat->flat<int32_t>().data(),
-                    par);
+      BuildSplatCsr(vi, vw, batch * n, static_cast<int>(d), m, offsets->flat<int32_t>().data(),
+                    splat_voxels->flat<int32_t>().data(), splat_weights->flat<float>().data(), par);
     } catch (const std::bad_alloc&) {
       ctx->SetStatus(errors::ResourceExhausted("features of shape ", ShapeText(shape),
                                                ": out of memory while listing splat entries"));
@@ -169,7 +173,8 @@ class LatticeFilterOp : public OpKernel {
     const Tensor& vertex_weight = ctx->input(2);
     const Tensor& nbrs = ctx->input(3);
     const Tensor& offsets = ctx->input(4);
-    const Tensor& splat = ctx->input(5);
+    const Tensor& splat_voxels = ctx->input(5);
+    const Tensor& splat_weights = ctx->input(6);
     const TensorShape& vs = values.shape();
     const TensorShape& is = vertex_index.shape();
     OP_REQUIRES(ctx, vs.dims() >= 3,
@@ -207,9 +212,12 @@ class LatticeFilterOp : public OpKernel {
                 errors::InvalidArgument("splat_offsets must have shape [", m + 1, "]; got ",
                                         ShapeText(offsets.shape())));
     const int64_t voxels = is.num_elements() / d1;
-    OP_REQUIRES(ctx, splat.dims() == 1 && splat.dim_size(0) == voxels * d1,
-                errors::InvalidArgument("splat_entries must have shape [", voxels * d1,
-                                        "]; got ", ShapeText(splat.shape())));
+    OP_REQUIRES(ctx, splat_voxels.dims() == 1 && splat_voxels.dim_size(0) == voxels * d1,
+                errors::InvalidArgument("splat_voxels must have shape [", voxels * d1,
+                                        "]; got ", ShapeText(splat_voxels.shape())));
+    OP_REQUIRES(ctx, splat_weights.shape() == splat_voxels.shape(),
+                errors::InvalidArgument("splat_weights must have shape [", voxels * d1,
+                                        "]; got ", ShapeText(splat_weights.shape())));
 
     LatticeView lat;
     lat.num_voxels = voxels;
@@ -219,7 +227,8 @@ class LatticeFilterOp : public OpKernel {
     lat.vertex_weight = vertex_weight.flat<float>().data();
     lat.blur_neighbours = nbrs.flat<int32_t>().data();
     lat.splat_offsets = offsets.flat<int32_t>().data();
-    lat.splat_entries = splat.flat<int32_t>().data();
+    lat.splat_voxels = splat_voxels.flat<int32_t>().data();
+    lat.splat_weights = splat_weights.flat<float>().data();
 
     Tensor* output = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, vs, &output));

@@ -17,7 +17,8 @@ REGISTER_OP("Crf3dLatticeBuild")
     .Output("vertex_weight: float")
     .Output("blur_neighbours: int32")
     .Output("splat_offsets: int32")
-    .Output("splat_entries: int32")
+    .Output("splat_voxels: int32")
+    .Output("splat_weights: float")
     .SetShapeFn([](InferenceContext* c) -> Status {
       ShapeHandle features = c->input(0);
       ShapeHandle vertex = c->UnknownShape();
@@ -36,6 +37,7 @@ REGISTER_OP("Crf3dLatticeBuild")
       c->set_output(2, c->MakeShape({d1, c->UnknownDim(), c->MakeDim(2)}));
       c->set_output(3, c->Vector(c->UnknownDim()));
       c->set_output(4, c->Vector(entries));
+      c->set_output(5, c->Vector(entries));
       return ::tensorflow::OkStatus();
     })
     .Doc(R"doc(
@@ -43,7 +45,8 @@ Builds the permutohedral lattice of each batch item from features [B, *spatial, 
 divided by the kernel widths). vertex_index / vertex_weight [B, *spatial, F+1]: the enclosing
 lattice points of each voxel and their barycentric weights; blur_neighbours [F+1, M, 2]: the
 two neighbours of each of the M lattice points along each direction (M marks an absent one);
-splat_offsets [M+1] and splat_entries [B*N*(F+1)]: the voxel entries of each lattice point.
+splat_offsets [M+1], splat_voxels and splat_weights [B*N*(F+1)]: per lattice point (CSR), the
+voxel and barycentric weight of each entry that touches it.
 )doc");
 
 REGISTER_OP("Crf3dLatticeFilter")
@@ -52,7 +55,8 @@ REGISTER_OP("Crf3dLatticeFilter")
     .Input("vertex_weight: float")
     .Input("blur_neighbours: int32")
     .Input("splat_offsets: int32")
-    .Input("splat_entries: int32")
+    .Input("splat_voxels: int32")
+    .Input("splat_weights: float")
     .Attr("reverse: bool = false")
     .Output("output: float")
     .SetShapeFn([](InferenceContext* c) -> Status {
