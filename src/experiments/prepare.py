@@ -1,0 +1,55 @@
+"""Prepare a data set: ``python -m src.experiments.prepare data=<promise12|brats2015|...>``.
+
+Reads the raw download (or writes the synthetic phantoms), preprocesses every case into
+``data.processed`` and writes the manifest and the splits; see :mod:`src.datasets.build`.
+Any Hydra override works, e.g. ``data.root=/mnt/PROMISE12 data.on_error=skip``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from src.datasets.build import BuildReport, build_cache
+from src.datasets.cache import atomic_write_json
+from src.datasets.errors import ConfigError, DataError, DatasetNotFoundError
+
+
+def prepare(cfg: DictConfig) -> BuildReport:
+    """Builds the cache described by ``cfg.data``; writes the resolved data config beside it
+    (``prepare_config.json``) and returns the report."""
+    report = build_cache(cfg.data, progress=bool(cfg.get("progress", True)))
+    atomic_write_json(
+        report.processed_dir / "prepare_config.json", OmegaConf.to_container(cfg, resolve=True)
+    )
+    return report
+
+
+def summary(report: BuildReport) -> str:
+    """A few lines for the terminal."""
+    lines = [
+        f"{report.processed_dir}: {len(report.cases)} cases "
+        f"({len(report.written)} written, {len(report.up_to_date)} up to date) "
+        f"in {report.seconds:.1f} s",
+    ]
+    if report.removed:
+        lines.append(f"removed (sources gone): {', '.join(report.removed)}")
+    for case_id, reason in report.skipped.items():
+        lines.append(f"skipped {case_id}: {reason}")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../../configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        report = prepare(cfg)
+    except (DataError, DatasetNotFoundError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(report))
+
+
+if __name__ == "__main__":
+    main()
