@@ -21,6 +21,7 @@ CORE_FLAGS := -std=c++17 $(OPT) -fPIC -Wall -Wextra -Werror -pthread
 PYTEST_ARGS ?=
 
 .PHONY: setup build lint test test-all bench-lattice demo clean help
+.PHONY: data-promise data-brats data-synthetic
 
 help:
 	@echo "make test           set up, build the op, lint, run the fast tests"
@@ -28,6 +29,9 @@ help:
 	@echo "make demo           filter a synthetic 3D volume with the lattice op and check it"
 	@echo "make bench-lattice  lattice op benchmark against pydensecrf2 (docs/benchmarks.md)"
 	@echo "make build          compile the TensorFlow op into $(LIB)"
+	@echo "make data-promise   preprocess PROMISE12 from data/raw/promise12 (ARGS: Hydra overrides)"
+	@echo "make data-brats     preprocess BraTS 2015 HGG (BRATS_DATA=brats_nifti for 2018+ NIfTI)"
+	@echo "make data-synthetic write and preprocess the PROMISE12-like and BraTS-like phantoms"
 
 setup: $(STAMP)
 
@@ -68,6 +72,19 @@ test-all: $(STAMP) $(LIB) lint
 
 demo: $(STAMP) $(LIB)
 	PYTHONPATH=. $(PY) scripts/demo_lattice.py
+
+# Data sets: raw files under data/raw/, preprocessed cache under data/processed/ (data/README.md).
+BRATS_DATA ?= brats2015
+
+data-promise: $(STAMP)
+	$(PY) -m src.experiments.prepare data=promise12 $(ARGS)
+
+data-brats: $(STAMP)
+	$(PY) -m src.experiments.prepare data=$(BRATS_DATA) $(ARGS)
+
+data-synthetic: $(STAMP)
+	$(PY) -m src.experiments.prepare data=synthetic_promise $(ARGS)
+	$(PY) -m src.experiments.prepare data=synthetic_brats $(ARGS)
 
 bench-lattice: $(BENCH_STAMP) $(LIB)
 	PYTHONPATH=. $(PY) scripts/bench_lattice.py $(ARGS)
