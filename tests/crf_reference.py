@@ -73,3 +73,34 @@ def mean_field_reference(
             logits = u - pairwise
         out[b] = logits.reshape(unaries.shape[1:])
     return out
+
+
+def pydensecrf_reference(
+    probabilities: np.ndarray,
+    image: np.ndarray,
+    theta_alpha: float,
+    theta_beta: tuple[float, ...],
+    theta_gamma: float,
+    w_bilateral: float,
+    w_spatial: float,
+    iterations: int,
+    clip: float = 1e-5,
+) -> np.ndarray:
+    """pydensecrf's inference written out literally, in float64 with exact kernels: unary
+    U = -log(max(p, clip)); Q = softmax(-U); each step Q = softmax(-U - sum_m P_m Q), where each
+    Potts pairwise term applies -w_m * n K_m (n Q) (compat=w, NORMALIZE_SYMMETRIC with
+    n = 1 / sqrt(K_m 1)); positions in voxels. probabilities [*spatial, K], image [*spatial, M];
+    returns Q [*spatial, K]."""
+    num_k = probabilities.shape[-1]
+    unary = -np.log(np.clip(probabilities.reshape(-1, num_k).astype(np.float64), clip, 1.0))
+    spacing = (1.0,) * (image.ndim - 1)
+    kernels = dense_kernels(image, spacing, theta_alpha, theta_beta, theta_gamma)
+    q = _softmax(-unary)
+    for _ in range(iterations):
+        energy = -unary
+        for kern, w in zip(kernels, (w_bilateral, w_spatial), strict=True):
+            n = 1.0 / np.sqrt(kern.sum(axis=1))
+            pairwise = -w * (n[:, None] * (kern @ (n[:, None] * q)))
+            energy = energy - pairwise
+        q = _softmax(energy)
+    return q.reshape(probabilities.shape)

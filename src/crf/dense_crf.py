@@ -1,0 +1,150 @@
+"""Dense-CRF post-processing of a probability map on NumPy arrays (no Keras model, no training).
+
+    refined = dense_crf(probabilities, image, spacing=(2.0, 1.0, 1.0))
+
+Runs the same mean-field inference as the CrfRnn layer (src/crf/functional.py) with fixed
+weights and a Potts compatibility, on one image at a time.
+
+``mode="pydensecrf"`` reproduces pydensecrf's usual recipe, so that users moving from it get
+the same labels: ``unary_from_softmax`` (unaries -log(max(p, 1e-5))), ``addPairwiseGaussian``
+and ``addPairwiseBilateral`` with ``compat=w`` (a Potts model: mu = w (1 - I), equivalent to
+pydensecrf's -w I because the normalised messages of all classes sum to the same value) and
+``NORMALIZE_SYMMETRIC``, both kernels on a permutohedral lattice, positions in voxels when no
+spacing is given (pydensecrf's ``sxy`` / ``sdims``) and the image taken as it is (``srgb`` /
+``schan`` in image units). The default mode keeps the exact separable spatial kernel and the
+"mean" normalisation of the CrfRnn layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from src.crf import functional as mf
+
+MODES = ("default", "pydensecrf")
+
+
+def _positive(name: str, value: float) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def dense_crf(
+    probabilities: np.ndarray,
+    image: np.ndarray,
+    spacing: Sequence[float] | None = None,
+    *,
+    theta_alpha: float = 10.0,
+    theta_beta: float | Sequence[float] = 1.0,
+    theta_gamma: float = 3.0,
+    bilateral_weight: float = 5.0,
+    spatial_weight: float = 3.0,
+    num_iterations: int = 5,
+    mode: str = "default",
+    clip: float = 1e-5,
+    exact: bool = False,
+) -> np.ndarray:
+    """Refines class probabilities with a fully connected CRF.
+
+    Args:
+      probabilities: [*spatial, K] class probabilities (K >= 2, values in [0, 1]; rows need not
+        sum to 1 exactly: unaries are log(max(p, clip)), and the first Q is their softmax).
+      image: [*spatial] or [*spatial, M] reference image (M channels, e.g. modalities).
+      spacing: voxel size in mm per spatial axis (default: 1 per axis, i.e. thetas in voxels).
+      theta_alpha: appearance kernel's spatial width in mm; theta_beta: its width in image
+        units, one number or one per channel; theta_gamma: smoothness kernel's width in mm.
+      bilateral_weight, spatial_weight: Potts weights w1, w2 (pydensecrf's ``compat``).
+      num_iterations: mean-field iterations (>= 1).
+      mode: "default" (mean normalisation, exact separable spatial kernel) or "pydensecrf"
+        (symmetric normalisation, both kernels on the lattice; see the module docstring).
+      clip: smallest probability used for the unaries (pydensecrf's default 1e-5).
+      exact: replace the lattice by a dense N x N appearance kernel and the exact separable
+        spatial kernel (at most 8192 voxels; for checks on small inputs).
+
+    Returns:
+      float32 [*spatial, K] refined probabilities (rows sum to 1).
+
+    Raises:
+      ValueError: naming the argument, for mismatched shapes, K < 2, probabilities outside
+        [0, 1] or not finite, a non-finite image, non-positive widths, a spacing or theta_beta
+        of the wrong length, an unknown mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    probs = np.asarray(probabilities)
+    img = np.asarray(image)
+    if probs.ndim < 2:
+        raise ValueError(
+            f"probabilities must have shape [*spatial, K] (at least 2 axes); got {probs.shape}"
+        )
+    num_classes = probs.shape[-1]
+    spatial = probs.shape[:-1]
+    if num_classes < 2:
+        raise ValueError(
+            f"probabilities must have K >= 2 classes in the last axis; got {probs.shape}"
+        )
+    if img.shape == spatial:
+        img = img[..., None]
+    if img.ndim != probs.ndim or img.shape[:-1] != spatial:
+        raise ValueError(
+            f"image must have shape {spatial} or {(*spatial, 'M')} to match probabilities of "
+            f"shape {probs.shape}; got {img.shape}"
+        )
+    if not np.issubdtype(probs.dtype, np.number) or not np.all(np.isfinite(probs)):
+        raise ValueError("probabilities must be finite numbers")
+    low, high = float(probs.min()), float(probs.max())
+    if low < 0.0 or high > 1.0 + 1e-3:
+        raise ValueError(f"probabilities must lie in [0, 1]; found values in [{low}, {high}]")
+    if not np.issubdtype(img.dtype, np.number) or not np.all(np.isfinite(img)):
+        raise ValueError("image must hold finite numbers (found NaN, Inf or a non-numeric type)")
+    ndim = len(spatial)
+    spacing = [1.0] * ndim if spacing is None else list(spacing)
+    if len(spacing) != ndim:
+        raise ValueError(
+            f"spacing must have one entry per spatial axis ({ndim} for probabilities of shape "
+            f"{probs.shape}); got {len(spacing)}: {spacing}"
+        )
+    spacing = [_positive(f"spacing[{i}]", s) for i, s in enumerate(spacing)]
+    betas = list(theta_beta) if isinstance(theta_beta, Sequence | np.ndarray) else [theta_beta]
+    if len(betas) == 1:
+        betas = betas * img.shape[-1]
+    if len(betas) != img.shape[-1]:
+        raise ValueError(
+            f"theta_beta must hold one value or one per image channel ({img.shape[-1]}); got "
+            f"{len(betas)}: {betas}"
+        )
+    betas = [_positive(f"theta_beta[{i}]", b) for i, b in enumerate(betas)]
+    if isinstance(num_iterations, bool) or int(num_iterations) != num_iterations:
+        raise ValueError(f"num_iterations must be an integer >= 1, got {num_iterations!r}")
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be an integer >= 1, got {num_iterations!r}")
+    for name, value in (("bilateral_weight", bilateral_weight), ("spatial_weight", spatial_weight)):
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    clip = _positive("clip", clip)
+
+    unaries = np.log(np.clip(probs.astype(np.float32), clip, None))
+    potts = 1.0 - np.eye(num_classes, dtype=np.float32)
+    logits = mf.mean_field(
+        tf.constant(unaries[None]),
+        tf.constant(img.astype(np.float32)[None]),
+        spacing=spacing,
+        theta_alpha=_positive("theta_alpha", theta_alpha),
+        theta_beta=betas,
+        theta_gamma=_positive("theta_gamma", theta_gamma),
+        bilateral_weight=tf.fill([num_classes], float(bilateral_weight)),
+        spatial_weight=tf.fill([num_classes], float(spatial_weight)),
+        compatibility=tf.constant(potts),
+        num_iterations=int(num_iterations),
+        normalisation="symmetric" if mode == "pydensecrf" else "mean",
+        bilateral_filter="exact" if exact else "lattice",
+        spatial_filter="lattice" if mode == "pydensecrf" and not exact else "separable",
+    )
+    flat = tf.reshape(logits, [-1, num_classes])
+    return tf.reshape(tf.nn.softmax(flat), probs.shape).numpy()
