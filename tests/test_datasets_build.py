@@ -14,11 +14,12 @@ import pytest
 import SimpleITK as sitk
 
 from src.datasets import build
+from src.datasets.cache import export_prediction
 from src.datasets.cache import read_case as read_cached
-from src.datasets.errors import DataError
+from src.datasets.errors import ConfigError, DataError
 from src.datasets.preprocess import to_original_grid
 from src.experiments.prepare import prepare, summary
-from tests.datasets_fixtures import compose_config
+from tests.datasets_fixtures import compose_config, write_promise_case
 from tests.test_datasets_phantoms import SMALL_BRATS, SMALL_PROMISE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +173,38 @@ def test_prepare_brats_phantoms(tmp_path: Path) -> None:
     assert not label[~brain].any()
     splits = json.loads((tmp_path / "processed" / "splits.json").read_text())
     assert len(splits) == 1 and len(splits[0]["val"]) == 1  # holdout 0.25 of 2, at least 1
+
+
+def test_prediction_written_in_the_source_geometry(tmp_path: Path) -> None:
+    shape, spacing_xyz = (8, 40, 36), (0.625, 0.7, 3.6)
+    idx = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    centre = [(n - 1) / 2 for n in shape]
+    r2 = sum(((i - c) * s) ** 2 for i, c, s in zip(idx, centre, spacing_xyz[::-1], strict=True))
+    label = (r2 < 9.0**2).astype(np.uint8)
+    write_promise_case(tmp_path / "raw", "Case07", shape, spacing_xyz, label=label)
+    cfg = compose_config(
+        "promise12",
+        [
+            f"data.root={tmp_path / 'raw'}",
+            f"data.processed={tmp_path / 'processed'}",
+            "data.preprocess.target_shape_xyz=[24,24,12]",
+            "data.split.scheme=holdout",
+            "data.split.holdout_fraction=0.5",
+            "progress=false",
+        ],
+    )
+    with pytest.raises(ConfigError, match="holdout"):  # one case cannot be split
+        prepare(cfg)
+    _, cached, geo = read_cached(tmp_path / "processed" / "Case07.npz")
+    for name, pred in [("labels.mhd", cached), ("probs.nii.gz", np.eye(2)[cached])]:
+        export_prediction(pred, geo, tmp_path / name)
+        out = sitk.ReadImage(str(tmp_path / name))
+        src = sitk.ReadImage(str(tmp_path / "raw" / "Case07_segmentation.mhd"))
+        assert out.GetSize() == src.GetSize()
+        assert out.GetSpacing() == pytest.approx(src.GetSpacing())
+        assert out.GetOrigin() == pytest.approx(src.GetOrigin())
+        back = sitk.GetArrayFromImage(out)
+        assert 2 * (back & label).sum() / (back.sum() + label.sum()) > 0.85
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -127,6 +127,8 @@ def test_split_config_errors() -> None:
         holdout_split(IDS, 1.5, 0)
     with pytest.raises(ConfigError, match=r"data\.split\.scheme"):
         make_splits(IDS, {"scheme": "loo"})
+    with pytest.raises(ConfigError, match=r"data\.split\.scheme.*at least 2 cases"):
+        holdout_split(IDS[:1], 0.15, 0)
 
 
 def test_split_file_created_then_reused(tmp_path: Path) -> None:

@@ -72,6 +72,26 @@ def test_nifti_matches_simpleitk_reading_the_same_file(tmp_path: Path) -> None:
     assert vol.spacing == pytest.approx(ref.GetSpacing()[::-1])
 
 
+def test_nifti_geometry_is_simpleitks(tmp_path: Path) -> None:
+    # an oblique, shifted affine: nibabel's reading must give SimpleITK's (LPS) geometry
+    theta = 0.3
+    rot = np.array(
+        [[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.9, 1.1, 2.5])
+    affine[:3, 3] = [12.0, -30.0, 7.5]
+    path = tmp_path / "oblique.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 4, 3), np.float32), affine), str(path))
+    vol = read_nifti(path)
+    ref = sitk.ReadImage(str(path))
+    assert vol.origin == pytest.approx(ref.GetOrigin()[::-1])
+    np.testing.assert_allclose(
+        vol.direction, np.array(ref.GetDirection()).reshape(3, 3)[::-1, ::-1], atol=1e-6
+    )
+    assert vol.spacing == pytest.approx(ref.GetSpacing()[::-1])
+
+
 def test_write_sitk_read_back_by_simpleitk(tmp_path: Path) -> None:
     array = ramp((3, 4, 5)).astype(np.float32)
     for name in ("a.mhd", "b.mha", "c.nii.gz"):

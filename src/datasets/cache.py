@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from src.datasets.io import atomic_output
-from src.datasets.preprocess import Geometry
+from src.datasets.io import atomic_output, write_sitk
+from src.datasets.preprocess import Geometry, to_original_grid
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -65,6 +65,31 @@ def read_case(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Geometry
     """Reads a cached case: image [Z, Y, X, C] float32, label [Z, Y, X] uint8, Geometry."""
     with np.load(path) as z:
         return z["image"], z["label"], Geometry.from_dict(json.loads(str(z["geometry"])))
+
+
+def export_prediction(
+    prediction: np.ndarray,
+    geometry: Geometry,
+    path: str | os.PathLike,
+    method: str = "per_label_linear",
+) -> None:
+    """Writes a prediction on the preprocessed grid back in the source case's geometry.
+
+    ``prediction``: labels [Z, Y, X] (written as uint8) or class probabilities [Z, Y, X, K]
+    (the arg-max is written). It is mapped with :func:`~src.datasets.preprocess.to_original_grid`
+    and written (format from the extension, e.g. ``.mhd``, ``.mha``, ``.nii.gz``) with the
+    original spacing, origin and direction, atomically.
+    """
+    back = to_original_grid(prediction, geometry, method)
+    if back.ndim == 4:
+        back = np.argmax(back, axis=-1)
+    write_sitk(
+        back.astype(np.uint8),
+        geometry.original_spacing,
+        path,
+        origin_zyx=geometry.original_origin,
+        direction_zyx=geometry.original_direction,
+    )
 
 
 def source_files(paths: Iterable[str]) -> list[str]:

@@ -132,8 +132,10 @@ def read_nifti(path: str | os.PathLike) -> Volume:
 def nifti_to_volume(image: nib.Nifti1Image, path: str) -> Volume:
     """A loaded nibabel image (e.g. one of nilearn's templates) as a [z, y, x] Volume.
 
-    The voxel array is taken as stored (no reorientation to RAS); the direction is the affine's
-    rotation part. ``path`` names the image in errors.
+    The voxel array is taken as stored (no reorientation). Origin and direction are turned
+    from NIfTI's RAS world frame into ITK's LPS one (x and y negated), so a NIfTI file gives
+    the same Volume geometry whether nibabel or SimpleITK reads it, and a prediction written
+    back with :func:`write_sitk` lands where the source was. ``path`` names the image in errors.
     """
     data = np.asarray(image.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
@@ -141,11 +143,13 @@ def nifti_to_volume(image: nib.Nifti1Image, path: str) -> Volume:
     if data.ndim != 3:
         raise DataError(path, "a 3D image", f"array of shape {data.shape}")
     zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
     affine = image.affine
-    rotation = affine[:3, :3] / np.where(np.array(zooms) > 0, np.array(zooms), 1.0)
+    rotation = ras_to_lps @ affine[:3, :3] / np.where(np.array(zooms) > 0, np.array(zooms), 1.0)
+    origin = ras_to_lps @ affine[:3, 3]
     # nibabel indexes [i, j, k] = [x, y, z]: transpose to [z, y, x].
     return _volume_from_xyz_geometry(
-        np.ascontiguousarray(data.transpose(2, 1, 0)), zooms, tuple(affine[:3, 3]), rotation, path
+        np.ascontiguousarray(data.transpose(2, 1, 0)), zooms, tuple(origin), rotation, path
     )
 
 

@@ -43,6 +43,12 @@ def holdout_split(
     ids = sorted(case_ids)
     if not 0 < fraction < 1:
         raise ConfigError("data.split.holdout_fraction", "a fraction in (0, 1)", fraction)
+    if len(ids) < 2:
+        raise ConfigError(
+            "data.split.scheme",
+            f"kfold or holdout over at least 2 cases, not {len(ids)}",
+            "holdout",
+        )
     n_test = min(len(ids) - 1, max(1, round(len(ids) * fraction)))
     order = np.random.default_rng(seed).permutation(len(ids))
     test = sorted(ids[i] for i in order[:n_test])
