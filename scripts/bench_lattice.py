@@ -16,8 +16,10 @@ subsample of voxels, and the CRF-shaped comparison with pydensecrf2 (Krahenbuhl'
   theirs  DenseCRF setup (unary, a bilateral and a spatial kernel) + inference(5), i.e. its
           10 filter calls (5 bilateral, 5 spatial) plus its own lattice builds.
 
-It also times our op with 1 and with 2 intra-op threads, and build / filter time over four
-input sizes (crops of the promise volume) to show that the cost grows linearly with voxels.
+It also times our C++ filter kernel against the same filter written in TensorFlow ops (gather,
+segment_sum) on the same lattice, our op with 1 and with 2 intra-op threads, and build / filter
+time over four input sizes (crops of the promise volume) to show that the cost grows linearly
+with voxels.
 Every timing and memory figure comes from a fresh subprocess (the script re-invokes itself with
 --worker), so TensorFlow's thread count is set before it initialises and peak RSS (VmHWM) is per
 configuration. All subprocesses read the same arrays, written once to a temporary folder.
@@ -52,7 +54,7 @@ import numpy as np
 from scipy import ndimage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("ours", "threads", "dcrf", "error", "scaling")
+PARTS = ("ours", "threads", "dcrf", "error", "scaling", "tfops")
 
 # Kernel widths (documented in docs/benchmarks.md). Intensities are z-scored, so theta_beta is
 # in units of the image's standard deviation; positions are in mm.
@@ -515,9 +517,54 @@ def worker_scaling(folder: Path, threads: int, repeats: int) -> dict:
     return {"threads": threads, "sizes": rows}
 
 
+def _tf_ops_filter(tf, lattice_tensors, values, features_dim: int):
+    """The lattice filter written with TensorFlow's own ops (gather, segment_sum) over our
+    build's tensors: the alternative to a C++ filter kernel that docs/lattice_op.md weighs."""
+    vi, vw, nbrs, offsets, voxels, weights = lattice_tensors
+    c = values.shape[-1]
+    d1 = features_dim + 1
+    m = tf.shape(nbrs)[1]
+    flat = tf.reshape(values, [-1, c])
+    segments = tf.repeat(tf.range(m), offsets[1:] - offsets[:-1])
+    cur = tf.math.segment_sum(tf.gather(flat, voxels) * weights[:, None], segments)
+    zero = tf.zeros([1, c], values.dtype)
+    for j in range(d1):
+        padded = tf.concat([cur, zero], 0)
+        cur = cur + 0.5 * (tf.gather(padded, nbrs[j, :, 0]) + tf.gather(padded, nbrs[j, :, 1]))
+    alpha = 1.0 / (1.0 + 2.0**-features_dim)
+    vi2, vw2 = tf.reshape(vi, [-1, d1]), tf.reshape(vw, [-1, d1])
+    out = tf.reduce_sum(tf.gather(cur, vi2) * vw2[..., None], axis=1) * alpha
+    return tf.reshape(out, tf.shape(values))
+
+
+def worker_tfops(folder: Path, threads: int, repeats: int, labels: int) -> dict:
+    """Filter time of our C++ kernel against the same filter in TensorFlow ops (same lattice)."""
+    tf, Lattice = _init_tf(threads)
+    data = _load(folder)
+    feats = tf.constant(data["bilateral"])
+    vals = tf.constant(data[f"probs{labels}"])
+    del data
+    lat = Lattice(feats)
+    dim = int(feats.shape[-1])
+    tf_filter = tf.function(lambda v: _tf_ops_filter(tf, tuple(lat.tensors), v, dim))
+    reference = lat.filter(vals).numpy()
+    alternative = tf_filter(vals).numpy()
+    scale = float(np.abs(reference).max())
+    ours_s, _ = _timed(lambda: lat.filter(vals).numpy(), max(3, repeats))
+    tfops_s, _ = _timed(lambda: tf_filter(vals).numpy(), max(3, repeats))
+    return {
+        "threads": threads,
+        "channels": labels,
+        "kernel_filter_s": ours_s,
+        "tf_ops_filter_s": tfops_s,
+        "tf_ops_over_kernel": tfops_s / ours_s,
+        "max_relative_difference": float(np.abs(alternative - reference).max()) / scale,
+    }
+
+
 def run_worker(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("kind", choices=["ours", "dcrf", "error", "scaling"])
+    p.add_argument("kind", choices=["ours", "dcrf", "error", "scaling", "tfops"])
     p.add_argument("folder", type=Path)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2)
@@ -531,6 +578,8 @@ def run_worker(argv: list[str]) -> None:
         res = worker_dcrf(a.folder, a.repeats, a.labels)
     elif a.kind == "error":
         res = worker_error(a.folder, a.threads, a.labels, a.samples, a.seed)
+    elif a.kind == "tfops":
+        res = worker_tfops(a.folder, a.threads, a.repeats, a.labels)
     else:
         res = worker_scaling(a.folder, a.threads, a.repeats)
     print("RESULT " + json.dumps(res), flush=True)
@@ -648,6 +697,24 @@ def markdown(results: dict) -> str:
                     f"| {o['filter_c5_s']:.3f} | {o['crf_s']:.2f} | {ratio} | {speed} |"
                 )
         lines.append("")
+    tfops = {name: r["tfops"] for name, r in refs.items() if "tfops" in r}
+    if tfops:
+        lines.append(
+            "#### Filter kernel: our C++ kernel against the same filter in TensorFlow ops "
+            "(gather, segment_sum) on the same lattice tensors\n"
+        )
+        head = (
+            "| reference | C | threads | C++ kernel s | TF ops s | TF ops / kernel "
+            "| max relative difference |"
+        )
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for name, r in tfops.items():
+            lines.append(
+                f"| {name} | {r['channels']} | {r['threads']} | {r['kernel_filter_s']:.3f} "
+                f"| {r['tf_ops_filter_s']:.3f} | {r['tf_ops_over_kernel']:.1f}x "
+                f"| {r['max_relative_difference']:.1e} |"
+            )
+        lines.append("")
     sc = results.get("scaling")
     if sc:
         lines.append(
@@ -744,6 +811,11 @@ def main() -> None:
                     str(samples),
                 )
                 print(f"[{name}] error: {json.dumps(_short(entry['error']))}", flush=True)
+            if "tfops" in parts:
+                entry["tfops"] = call_worker(
+                    "tfops", str(folder), "--threads", str(a.threads), *common
+                )
+                print(f"[{name}] tf ops filter: {json.dumps(_short(entry['tfops']))}", flush=True)
             if "scaling" in parts and name == "promise":
                 results["scaling"] = call_worker(
                     "scaling", str(folder), "--threads", str(a.threads), "--repeats", "3"
