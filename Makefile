@@ -20,7 +20,7 @@ CORE_FLAGS := -std=c++17 $(OPT) -fPIC -Wall -Wextra -Werror -pthread
 
 PYTEST_ARGS ?=
 
-.PHONY: setup build lint test test-all bench-lattice demo clean help
+.PHONY: setup build lint test test-all bench-lattice bench-core demo clean help
 .PHONY: data-promise data-brats data-synthetic
 
 help:
@@ -28,6 +28,7 @@ help:
 	@echo "make test-all       the same, slow tests included"
 	@echo "make demo           filter a synthetic 3D volume with the lattice op and check it"
 	@echo "make bench-lattice  lattice op benchmark against pydensecrf2 (docs/benchmarks.md)"
+	@echo "make bench-core     stage timings of the C++ lattice core alone (docs/lattice_op.md)"
 	@echo "make build          compile the TensorFlow op into $(LIB)"
 	@echo "make data-promise   preprocess PROMISE12 from data/raw/promise12 (ARGS: Hydra overrides)"
 	@echo "make data-brats     preprocess BraTS 2015 HGG (BRATS_DATA=brats_nifti for 2018+ NIfTI)"
@@ -88,6 +89,12 @@ data-synthetic: $(STAMP)
 
 bench-lattice: $(BENCH_STAMP) $(LIB)
 	PYTHONPATH=. $(PY) scripts/bench_lattice.py $(ARGS)
+
+# Stage timings of the C++ core without TensorFlow (docs/lattice_op.md), 1 and 2 threads.
+bench-core: $(STAMP) $(BUILD)/permutohedral.o scripts/bench_core.cc
+	$(CXX) $(CORE_FLAGS) -I$(CSRC) scripts/bench_core.cc $(BUILD)/permutohedral.o -o $(BUILD)/bench_core
+	PYTHONPATH=. $(PY) scripts/bench_lattice.py --dump $(BUILD)/bench_data $(ARGS)
+	@for ref in $(BUILD)/bench_data/*/; do for t in 1 2; do $(BUILD)/bench_core $$ref $$t 3; done; done
 
 clean:
 	rm -rf $(BUILD)

@@ -31,6 +31,7 @@ Examples:
   make bench-lattice                                  # the full benchmark (about 10 minutes)
   make bench-lattice ARGS="--quick"                   # small volumes, a smoke run
   make bench-lattice ARGS="--refs promise --parts ours,dcrf"
+  make bench-core                                     # stage timings of the C++ core alone
 """
 
 from __future__ import annotations
@@ -747,6 +748,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed repeats (median is reported)")
     p.add_argument("--samples", type=int, default=2000, help="voxels for the error check")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "bench_lattice")
+    p.add_argument(
+        "--dump",
+        type=Path,
+        metavar="DIR",
+        help="only write each reference's bilateral features and values as raw float32 into "
+        "DIR/<reference>/ for scripts/bench_core.cc (make bench-core), then stop",
+    )
     a = p.parse_args()
     refs = [r.strip() for r in a.refs.split(",") if r.strip()]
     parts = {s.strip() for s in a.parts.split(",") if s.strip()}
@@ -754,6 +762,10 @@ def main() -> None:
         p.error(f"unknown reference or part {bad!r}")
     shapes = QUICK_SHAPES if a.quick else FULL_SHAPES
     samples = min(a.samples, 200) if a.quick else a.samples
+    if a.dump is not None:
+        for name in refs:
+            dump_reference(name, shapes[name], a.dump / name)
+        return
 
     results: dict = {
         "command": " ".join(["python", "scripts/bench_lattice.py", *sys.argv[1:]]),
@@ -835,6 +847,21 @@ def main() -> None:
     tmp_path.write_text(json.dumps(results, indent=2))
     tmp_path.rename(path)
     print(f"\nresults written to {path.relative_to(REPO_ROOT)} (total {results['total_s']:.0f} s)")
+
+
+def dump_reference(name: str, shape: tuple[int, int, int], folder: Path) -> None:
+    """Writes meta.txt, features.f32 (bilateral) and values.f32 (label probabilities)."""
+    arrays = make_reference(name, shape)
+    feats = arrays["bilateral"]
+    vals = arrays[f"probs{LABELS[name]}"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for fname, arr in (("features.f32", feats), ("values.f32", vals)):
+        tmp = folder / (fname + ".tmp")
+        arr.astype(np.float32).tofile(tmp)
+        tmp.rename(folder / fname)
+    n = int(np.prod(shape))
+    (folder / "meta.txt").write_text(f"{n} {feats.shape[-1]} {vals.shape[-1]}\n")
+    print(f"[{name}] wrote {folder}", flush=True)
 
 
 def _short(res: dict) -> dict:

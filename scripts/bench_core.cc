@@ -1,0 +1,167 @@
+// Stage timings of the framework-free lattice core, without TensorFlow (run with
+// `make bench-core`): embed + hash, blur neighbours, splat lists and filter, plus the splat
+// alternatives that docs/lattice_op.md weighs. Reads a reference written by
+// `scripts/bench_lattice.py --dump DIR`: DIR/<name>/meta.txt ("voxels features channels"),
+// features.f32 [voxels, features] and values.f32 [voxels, channels], both raw float32.
+//
+//   bench_core DIR/<name> THREADS [REPEATS]
+//
+// Prints the minimum over REPEATS runs of each stage (the minimum is the figure least disturbed
+// by other work on the machine).
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "parallel.h"
+#include "permutohedral.h"
+
+namespace {
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool ReadRaw(const std::string& path, std::vector<float>& out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  in.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size() * 4));
+  return static_cast<size_t>(in.gcount()) == out.size() * 4;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s DIR/<name> THREADS [REPEATS]\n", argv[0]);
+    return 2;
+  }
+  const std::string dir = argv[1];
+  const int threads = std::atoi(argv[2]);
+  const int repeats = argc > 3 ? std::max(1, std::atoi(argv[3])) : 3;
+  int64_t n = 0;
+  int d = 0, channels = 0;
+  {
+    std::ifstream meta(dir + "/meta.txt");
+    if (!(meta >> n >> d >> channels) || n <= 0 || d <= 0 || channels <= 0) {
+      std::fprintf(stderr, "%s/meta.txt: expected 'voxels features channels'\n", dir.c_str());
+      return 2;
+    }
+  }
+  std::vector<float> features(static_cast<size_t>(n * d)), values(static_cast<size_t>(n * channels));
+  if (!ReadRaw(dir + "/features.f32", features) || !ReadRaw(dir + "/values.f32", values)) {
+    std::fprintf(stderr, "%s: features.f32 or values.f32 missing or too short\n", dir.c_str());
+    return 2;
+  }
+  const crf3d::StdThreadParallel par(threads);
+  const int64_t d1 = d + 1;
+  const int64_t entries = n * d1;
+  std::vector<int32_t> vertex_index(static_cast<size_t>(entries));
+  std::vector<float> vertex_weight(static_cast<size_t>(entries));
+  std::vector<int32_t> nbrs, offsets, voxels(static_cast<size_t>(entries));
+  std::vector<float> weights(static_cast<size_t>(entries)), out(static_cast<size_t>(n * channels));
+  double best[4] = {1e30, 1e30, 1e30, 1e30};
+  int64_t m = 0;
+  for (int r = 0; r < repeats; ++r) {
+    const double t0 = Now();
+    crf3d::LatticeBuilder builder;
+    const crf3d::Status s = builder.Build(features.data(), n, d, int64_t{1} << 30, 0,
+                                          vertex_index.data(), vertex_weight.data(), par);
+    if (!s.ok()) {
+      std::fprintf(stderr, "build failed: %s\n", s.message.c_str());
+      return 1;
+    }
+    const double t1 = Now();
+    m = builder.num_points();
+    nbrs.assign(static_cast<size_t>(d1 * m * 2), 0);
+    builder.BlurNeighbours(m, 0, nbrs.data(), par);
+    const double t2 = Now();
+    offsets.assign(static_cast<size_t>(m + 1), 0);
+    crf3d::BuildSplatCsr(vertex_index.data(), vertex_weight.data(), n, d, m, offsets.data(),
+                         voxels.data(), weights.data(), par);
+    const double t3 = Now();
+    crf3d::LatticeView lat;
+    lat.num_voxels = n;
+    lat.d = d;
+    lat.num_points = m;
+    lat.vertex_index = vertex_index.data();
+    lat.vertex_weight = vertex_weight.data();
+    lat.blur_neighbours = nbrs.data();
+    lat.splat_offsets = offsets.data();
+    lat.splat_voxels = voxels.data();
+    lat.splat_weights = weights.data();
+    std::vector<float> scratch(static_cast<size_t>(crf3d::FilterScratchSize(lat, channels)));
+    crf3d::Filter(lat, values.data(), channels, false, out.data(), scratch.data(), par);  // warm
+    const double t4 = Now();
+    for (int k = 0; k < 5; ++k) {
+      crf3d::Filter(lat, values.data(), channels, false, out.data(), scratch.data(), par);
+    }
+    const double t5 = Now();
+    best[0] = std::min(best[0], t1 - t0);
+    best[1] = std::min(best[1], t2 - t1);
+    best[2] = std::min(best[2], t3 - t2);
+    best[3] = std::min(best[3], (t5 - t4) / 5);
+  }
+  std::printf("%s: %lld voxels, F = %d, C = %d, %d thread(s), %lld lattice points\n", dir.c_str(),
+              static_cast<long long>(n), d, channels, threads, static_cast<long long>(m));
+  std::printf("  embed + hash %.3f s | blur neighbours %.3f s | splat lists %.3f s | "
+              "build total %.3f s | filter %.3f s\n",
+              best[0], best[1], best[2], best[0] + best[1] + best[2], best[3]);
+
+  // Splat alternatives, single-threaded, C = channels (docs/lattice_op.md):
+  //  a. gather by entry number: lists of voxel * (d+1) + k, weights read from vertex_weight;
+  //  b. gather with the voxel and weight in the list (what Filter does);
+  //  c. scatter in voxel order (fastest, but the summation order of a point then depends on
+  //     how voxels are split between threads).
+  std::vector<int32_t> by_entry(static_cast<size_t>(entries));
+  {
+    std::vector<int32_t> next(offsets.begin(), offsets.end() - 1);
+    for (int64_t i = 0; i < entries; ++i) by_entry[next[vertex_index[i]]++] = static_cast<int32_t>(i);
+  }
+  const int64_t C = channels;
+  std::vector<float> acc(static_cast<size_t>((m + 1) * C));
+  double alt[3] = {1e30, 1e30, 1e30};
+  for (int r = 0; r < repeats; ++r) {
+    double t0 = Now();
+    for (int64_t p = 0; p < m; ++p) {
+      float* row = acc.data() + p * C;
+      std::fill(row, row + C, 0.0f);
+      for (int32_t q = offsets[p]; q < offsets[p + 1]; ++q) {
+        const int32_t e = by_entry[q];
+        const float w = vertex_weight[e];
+        const float* v = values.data() + (e / d1) * C;
+        for (int64_t c = 0; c < C; ++c) row[c] += w * v[c];
+      }
+    }
+    alt[0] = std::min(alt[0], Now() - t0);
+    t0 = Now();
+    for (int64_t p = 0; p < m; ++p) {
+      float* row = acc.data() + p * C;
+      std::fill(row, row + C, 0.0f);
+      for (int32_t q = offsets[p]; q < offsets[p + 1]; ++q) {
+        const float* v = values.data() + static_cast<int64_t>(voxels[q]) * C;
+        for (int64_t c = 0; c < C; ++c) row[c] += weights[q] * v[c];
+      }
+    }
+    alt[1] = std::min(alt[1], Now() - t0);
+    t0 = Now();
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* v = values.data() + i * C;
+      for (int64_t k = 0; k < d1; ++k) {
+        float* row = acc.data() + static_cast<int64_t>(vertex_index[i * d1 + k]) * C;
+        for (int64_t c = 0; c < C; ++c) row[c] += vertex_weight[i * d1 + k] * v[c];
+      }
+    }
+    alt[2] = std::min(alt[2], Now() - t0);
+  }
+  std::printf("  splat, 1 thread: gather by entry %.3f s | gather voxel+weight lists %.3f s | "
+              "scatter in voxel order %.3f s\n",
+              alt[0], alt[1], alt[2]);
+  return 0;
+}
