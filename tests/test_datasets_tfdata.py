@@ -172,3 +172,15 @@ def test_fold_datasets(tmp_path: Path) -> None:
     assert case_numbers(val) == [3]
     with pytest.raises(ConfigError, match="fold"):
         fold_datasets(tmp_path, loader(), 1, "splits.json")
+
+
+def test_bench_stream_counts_every_element(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from src.datasets.bench_stream import measure
+
+    write_cache(tmp_path, 3)
+    cfg = OmegaConf.create({"processed": str(tmp_path), "loader": loader(batch_size=2)})
+    result = measure(cfg, n_cases=3, training=True, passes=2)
+    assert result["cases"] == 3 and result["elements"] == 6
+    assert result["seconds_per_case"] > 0 and result["peak_rss_mb"] > 0
