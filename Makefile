@@ -20,8 +20,9 @@ CORE_FLAGS := -std=c++17 $(OPT) -fPIC -Wall -Wextra -Werror -pthread
 
 PYTEST_ARGS ?=
 
-.PHONY: setup build lint test test-all bench-lattice bench-core demo clean help
+.PHONY: setup build lint test test-all bench-lattice bench-core study-feature-grad demo clean help
 .PHONY: data-promise data-brats data-synthetic
+.PHONY: bench-crf sanity-2d sanity-3d
 
 help:
 	@echo "make test           set up, build the op, lint, run the fast tests"
@@ -33,6 +34,9 @@ help:
 	@echo "make data-promise   preprocess PROMISE12 from data/raw/promise12 (ARGS: Hydra overrides)"
 	@echo "make data-brats     preprocess BraTS 2015 HGG (BRATS_DATA=brats_nifti for 2018+ NIfTI)"
 	@echo "make data-synthetic write and preprocess the PROMISE12-like and BraTS-like phantoms"
+	@echo "make bench-crf      dense_crf against pydensecrf2 on phantoms (docs/crf.md)"
+	@echo "make sanity-2d      train only the CRF to undo a distorted segmentation of a photo"
+	@echo "make sanity-3d      the same on a 3D phantom with soft borders (results/sanity_3d)"
 
 setup: $(STAMP)
 
@@ -90,11 +94,25 @@ data-synthetic: $(STAMP)
 bench-lattice: $(BENCH_STAMP) $(LIB)
 	PYTHONPATH=. $(PY) scripts/bench_lattice.py $(ARGS)
 
+# Route 1 vs route 2 of the features' gradient against the exact one (docs/lattice_op.md).
+study-feature-grad: $(STAMP) $(LIB)
+	PYTHONPATH=. $(PY) scripts/study_feature_grad.py
+
 # Stage timings of the C++ core without TensorFlow (docs/lattice_op.md), 1 and 2 threads.
 bench-core: $(STAMP) $(BUILD)/permutohedral.o scripts/bench_core.cc
 	$(CXX) $(CORE_FLAGS) -I$(CSRC) scripts/bench_core.cc $(BUILD)/permutohedral.o -o $(BUILD)/bench_core
 	PYTHONPATH=. $(PY) scripts/bench_lattice.py --dump $(BUILD)/bench_data $(ARGS)
 	@for ref in $(BUILD)/bench_data/*/; do for t in 1 2; do $(BUILD)/bench_core $$ref $$t 3; done; done
+
+# CRF (docs/crf.md): benchmark against pydensecrf2, and the paper's sanity experiment (Fig. 3).
+bench-crf: $(BENCH_STAMP) $(LIB)
+	PYTHONPATH=. $(PY) scripts/bench_crf.py pydensecrf $(ARGS)
+
+sanity-2d: $(STAMP) $(LIB)
+	PYTHONPATH=. $(PY) scripts/sanity_2d.py $(ARGS)
+
+sanity-3d: $(STAMP) $(LIB)
+	PYTHONPATH=. $(PY) scripts/sanity_3d.py $(ARGS)
 
 clean:
 	rm -rf $(BUILD)
