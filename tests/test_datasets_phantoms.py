@@ -94,20 +94,11 @@ def test_promise_phantoms_in_promise_format(tmp_path: Path) -> None:
     assert len(spacings) > 1
 
 
-def test_promise_phantom_edges_are_soft() -> None:
-    base = {
-        "fov_xyz": [64, 64, 40],
-        "inplane_spacings": [0.5],
-        "slice_spacings": [3.0],
-        "organ_radii_mm": [10, 12],
-        "organ_roughness": 0.1,
-        "intensities": {"fat": 900, "muscle": 300, "organ": 380, "bladder": 1100, "rectum": 120},
-        "bias_amplitude": 0.0,
-        "noise_sigma": 0.0,
-    }
-    sharp, lab, _ = phantoms.promise_phantom(
-        np.random.default_rng(5), {**base, "edge_blur_mm": 0.0}
-    )
+def test_promise_phantom_edges_are_soft(tmp_path: Path) -> None:
+    _, pcfg = small_cfg("synthetic_promise", tmp_path, SMALL_PROMISE)
+    base = {**pcfg, "inplane_spacings": [0.5], "slice_spacings": [3.0]}
+    base.update(bias_amplitude=0.0, noise_sigma=0.0)
+    sharp, lab, _ = phantoms.promise_phantom(np.random.default_rng(5), {**base, "edge_blur_mm": 0})
     soft, lab2, _ = phantoms.promise_phantom(
         np.random.default_rng(5), {**base, "edge_blur_mm": 1.5}
     )

@@ -12,7 +12,7 @@ import tensorflow as tf
 from src.datasets import cache
 from src.datasets.errors import ConfigError, DataError
 from src.datasets.preprocess import Geometry
-from src.datasets.tfdata import fold_datasets, make_dataset
+from src.datasets.tfdata import common_spacing, fold_datasets, make_dataset
 
 SHAPE = (4, 6, 5)
 
@@ -43,7 +43,12 @@ def write_cache(root: Path, n: int = 6) -> dict[str, tuple[np.ndarray, np.ndarra
         cid = f"Case{i:02d}"
         size = cache.write_case(root / f"{cid}.npz", image, label, geo)
         data[cid] = (image, label)
-        entries[cid] = {"file": f"{cid}.npz", "bytes": size, "shape": [*SHAPE, 2]}
+        entries[cid] = {
+            "file": f"{cid}.npz",
+            "bytes": size,
+            "shape": [*SHAPE, 2],
+            "spacing": [2.0, 1.0, 1.0],
+        }
     cache.atomic_write_json(
         root / cache.MANIFEST, {"version": cache.MANIFEST_VERSION, "cases": entries}
     )
@@ -184,3 +189,14 @@ def test_bench_stream_counts_every_element(tmp_path: Path) -> None:
     result = measure(cfg, n_cases=3, training=True, passes=2)
     assert result["cases"] == 3 and result["elements"] == 6
     assert result["seconds_per_case"] > 0 and result["peak_rss_mb"] > 0
+
+
+def test_common_spacing(tmp_path: Path) -> None:
+    write_cache(tmp_path, 3)
+    assert common_spacing(tmp_path, ["Case00", "Case02"]) == (2.0, 1.0, 1.0)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["cases"]["Case01"]["spacing"] = [3.0, 1.0, 1.0]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="one spacing") as info:
+        common_spacing(tmp_path, ["Case00", "Case01"])
+    assert str(tmp_path / "manifest.json") in str(info.value)

@@ -122,8 +122,9 @@ def promise_phantom(
 
     Config keys (``data.phantom``): ``fov_xyz`` (mm), ``inplane_spacings`` and
     ``slice_spacings`` (mm; one of each drawn per case), ``organ_radii_mm`` ([min, max] semi-axis),
-    ``organ_roughness``, ``intensities`` (fat, muscle, organ, bladder, rectum), ``edge_blur_mm``,
-    ``bias_amplitude``, ``noise_sigma`` (same unit as ``intensities``).
+    ``organ_roughness``, ``intensities`` (outside, tissue, organ, bladder, rectum),
+    ``edge_blur_mm``, ``bias_amplitude``, ``noise_sigma`` (same unit as ``intensities``) and
+    ``anatomy`` (sizes and places of the body, organ, bladder and rectum; texture).
 
     Returns image [z, y, x] int16, label [z, y, x] uint8 {0, 1}, spacing (z, y, x) mm.
     """
@@ -134,30 +135,32 @@ def promise_phantom(
     z, y, x = physical_grid(shape, spacing)
     lo, hi = cfg["organ_radii_mm"]
     it = cfg["intensities"]
+    an = cfg["anatomy"]
 
     # anatomy (mm): body ellipse, organ near the middle, bladder above it (+z), rectum behind (-y)
-    body = np.broadcast_to((y / (0.42 * fov[1])) ** 2 + (x / (0.48 * fov[2])) ** 2 < 1, shape)
-    centre = [rng.uniform(-4, 4) for _ in range(3)]
-    radii = [rng.uniform(lo, hi) * f for f in (0.8, 1.0, 1.1)]  # flatter along z
-    rough = float(cfg["organ_roughness"]) * smooth_noise(rng, shape, spacing, 12.0)
-    organ_d = irregular_blob((z - centre[0], y - centre[1], x - centre[2]), radii, rough)
-    organ = organ_d < 1
-    bladder = (
-        irregular_blob(
-            (z - centre[0] - radii[0] - 14, y - centre[1] - 6, x - centre[2]), (14, 20, 24)
-        )
-        < 1
+    body_x, body_y = an["body_semi_axes_fov_xy"]
+    body = np.broadcast_to((y / (body_y * fov[1])) ** 2 + (x / (body_x * fov[2])) ** 2 < 1, shape)
+    jitter = float(an["organ_centre_jitter_mm"])
+    centre = [rng.uniform(-jitter, jitter) for _ in range(3)]
+    radii = [rng.uniform(lo, hi) * f for f in xyz_to_zyx(an["organ_axis_scale_xyz"])]
+    rough = float(cfg["organ_roughness"]) * smooth_noise(
+        rng, shape, spacing, float(an["roughness_scale_mm"])
     )
-    rectum = (
-        irregular_blob((z - centre[0], y - centre[1] + radii[1] + 10, x - centre[2]), (30, 9, 11))
-        < 1
-    )
+    organ = irregular_blob((z - centre[0], y - centre[1], x - centre[2]), radii, rough) < 1
+    bz, by, bx = xyz_to_zyx(an["bladder_semi_axes_mm_xyz"])
+    bladder_z = centre[0] + radii[0] + float(an["bladder_gap_mm"]) + bz
+    bladder_y = centre[1] + float(an["bladder_shift_y_mm"])
+    bladder = irregular_blob((z - bladder_z, y - bladder_y, x - centre[2]), (bz, by, bx)) < 1
+    rz, ry, rx = xyz_to_zyx(an["rectum_semi_axes_mm_xyz"])
+    rectum_y = centre[1] - radii[1] - float(an["rectum_gap_mm"]) - ry
+    rectum = irregular_blob((z - centre[0], y - rectum_y, x - centre[2]), (rz, ry, rx)) < 1
 
-    texture = smooth_noise(rng, shape, spacing, 4.0)
-    image = np.where(body, it["muscle"] + 0.04 * it["muscle"] * texture, it["fat"] * 0.15)
+    texture = smooth_noise(rng, shape, spacing, float(an["texture_mm"]))
+    amp = float(an["texture_amplitude"])
+    image = np.where(body, it["tissue"] * (1 + amp * texture), it["outside"])
     image = np.where(bladder & body, it["bladder"], image)
     image = np.where(rectum & body, it["rectum"], image)
-    image = np.where(organ, it["organ"] + 0.05 * it["organ"] * texture, image)
+    image = np.where(organ, it["organ"] * (1 + amp * texture), image)
     image = ndimage.gaussian_filter(image, [float(cfg["edge_blur_mm"]) / s for s in spacing])
     image = image * bias_field(rng, shape, spacing, float(cfg["bias_amplitude"]))
     image = rician(image, float(cfg["noise_sigma"]), rng)
@@ -240,7 +243,8 @@ def brats_phantom(
       cfg: ``data.phantom`` with ``tumour_radius_mm`` ([min, max] of the core), ``oedema_scale``
         ([min, max] oedema radius / core radius), ``necrosis_fraction`` (of the core radius),
         ``tumour_roughness``, ``contrasts`` (modality -> tissue -> intensity, tissues as in
-        :data:`BRATS_TISSUES`), ``bias_amplitude``, ``noise_sigma``, ``modalities``.
+        :data:`BRATS_TISSUES`), ``bias_amplitude``, ``noise_sigma``, ``modalities`` and
+        ``anatomy`` (where the tumour may sit, the scales of its irregularity, texture).
     Returns:
       modality -> image [z, y, x] int16 (0 outside the brain), label [z, y, x] uint8 in {0..4}.
     """
@@ -249,7 +253,10 @@ def brats_phantom(
     # tumour centre: a white-matter voxel at least one core radius inside the brain
     r_core = rng.uniform(*cfg["tumour_radius_mm"])
     depth = ndimage.distance_transform_edt(brain, sampling=spacing)
-    candidates = np.argwhere((tissues["wm"] > 0.5) & (depth > r_core * 1.2))
+    an = cfg["anatomy"]
+    candidates = np.argwhere(
+        (tissues["wm"] > 0.5) & (depth > r_core * float(an["centre_depth_factor"]))
+    )
     if len(candidates) == 0:
         raise ConfigError(
             "data.phantom.tumour_radius_mm", "a tumour that fits inside the white matter", r_core
@@ -260,16 +267,18 @@ def brats_phantom(
     c = [(centre[a] - mid[a]) * spacing[a] for a in range(3)]
     coords = (z - c[0], y - c[1], x - c[2])
     rough = float(cfg["tumour_roughness"])
-    radii = [r_core * rng.uniform(0.85, 1.15) for _ in range(3)]
-    d_core = irregular_blob(coords, radii, rough * smooth_noise(rng, shape, spacing, 6.0))
+    jitter = float(an["radius_jitter"])
+    radii = [r_core * rng.uniform(1 - jitter, 1 + jitter) for _ in range(3)]
+    core_rough = smooth_noise(rng, shape, spacing, float(an["core_roughness_scale_mm"]))
+    d_core = irregular_blob(coords, radii, rough * core_rough)
     scale = rng.uniform(*cfg["oedema_scale"])
-    d_oed = irregular_blob(
-        coords, [r * scale for r in radii], 2 * rough * smooth_noise(rng, shape, spacing, 10.0)
-    )
-    patch = smooth_noise(rng, shape, spacing, 5.0) > 1.0
+    oedema_rough = smooth_noise(rng, shape, spacing, float(an["oedema_roughness_scale_mm"]))
+    d_oed = irregular_blob(coords, [r * scale for r in radii], 2 * rough * oedema_rough)
+    patch_field = smooth_noise(rng, shape, spacing, float(an["non_enhancing_scale_mm"]))
+    patch = patch_field > float(an["non_enhancing_threshold"])
 
     label = np.zeros(shape, np.uint8)
-    label[(d_oed < 1) & brain & (tissues["csf"] < 0.7)] = 2
+    label[(d_oed < 1) & brain & (tissues["csf"] < float(an["oedema_max_csf"]))] = 2
     core = (d_core < 1) & brain
     label[core] = 4
     label[core & patch] = 3
@@ -284,7 +293,8 @@ def brats_phantom(
 
     images = {}
     bias = bias_field(rng, shape, spacing, float(cfg["bias_amplitude"]))
-    texture = smooth_noise(rng, shape, spacing, 3.0)
+    texture = smooth_noise(rng, shape, spacing, float(an["texture_mm"]))
+    amp, blur = float(an["texture_amplitude"]), float(an["partial_volume_mm"])
     for mod in cfg["modalities"]:
         table = cfg["contrasts"][mod]
         unknown = sorted(set(table) - set(BRATS_TISSUES))
@@ -295,8 +305,8 @@ def brats_phantom(
                 dict(table),
             )
         img = sum(float(table[t]) * fractions[t] for t in BRATS_TISSUES)
-        img = img * (1 + 0.03 * texture)
-        img = ndimage.gaussian_filter(img, [0.6 / s for s in spacing])  # partial volume
+        img = img * (1 + amp * texture)
+        img = ndimage.gaussian_filter(img, [blur / s for s in spacing])  # partial volume
         img = rician(img * bias, float(cfg["noise_sigma"]), rng)
         images[mod] = np.where(brain, _to_int16(img), 0).astype(np.int16)
     return images, label

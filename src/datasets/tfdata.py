@@ -54,6 +54,24 @@ def cached_cases(processed_dir: str | os.PathLike, case_ids: Sequence[str]) -> l
     ]
 
 
+def common_spacing(
+    processed_dir: str | os.PathLike, case_ids: Sequence[str]
+) -> tuple[float, float, float]:
+    """The (z, y, x) voxel spacing in mm shared by the cached ``case_ids`` (from the manifest):
+    what turns the CRF's kernel widths in mm into voxels. Raises DataError naming the manifest
+    when the cases differ (e.g. a data set kept on its original grids)."""
+    spacings = {
+        tuple(float(s) for s in e["spacing"]) for e in cached_cases(processed_dir, case_ids)
+    }
+    if len(spacings) != 1:
+        raise DataError(
+            str(Path(processed_dir) / cache.MANIFEST),
+            "one spacing shared by the cases",
+            f"{len(spacings)}: {sorted(spacings)[:3]}",
+        )
+    return spacings.pop()
+
+
 def _flip_axes(loader_cfg: Mapping) -> list[int]:
     flags = xyz_to_zyx(list(loader_cfg["augment"]["flip_axes_xyz"]))
     return [axis for axis, flag in enumerate(flags) if flag]
