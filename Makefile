@@ -20,7 +20,7 @@ CORE_FLAGS := -std=c++17 $(OPT) -fPIC -Wall -Wextra -Werror -pthread
 
 PYTEST_ARGS ?=
 
-.PHONY: setup build lint test test-all bench-lattice bench-core demo clean help
+.PHONY: setup build lint test test-all bench-lattice bench-core study-feature-grad demo clean help
 .PHONY: data-promise data-brats data-synthetic
 .PHONY: bench-crf sanity-2d sanity-3d
 
@@ -93,6 +93,10 @@ data-synthetic: $(STAMP)
 
 bench-lattice: $(BENCH_STAMP) $(LIB)
 	PYTHONPATH=. $(PY) scripts/bench_lattice.py $(ARGS)
+
+# Route 1 vs route 2 of the features' gradient against the exact one (docs/lattice_op.md).
+study-feature-grad: $(STAMP) $(LIB)
+	PYTHONPATH=. $(PY) scripts/study_feature_grad.py
 
 # Stage timings of the C++ core without TensorFlow (docs/lattice_op.md), 1 and 2 threads.
 bench-core: $(STAMP) $(BUILD)/permutohedral.o scripts/bench_core.cc

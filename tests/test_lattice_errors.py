@@ -109,23 +109,26 @@ def test_corrupted_lattice_tensors() -> None:
     lat = Lattice(feats())
     ops = _library.load()
     t = lat.tensors
+    f = lat.features
     bad_index = tf.tensor_scatter_nd_update(
         t.vertex_index, [[0, 0, 0, 0]], [tf.shape(t.blur_neighbours)[1] + 5]
     )
     with pytest.raises(InvalidArg, match="out of range"):
-        ops.crf3d_lattice_filter(vals(), bad_index, *t[1:])
+        ops.crf3d_lattice_filter(vals(), f, bad_index, *t[1:])
     bad_nbrs = t.blur_neighbours + 10_000
     with pytest.raises(InvalidArg, match="out of range"):
-        ops.crf3d_lattice_filter(vals(), t.vertex_index, t.vertex_weight, bad_nbrs, *t[3:])
+        ops.crf3d_lattice_filter(vals(), f, t.vertex_index, t.vertex_weight, bad_nbrs, *t[3:])
     with pytest.raises(InvalidArg, match="splat_offsets must start at 0"):
-        ops.crf3d_lattice_filter(vals(), *t[:3], t.splat_offsets + 1, *t[4:])
+        ops.crf3d_lattice_filter(vals(), f, *t[:3], t.splat_offsets + 1, *t[4:])
     bad_voxels = t.splat_voxels + tf.shape(t.splat_voxels)[0]
     with pytest.raises(InvalidArg, match="out of range"):
-        ops.crf3d_lattice_filter(vals(), *t[:4], bad_voxels, t.splat_weights)
+        ops.crf3d_lattice_filter(vals(), f, *t[:4], bad_voxels, t.splat_weights)
     with pytest.raises(InvalidArg, match=r"splat_voxels must have shape"):
-        ops.crf3d_lattice_filter(vals(), *t[:4], t.splat_voxels[:-1], t.splat_weights)
+        ops.crf3d_lattice_filter(vals(), f, *t[:4], t.splat_voxels[:-1], t.splat_weights)
     with pytest.raises(InvalidArg, match=r"splat_weights must have shape"):
-        ops.crf3d_lattice_filter(vals(), *t[:5], t.splat_weights[:-1])
+        ops.crf3d_lattice_filter(vals(), f, *t[:5], t.splat_weights[:-1])
+    with pytest.raises(InvalidArg, match=r"not the features this lattice was built from"):
+        ops.crf3d_lattice_filter(vals(), f[..., :-1], *t)
 
 
 def test_missing_library_is_named(monkeypatch, tmp_path) -> None:

@@ -74,14 +74,6 @@ def test_gradient_tape_eager_and_in_function() -> None:
     np.testing.assert_allclose(grad_in_graph(feats, vals).numpy(), eager, rtol=1e-5, atol=1e-6)
 
 
-def test_features_get_no_gradient() -> None:
-    feats, vals = make_case(6)
-    f = tf.Variable(feats)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(permutohedral_filter(vals, f))
-    assert tape.gradient(loss, f) is None
-
-
 def test_linear_in_values() -> None:
     feats, x = make_case(7)
     y = np.random.default_rng(8).normal(size=x.shape).astype(np.float32)

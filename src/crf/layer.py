@@ -218,11 +218,15 @@ class CrfRnn(keras.layers.Layer):
         self._check_shapes(unaries.shape, image.shape)
         unaries = tf.convert_to_tensor(unaries)
         image = tf.cast(image, unaries.dtype)
-        tf.debugging.assert_equal(
+        check = tf.debugging.assert_equal(
             tf.shape(unaries)[:-1],
             tf.shape(image)[:-1],
             message="CrfRnn: unaries and image must have the same batch and spatial shape",
         )
+        # Inside tf.function the check must run before the lattice ops see the tensors, or
+        # their own (less specific) shape errors may win the race.
+        with tf.control_dependencies([check] if check is not None else []):
+            unaries, image = tf.identity(unaries), tf.identity(image)
         ndim = unaries.shape.rank - 2
         spacing = self.spacing if self.spacing is not None else [1.0] * ndim
         theta_beta = self.theta_beta

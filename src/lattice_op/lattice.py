@@ -81,13 +81,16 @@ class Lattice:
       tf.errors.ResourceExhaustedError: the lattice would not fit in memory (the budget is the
         machine's memory, or CRF3D_LATTICE_MAX_BYTES when set).
 
-    The features get no gradient through the lattice yet (the gradient w.r.t. features is a
-    later piece of work); a tape asked for it returns None, never zeros.
+    Gradients: every filter output is differentiable with respect to the values (the adjoint
+    filter) and to the features (see :func:`_filter_gradient`: the derivative of the Gaussian
+    kernel, evaluated with further filters on the same lattice). The build itself is piecewise
+    constant in the features and has no gradient of its own.
     """
 
     def __init__(self, features: tf.Tensor) -> None:
         features = _as_float32(features, "features")
         _check_static_rank(features, "features")
+        self.features = features
         self.features_shape = features.shape
         self.tensors = LatticeTensors(*_ops().crf3d_lattice_build(features))
 
@@ -110,7 +113,7 @@ class Lattice:
           not 1: it holds 1 / (1 + 2^-F) and a factor that depends on how densely the features
           sample the lattice, so divide by the filter of ones (``filter(v) / filter(1)``) for a
           normalised Gaussian average. The gradient w.r.t. values is the adjoint filter; the
-          lattice tensors get none.
+          features get the gradient of the Gaussian kernel (see :func:`_filter_gradient`).
         """
         values = _as_float32(values, "values")
         _check_static_rank(values, "values")
@@ -121,7 +124,7 @@ class Lattice:
                     f"values of shape {values.shape} do not match the lattice's batch and "
                     f"spatial shape {spatial} (features had shape {self.features_shape})"
                 )
-        return _ops().crf3d_lattice_filter(values, *self.tensors, reverse=reverse)
+        return _ops().crf3d_lattice_filter(values, self.features, *self.tensors, reverse=reverse)
 
 
 def permutohedral_filter(
@@ -131,18 +134,89 @@ def permutohedral_filter(
     return Lattice(features).filter(values, reverse=reverse)
 
 
+def _outer(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """[..., C] x [..., F] -> [..., C * F] (channel c * F + k is a_c * b_k)."""
+    product = a[..., :, None] * b[..., None, :]
+    shape = tf.shape(a)
+    return tf.reshape(product, tf.concat([shape[:-1], [shape[-1] * tf.shape(b)[-1]]], 0))
+
+
+def feature_gradient(
+    filter_fn,
+    values: tf.Tensor,
+    features: tf.Tensor,
+    grad: tf.Tensor,
+    out: tf.Tensor,
+    adjoint_grad: tf.Tensor,
+) -> tf.Tensor:
+    """Gradient of sum(grad * A v) with respect to the features, for a Gaussian filter A.
+
+    With k_ij = exp(-|f_i - f_j|^2 / 2), dk_ij / df_i = k_ij (f_j - f_i), so for out = A v the
+    gradient at voxel a is
+
+        sum_c  g_ac [A (v_c f)]_a - f_a g_ac [A v_c]_a          (a as the output voxel)
+             + v_ac [A^T (g_c f)]_a - f_a v_ac [A^T g_c]_a      (a as an input voxel)
+
+    i.e. two more filters, of C * F channels each, on the same lattice (Adams et al.'s lattice
+    stands in for the exact kernel, as in the forward pass). The features are centred per batch
+    item first: the expression is invariant to a common shift, and centring keeps the
+    differences of large products out of single precision's way.
+
+    Args:
+      filter_fn: filter_fn(x, adjoint) applies A (adjoint=False) or A^T to [B, *spatial, n].
+      values: [B, *spatial, C]; features: [B, *spatial, F]; grad: [B, *spatial, C], the
+        gradient of the loss w.r.t. out; out: A values; adjoint_grad: A^T grad.
+
+    Returns:
+      [B, *spatial, F], float32.
+    """
+    spatial_axes = tf.range(1, tf.rank(features) - 1)
+    f = features - tf.reduce_mean(features, axis=spatial_axes, keepdims=True)
+    num_f = tf.shape(f)[-1]
+    num_c = tf.shape(values)[-1]
+    ext_shape = tf.concat([tf.shape(values)[:-1], [num_c, num_f]], 0)
+    a_vf = tf.reshape(filter_fn(_outer(values, f), False), ext_shape)
+    at_gf = tf.reshape(filter_fn(_outer(grad, f), True), ext_shape)
+    as_output = tf.reduce_sum(grad[..., None] * a_vf, axis=-2) - f * tf.reduce_sum(
+        grad * out, axis=-1, keepdims=True
+    )
+    as_input = tf.reduce_sum(values[..., None] * at_gf, axis=-2) - f * tf.reduce_sum(
+        values * adjoint_grad, axis=-1, keepdims=True
+    )
+    return as_output + as_input
+
+
 @tf.RegisterGradient("Crf3dLatticeFilter")
 def _filter_gradient(op: tf.Operation, grad: tf.Tensor) -> list[tf.Tensor | None]:
-    """The filter is linear in values: its gradient is the adjoint filter on the same lattice."""
-    lattice = op.inputs[1:]
-    d_values = _ops().crf3d_lattice_filter(grad, *lattice, reverse=not op.get_attr("reverse"))
-    # vertex_index, blur_neighbours, splat_offsets and splat_voxels are integer structure
-    # (piecewise constant in the features): no gradient. vertex_weight and splat_weights do
-    # depend smoothly on the features, but their gradient (and so the features') is not
-    # implemented yet: None, not zeros, so that nobody mistakes it for a computed zero.
-    return [d_values] + [None] * len(LatticeTensors._fields)
+    """Gradients of the filter: values get the adjoint filter (exact: the filter is linear in
+    them); features get :func:`feature_gradient`, the derivative of the Gaussian kernel
+    evaluated on the same lattice (an approximation of the same quality as the forward pass;
+    docs/lattice_op.md states its measured agreement with the exact derivative).
+
+    The lattice tensors get None: vertex_index, blur_neighbours, splat_offsets and splat_voxels
+    are integer structure, and the barycentric weights (vertex_weight, splat_weights) are the
+    lattice's own interpolation, whose derivative is not the kernel's; the features' gradient
+    comes through the features input instead. Inputs a tape does not need (skip_input_indices)
+    are not computed.
+    """
+    values, features = op.inputs[0], op.inputs[1]
+    lattice = list(op.inputs[2:])
+    reverse = op.get_attr("reverse")
+    skip = getattr(op, "skip_input_indices", None) or ()
+
+    def filter_fn(x: tf.Tensor, adjoint: bool) -> tf.Tensor:
+        return _ops().crf3d_lattice_filter(x, features, *lattice, reverse=reverse != adjoint)
+
+    adjoint_grad = filter_fn(grad, True)
+    d_values = None if 0 in skip else adjoint_grad
+    d_features = None
+    if 1 not in skip:
+        d_features = feature_gradient(
+            filter_fn, values, features, grad, op.outputs[0], adjoint_grad
+        )
+    return [d_values, d_features] + [None] * len(LatticeTensors._fields)
 
 
-# The build op's outputs are either integer structure or weights whose gradient is not
-# implemented yet (see _filter_gradient), so the features receive None.
+# The build op's outputs are integer structure or barycentric weights; the features' gradient
+# reaches them through the filter op's features input (see _filter_gradient).
 tf.no_gradient("Crf3dLatticeBuild")

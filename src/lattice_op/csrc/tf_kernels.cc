@@ -169,12 +169,13 @@ class LatticeFilterOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& values = ctx->input(0);
-    const Tensor& vertex_index = ctx->input(1);
-    const Tensor& vertex_weight = ctx->input(2);
-    const Tensor& nbrs = ctx->input(3);
-    const Tensor& offsets = ctx->input(4);
-    const Tensor& splat_voxels = ctx->input(5);
-    const Tensor& splat_weights = ctx->input(6);
+    const Tensor& features = ctx->input(1);
+    const Tensor& vertex_index = ctx->input(2);
+    const Tensor& vertex_weight = ctx->input(3);
+    const Tensor& nbrs = ctx->input(4);
+    const Tensor& offsets = ctx->input(5);
+    const Tensor& splat_voxels = ctx->input(6);
+    const Tensor& splat_weights = ctx->input(7);
     const TensorShape& vs = values.shape();
     const TensorShape& is = vertex_index.shape();
     OP_REQUIRES(ctx, vs.dims() >= 3,
@@ -199,6 +200,17 @@ class LatticeFilterOp : public OpKernel {
                     "shape ",
                     ShapeText(is), ")"));
     const int64_t d1 = is.dim_size(is.dims() - 1);
+    const TensorShape& fs = features.shape();
+    bool features_match = fs.dims() == is.dims() && fs.dim_size(fs.dims() - 1) == d1 - 1;
+    for (int i = 0; features_match && i < is.dims() - 1; ++i) {
+      features_match = fs.dim_size(i) == is.dim_size(i);
+    }
+    OP_REQUIRES(ctx, features_match,
+                errors::InvalidArgument("features of shape ", ShapeText(fs),
+                                        " are not the features this lattice was built from "
+                                        "(vertex_index has shape ",
+                                        ShapeText(is), ", so features need ", d1 - 1,
+                                        " channels on the same grid)"));
     OP_REQUIRES(ctx, d1 >= 2 && vertex_weight.shape() == is,
                 errors::InvalidArgument("vertex_weight must have the shape of vertex_index ",
                                         ShapeText(is), "; got ",

@@ -51,6 +51,7 @@ voxel and barycentric weight of each entry that touches it.
 
 REGISTER_OP("Crf3dLatticeFilter")
     .Input("values: float")
+    .Input("features: float")
     .Input("vertex_index: int32")
     .Input("vertex_weight: float")
     .Input("blur_neighbours: int32")
@@ -66,6 +67,8 @@ REGISTER_OP("Crf3dLatticeFilter")
     .Doc(R"doc(
 Filters values [B, *spatial, C] with a lattice from Crf3dLatticeBuild: splat, blur along the
 F+1 lattice directions (in reverse order when reverse is true, which gives the adjoint), slice.
+features [B, *spatial, F] are the features the lattice was built from: the kernel only checks
+their shape; the registered gradient uses them for the gradient with respect to the features.
 )doc");
 
 }  // namespace crf3d
