@@ -262,3 +262,25 @@ def test_brats_nifti_label_3_rejected(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"found values \[3\]") as info:
         read_case(case, [0, 1, 2, 4], 1e-3)
     assert str(files["label"]) in str(info.value)
+
+
+def test_brats_2023_names_with_a_dash(tmp_path: Path) -> None:
+    suffixes = {"T1": "t1n", "T1c": "t1c", "T2": "t2w", "Flair": "t2f"}
+    for c, suf in enumerate(suffixes.values()):
+        write_nifti_file(
+            tmp_path / "BraTS-GLI-00000-000" / f"BraTS-GLI-00000-000-{suf}.nii.gz",
+            brats2015_channel((6, 8, 7), c),
+            (1.0, 1.0, 1.0),
+        )
+    write_nifti_file(
+        tmp_path / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz",
+        np.zeros((6, 8, 7), np.uint8),
+        (1.0, 1.0, 1.0),
+    )
+    cfg = nifti_cfg(tmp_path)
+    cfg.modality_suffixes = suffixes
+    cfg.separator = "-"
+    (case,) = find_cases(cfg)
+    assert case.case_id == "BraTS-GLI-00000-000"
+    raw = read_case(case, [0, 1, 2, 3], 1e-3)
+    np.testing.assert_array_equal(raw.image[..., 3], brats2015_channel((6, 8, 7), 3))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -22,7 +23,7 @@ from src.datasets.tfdata import make_dataset
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
-def measure(data_cfg, n_cases: int, training: bool, passes: int) -> dict:
+def measure(data_cfg: Mapping, n_cases: int, training: bool, passes: int) -> dict:
     """Streams ``n_cases`` cached cases ``passes`` times; returns seconds a case and peak RSS."""
     manifest = cache.load_manifest(data_cfg.processed) or {"cases": {}}
     ids = sorted(manifest["cases"])[:n_cases]

@@ -279,7 +279,7 @@ class Geometry:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Geometry:
-        def tup(v):
+        def tup(v: object) -> object:
             return tuple(tup(x) for x in v) if isinstance(v, list | tuple) else v
 
         return cls(**{k: tup(v) for k, v in d.items()})

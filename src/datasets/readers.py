@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from src.datasets.errors import ConfigError, DataError, DatasetNotFoundError
-from src.datasets.io import read_volume
+from src.datasets.io import Volume, read_volume
 
 FORMATS = ("promise12", "brats2015", "brats_nifti")
 
@@ -171,21 +171,24 @@ def find_brats2015(
     return cases
 
 
-def _pick_nifti(folder: str, names: set[str], case_id: str, suffix: str) -> str | None:
-    """``folder/<case_id>_<suffix>.nii.gz`` (or ``.nii``) if ``names`` lists it, else None."""
+def _pick_nifti(
+    folder: str, names: set[str], case_id: str, suffix: str, separator: str = "_"
+) -> str | None:
+    """``folder/<case_id><separator><suffix>.nii.gz`` (or ``.nii``) if ``names`` lists it."""
     for ext in (".nii.gz", ".nii"):
-        name = f"{case_id}_{suffix}{ext}"
+        name = f"{case_id}{separator}{suffix}{ext}"
         if name in names:
             return os.path.join(folder, name)
     return None
 
 
 def find_brats_nifti(
-    root: Path, modality_suffixes: dict[str, str], label_suffix: str
+    root: Path, modality_suffixes: dict[str, str], label_suffix: str, separator: str = "_"
 ) -> list[CaseFiles]:
-    """BraTS NIfTI cases: folders below root holding <case>_<suffix>.nii(.gz) files."""
+    """BraTS NIfTI cases: folders below root holding <case><separator><suffix>.nii(.gz) files
+    (separator ``_`` for BraTS 2018-2021, ``-`` for 2023's ``<case>-t1n.nii.gz``)."""
     first = next(iter(modality_suffixes.values()))
-    pattern = re.compile(rf"^(.+)_{re.escape(first)}\.nii(\.gz)?$")
+    pattern = re.compile(rf"^(.+){re.escape(separator)}{re.escape(first)}\.nii(\.gz)?$")
     cases = []
     for folder, _dirs, files in sorted(os.walk(root)):
         names = set(files)
@@ -195,13 +198,13 @@ def find_brats_nifti(
                 continue
             case_id = m.group(1)
             images = {
-                mod: _pick_nifti(folder, names, case_id, suf)
+                mod: _pick_nifti(folder, names, case_id, suf, separator)
                 for mod, suf in modality_suffixes.items()
             }
-            label = _pick_nifti(folder, names, case_id, label_suffix)
+            label = _pick_nifti(folder, names, case_id, label_suffix, separator)
             cases.append(CaseFiles(case_id, images, label, folder))
     if not cases:
-        raise _not_found("brats_nifti", root, f"holds no <case>_{first}.nii.gz file")
+        raise _not_found("brats_nifti", root, f"holds no <case>{separator}{first}.nii.gz file")
     ids = [c.case_id for c in cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -209,7 +212,7 @@ def find_brats_nifti(
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def find_cases(data_cfg) -> list[CaseFiles]:
+def find_cases(data_cfg: Mapping) -> list[CaseFiles]:
     """Lists the cases of the data set described by ``data_cfg`` (the ``data`` config group).
 
     Raises DatasetNotFoundError, with where to download the data and where to put it, when the
@@ -225,13 +228,18 @@ def find_cases(data_cfg) -> list[CaseFiles]:
         return find_promise12(root)
     if fmt == "brats2015":
         return find_brats2015(root, list(data_cfg.modalities), list(data_cfg.subsets))
-    return find_brats_nifti(root, dict(data_cfg.modality_suffixes), str(data_cfg.label_suffix))
+    return find_brats_nifti(
+        root,
+        dict(data_cfg["modality_suffixes"]),
+        str(data_cfg["label_suffix"]),
+        str(data_cfg.get("separator", "_")),
+    )
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def _same_geometry(ref, other, tol: float) -> str | None:
+def _same_geometry(ref: Volume, other: Volume, tol: float) -> str | None:
     """None if other matches ref in shape and spacing (relative tol), else what differs."""
     if ref.array.shape != other.array.shape:
         return f"shape {other.array.shape} (z, y, x) where {ref.path} has {ref.array.shape}"

@@ -77,7 +77,9 @@ def _flip_axes(loader_cfg: Mapping) -> list[int]:
     return [axis for axis, flag in enumerate(flags) if flag]
 
 
-def _augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, aug: Mapping, axes: list[int]):
+def _augment(
+    image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, aug: Mapping, axes: list[int]
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Random flips and intensity scale/shift of one element, from the int64 ``seed``."""
     seeds = tf.random.experimental.stateless_split(tf.stack([seed, tf.constant(0, tf.int64)]), 3)
     p = float(aug["flip_probability"])
