@@ -240,3 +240,27 @@ def test_command_line(tmp_path: Path) -> None:
     assert missing.returncode == 2
     assert "data set not found" in missing.stderr and str(tmp_path / "nowhere") in missing.stderr
     assert "promise12.grand-challenge.org" in missing.stderr
+
+
+@pytest.mark.slow
+def test_default_phantom_sets_reach_the_papers_shapes(tmp_path: Path) -> None:
+    """One case of each default phantom set, full size, through the default preprocessing."""
+    shapes = {"synthetic_promise": (63, 200, 200, 1), "synthetic_brats": (155, 240, 240, 4)}
+    for name, shape in shapes.items():
+        cfg = compose_config(
+            name,
+            [
+                f"data.root={tmp_path / name}",
+                f"data.processed={tmp_path / 'processed' / name}",
+                "data.phantom.n_cases=2",
+                "data.split.scheme=holdout",
+                "data.split.holdout_fraction=0.5",
+                "progress=false",
+            ],
+        )
+        report = prepare(cfg)
+        image, label, geo = read_cached(report.processed_dir / f"{report.cases[0]}.npz")
+        assert image.shape == shape and label.shape == shape[:3]
+        assert label.max() > 0
+        if name == "synthetic_promise":
+            assert geo.spacing == (2.0, 1.0, 1.0)
