@@ -1,0 +1,131 @@
+"""What the experiment stages share: run identity and folders, variants, splits, labels.
+
+A run is one (fold, variant) training of one configuration. Its folder is
+``<runs_dir>/<name>/<data.name>/<fold>-<variant>-<hash>/`` where the hash covers everything that
+changes its result (the resolved ``data``, ``model``, ``train`` settings but for the ones that
+only steer the process, the CRF settings when the variant uses the head, the fold and the
+variant). Starting a run again with the same config therefore finds its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from src.datasets import cache
+from src.datasets.errors import ConfigError, DataError
+from src.datasets.splits import split_file
+
+# train settings that steer the process but not the result: not part of a run's identity
+PROCESS_ONLY = ("checkpoint_every", "keep_checkpoints", "stop_after", "log_every", "image_every",
+                "progress", "save_model")  # fmt: skip
+
+
+def plain(cfg: Any) -> Any:
+    """A resolved plain-Python copy of an OmegaConf node (other values are returned as they are)."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def variant_names(cfg: Mapping) -> list[str]:
+    """The variants compared, in the config's order (``variants``)."""
+    variants = cfg.get("variants")
+    if not variants:
+        raise ConfigError("variants", "a mapping name -> {crf: true|false}", variants)
+    return list(variants)
+
+
+def variant_crf(cfg: Mapping, variant: str) -> dict | None:
+    """The CRF head settings of ``variant`` (``cfg.crf`` when its ``crf`` flag is true) or None."""
+    variants = cfg.get("variants") or {}
+    if variant not in variants:
+        raise ConfigError("variant", f"one of {list(variants)}", variant)
+    return plain(cfg["crf"]) if bool(variants[variant]["crf"]) else None
+
+
+def run_identity(cfg: Mapping, fold: int, variant: str) -> dict:
+    """Everything that changes the result of the (fold, variant) run, as plain data."""
+    train = {k: v for k, v in plain(cfg["train"]).items() if k not in PROCESS_ONLY}
+    data = plain(cfg["data"])
+    data.pop("root", None)  # where the files are does not change the result
+    data.pop("processed", None)
+    return {
+        "data": data,
+        "model": plain(cfg["model"]),
+        "crf": variant_crf(cfg, variant),
+        "train": train,
+        "fold": int(fold),
+        "variant": variant,
+    }
+
+
+def run_dir(cfg: Mapping, fold: int, variant: str) -> Path:
+    """The folder of the (fold, variant) run (see the module docstring)."""
+    key = cache.settings_hash(run_identity(cfg, fold, variant))
+    return (
+        Path(str(cfg["runs_dir"]))
+        / str(cfg["name"])
+        / str(cfg["data"]["name"])
+        / (f"fold{int(fold)}-{variant}-{key}")
+    )
+
+
+def processed_dir(cfg: Mapping) -> Path:
+    return Path(str(cfg["data"]["processed"]))
+
+
+def load_splits(cfg: Mapping) -> list[dict[str, list[str]]]:
+    """The folds of the prepared cache (``splits.json``); DataError naming it when missing."""
+    path = split_file(processed_dir(cfg), cfg["data"]["split"])
+    try:
+        splits = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            str(path), "a splits file (run `python -m src.experiments.prepare`)", repr(exc)
+        ) from exc
+    return splits
+
+
+def fold_cases(cfg: Mapping, fold: int) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...]}`` of ``fold``; ConfigError when out of range."""
+    splits = load_splits(cfg)
+    if not 0 <= int(fold) < len(splits):
+        raise ConfigError("fold", f"0..{len(splits) - 1} (folds in the splits file)", fold)
+    return splits[int(fold)]
+
+
+def label_values(cfg: Mapping) -> list[int]:
+    """The data set's label values (``data.labels``); class index k stands for value [k]."""
+    labels = [int(v) for v in cfg["data"]["labels"]]
+    if len(labels) < 2 or sorted(set(labels)) != labels or labels[0] != 0:
+        raise ConfigError("data.labels", "sorted distinct label values starting at 0", labels)
+    return labels
+
+
+def label_lut(labels: list[int]) -> np.ndarray:
+    """Label value -> class index table [max(labels) + 1] int32 (-1 for values not listed)."""
+    lut = np.full(max(labels) + 1, -1, np.int32)
+    lut[labels] = np.arange(len(labels), dtype=np.int32)
+    return lut
+
+
+def manifest_shape_and_spacing(cfg: Mapping, case_ids: list[str]) -> tuple[tuple, tuple]:
+    """(Z, Y, X, C) shared by the cached cases and their (z, y, x) spacing in mm."""
+    from src.datasets.tfdata import cached_cases, common_spacing
+
+    entries = cached_cases(processed_dir(cfg), case_ids)
+    shapes = {tuple(int(s) for s in e["shape"]) for e in entries}
+    if len(shapes) != 1:
+        raise DataError(
+            str(processed_dir(cfg) / cache.MANIFEST),
+            "one shape shared by the cases (set data.preprocess.target_shape_xyz)",
+            f"{sorted(shapes)[:3]}",
+        )
+    spacing = common_spacing(processed_dir(cfg), case_ids)
+    return shapes.pop(), spacing

@@ -1,0 +1,114 @@
+"""Evaluate a trained (fold, variant) run on its held-out cases: ``python -m
+src.experiments.evaluate [experiment=...] fold=0 variant=vnet``.
+
+For each case of the fold's ``val`` list: predict with the model of the run's last checkpoint
+(inference mode, the CRF head with ``num_iterations_inference``), take the arg-max, map class
+indices to label values (``data.labels``) and compute the Dice of every region of
+``data.regions`` (PROMISE12: prostate = {1}; BraTS: whole = {1, 2, 3, 4}, core = {1, 3, 4},
+enhancing = {4}). The run folder gets ``predictions/<case>.npz`` (labels [Z, Y, X] uint8 on the
+preprocessed grid) and ``evaluation.json``; with ``evaluate.export`` also
+``export/<case><export_format>`` in the source case's geometry
+(:func:`src.datasets.cache.export_prediction`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from src.datasets import cache
+from src.datasets.cache import atomic_write_json, export_prediction
+from src.datasets.io import atomic_output
+from src.experiments import common
+
+
+@dataclass
+class Evaluation:
+    """Per-case Dice of one run: ``dice[case][region]``, in [0, 1]."""
+
+    run_dir: Path
+    fold: int
+    variant: str
+    dice: dict[str, dict[str, float]]
+
+    def mean_dice(self) -> dict[str, float]:
+        """Mean over cases of each region's Dice."""
+        regions = next(iter(self.dice.values())).keys() if self.dice else []
+        return {r: float(np.mean([d[r] for d in self.dice.values()])) for r in regions}
+
+
+def dice_score(pred: np.ndarray, true: np.ndarray, empty: float = 1.0) -> float:
+    """2 |A and B| / (|A| + |B|) of two boolean masks; ``empty`` when both are empty."""
+    pred = np.asarray(pred, bool)
+    true = np.asarray(true, bool)
+    denom = int(pred.sum()) + int(true.sum())
+    if denom == 0:
+        return float(empty)
+    return 2.0 * float(np.logical_and(pred, true).sum()) / denom
+
+
+def region_dice(
+    pred_labels: np.ndarray, true_labels: np.ndarray, regions: Mapping, empty: float = 1.0
+) -> dict[str, float]:
+    """Dice of each region (name -> label values counted as foreground) of two label maps."""
+    return {
+        str(name): dice_score(
+            np.isin(pred_labels, list(values)), np.isin(true_labels, list(values)), empty
+        )
+        for name, values in regions.items()
+    }
+
+
+def evaluate(
+    cfg: DictConfig | Mapping, fold: int | None = None, variant: str | None = None
+) -> Evaluation:
+    """Evaluates the (fold, variant) run (defaults ``cfg.fold``, ``cfg.variant``); returns an
+    :class:`Evaluation` and writes predictions and ``evaluation.json`` into the run folder."""
+    from src.experiments.train import restore_model  # train imports the model stack
+
+    fold = int(cfg["fold"] if fold is None else fold)
+    variant = str(cfg["variant"] if variant is None else variant)
+    out = common.run_dir(cfg, fold, variant)
+    model = restore_model(cfg, fold, variant)
+    labels = np.asarray(common.label_values(cfg), np.uint8)
+    regions = common.plain(cfg["data"]["regions"])
+    ecfg = cfg["evaluate"]
+    empty = float(ecfg["empty_dice"])
+    processed = common.processed_dir(cfg)
+    manifest = cache.load_manifest(processed) or {"cases": {}}
+    dice = {}
+    for case in common.fold_cases(cfg, fold)["val"]:
+        image, label, geometry = cache.read_case(processed / manifest["cases"][case]["file"])
+        logits = model(image[None].astype(np.float32), training=False)
+        pred = labels[np.argmax(np.asarray(logits)[0], axis=-1)]
+        dice[case] = region_dice(pred, label, regions, empty)
+        with atomic_output(out / "predictions" / f"{case}.npz") as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, label=pred)
+        if bool(ecfg["export"]):
+            export_prediction(pred, geometry, out / "export" / f"{case}{ecfg['export_format']}")
+    atomic_write_json(out / "evaluation.json", {"fold": fold, "variant": variant, "dice": dice})
+    return Evaluation(out, fold, variant, dice)
+
+
+@hydra.main(config_path="../../configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from src.experiments.train import CLI_ERRORS
+
+    try:
+        result = evaluate(cfg)
+    except CLI_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    for case, d in result.dice.items():
+        print(case, " ".join(f"{r}={v:.3f}" for r, v in d.items()))
+    print("mean", result.mean_dice())
+
+
+if __name__ == "__main__":
+    main()

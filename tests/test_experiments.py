@@ -1,0 +1,200 @@
+"""Training, evaluation and report pieces (src/experiments/), against hand-computed values."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from src.datasets.errors import ConfigError
+from src.experiments import common
+from src.experiments.evaluate import dice_score, region_dice
+from src.experiments.prepare import prepare
+from src.experiments.report import paired_tests
+from src.experiments.train import (
+    build_model,
+    hard_dice,
+    learning_rate,
+    make_optimizer,
+    seed_for,
+    segmentation_loss,
+    soft_dice_loss,
+    training_stream,
+)
+from tests.experiments_fixtures import compose_config, smoke_config
+
+
+@pytest.fixture(scope="module")
+def smoke_cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    cfg = smoke_config(root)
+    prepare(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------- losses, metrics
+
+
+def test_soft_dice_loss_hand_values():
+    # one case, 4 voxels, 2 classes: foreground probabilities p, labels g
+    p1 = np.array([0.9, 0.2, 0.6, 0.0], np.float32)
+    probs = np.stack([1 - p1, p1], -1).reshape(1, 1, 2, 2, 2)
+    labels = np.array([1, 0, 1, 1], np.int32).reshape(1, 1, 2, 2)
+    # |P G| = 0.9 + 0.6 = 1.5, |P| = 1.7, |G| = 3; smooth 1: 1 - (3 + 1) / (4.7 + 1)
+    got = float(soft_dice_loss(tf.constant(labels), tf.constant(probs), smooth=1.0))
+    assert got == pytest.approx(1 - 4 / 5.7, abs=1e-6)
+
+
+def test_segmentation_loss_ce_and_combination():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 2, 3, 3, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, size=(2, 2, 3, 3)).astype(np.int32)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, labels[..., None], -1).mean()
+    cfg = {"loss": "ce", "ce_weight": 1.0, "dice_weight": 1.0, "dice_smooth": 1.0}
+    assert float(segmentation_loss(labels, logits, cfg)) == pytest.approx(ce, rel=1e-5)
+    probs = np.exp(logp)
+    onehot = np.eye(3)[labels][..., 1:]
+    inter = (probs[..., 1:] * onehot).sum((1, 2, 3))
+    denom = probs[..., 1:].sum((1, 2, 3)) + onehot.sum((1, 2, 3))
+    dice = 1 - ((2 * inter + 1) / (denom + 1)).mean()
+    both = {**cfg, "loss": "dice_ce", "ce_weight": 0.5, "dice_weight": 2.0}
+    assert float(segmentation_loss(labels, logits, both)) == pytest.approx(
+        0.5 * ce + 2.0 * dice, rel=1e-5
+    )
+    with pytest.raises(ConfigError, match=r"train\.loss"):
+        segmentation_loss(labels, logits, {**cfg, "loss": "focal"})
+
+
+def test_hard_dice_and_dice_score_hand_values():
+    true = np.array([[1, 1, 0, 0]], np.int32).reshape(1, 1, 1, 4)
+    logits = np.zeros((1, 1, 1, 4, 2), np.float32)
+    logits[0, 0, 0, [0, 2], 1] = 1.0  # predicts voxels 0 and 2
+    assert float(hard_dice(tf.constant(true), tf.constant(logits))) == pytest.approx(0.5)
+    assert dice_score([1, 0, 1, 0], [1, 1, 0, 0]) == pytest.approx(0.5)
+    assert dice_score([0, 0], [0, 0], empty=1.0) == 1.0
+    assert dice_score([1, 0], [0, 0]) == 0.0
+
+
+def test_region_dice_brats_regions():
+    pred = np.array([0, 1, 2, 4, 4, 0])
+    true = np.array([0, 1, 2, 3, 4, 2])
+    regions = {"whole": [1, 2, 3, 4], "core": [1, 3, 4], "enhancing": [4]}
+    got = region_dice(pred, true, regions)
+    # whole: pred {1,2,3,4} true {1,2,3,4,5}: 2*4/(4+5); core: pred {1,3,4} true {1,3,4}: 1
+    # enhancing: pred {3,4} true {4}: 2*1/3
+    assert got == pytest.approx({"whole": 8 / 9, "core": 1.0, "enhancing": 2 / 3})
+
+
+def test_paired_tests_hand_values():
+    base = np.array([0.5, 0.6, 0.7])
+    other = base + np.array([0.1, 0.2, 0.3])
+    out = paired_tests(base, other, alpha=0.05)
+    t = 0.2 / (0.1 / math.sqrt(3))
+    assert out["mean_difference"] == pytest.approx(0.2)
+    assert out["t"] == pytest.approx(t)
+    # Student t with 2 dof: two-sided p = 1 - t / sqrt(t^2 + 2); t_0.975(2) = 4.302653
+    assert out["p_ttest"] == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-6)
+    half = 4.302653 * 0.1 / math.sqrt(3)
+    assert out["ci_low"] == pytest.approx(0.2 - half, abs=1e-6)
+    assert out["ci_high"] == pytest.approx(0.2 + half, abs=1e-6)
+    # Wilcoxon, n = 3, all differences positive: exact two-sided p = 2 / 2^3
+    assert out["w"] == 0.0 and out["p_wilcoxon"] == pytest.approx(0.25)
+    same = paired_tests(base, base)
+    assert math.isnan(same["p_ttest"]) and math.isnan(same["p_wilcoxon"])
+
+
+# ------------------------------------------------------------------------- optimiser
+
+
+def test_schedules_and_optimisers():
+    cfg = compose_config(["train.steps=100", "train.optimizer.learning_rate=0.1"])
+    tcfg = common.plain(cfg.train)
+    sched = learning_rate(tcfg)  # cosine to alpha * lr
+    assert float(sched(0)) == pytest.approx(0.1)
+    assert float(sched(50)) == pytest.approx(0.1 * (0.01 + 0.99 * 0.5), rel=1e-5)
+    assert float(sched(100)) == pytest.approx(0.001, rel=1e-4)
+    tcfg["schedule"]["name"] = "constant"
+    tcfg["optimizer"]["name"] = "sgd"
+    opt = make_optimizer(tcfg)
+    assert isinstance(opt, keras.optimizers.SGD) and opt.momentum == pytest.approx(0.9)
+    tcfg["optimizer"]["name"] = "rmsprop"
+    with pytest.raises(ConfigError, match=r"train\.optimizer\.name"):
+        make_optimizer(tcfg)
+
+
+# ------------------------------------------------------------------------- configs
+
+
+def test_presets_compose_with_the_papers_settings():
+    promise = compose_config(["experiment=promise_cv"])
+    assert promise.data.name == "promise12" and promise.train.steps == 8000
+    assert promise.data.split.scheme == "kfold" and promise.data.split.folds == 5
+    assert promise.model.levels == 4 and promise.model.kernel_size == 5
+    assert promise.report.paper.prostate.vnet.mean == 0.767
+    brats = compose_config(["experiment=brats_holdout"])
+    assert brats.data.name == "brats2015" and brats.train.steps == 18700
+    assert brats.data.split.scheme == "holdout"
+    assert brats.report.paper.core.vnet_crf.mean == 0.482
+    demo = compose_config(["experiment=demo"])
+    assert demo.data.split.folds == 5 and demo.name == "demo"
+
+
+def test_run_dir_identity():
+    cfg = compose_config(["experiment=demo"])
+    a = common.run_dir(cfg, 0, "vnet")
+    assert a != common.run_dir(cfg, 1, "vnet") != common.run_dir(cfg, 0, "vnet_crf")
+    same = compose_config(["experiment=demo", "train.checkpoint_every=7", "train.progress=false",
+                           "data.root=/elsewhere", "train.stop_after=3"])  # fmt: skip
+    assert common.run_dir(same, 0, "vnet") == a
+    other = compose_config(["experiment=demo", "train.steps=301"])
+    assert common.run_dir(other, 0, "vnet") != a
+    # the CRF settings are part of the identity of the variant that uses them only
+    crf = compose_config(["experiment=demo", "crf.theta_alpha=5"])
+    assert common.run_dir(crf, 0, "vnet") == a
+    assert common.run_dir(crf, 0, "vnet_crf") != common.run_dir(cfg, 0, "vnet_crf")
+    with pytest.raises(ConfigError, match="variant"):
+        common.run_dir(cfg, 0, "unet")
+
+
+def test_label_lut_maps_values_to_class_indices():
+    lut = common.label_lut([0, 1, 2, 4])
+    np.testing.assert_array_equal(lut, [0, 1, 2, -1, 3])
+    with pytest.raises(ConfigError, match=r"data\.labels"):
+        common.label_values({"data": {"labels": [1, 2]}})
+
+
+# ------------------------------------------------------------------------- seeds, data order
+
+
+def test_variants_of_a_fold_share_initialisation(smoke_cfg):
+    shape, spacing = common.manifest_shape_and_spacing(
+        smoke_cfg, common.fold_cases(smoke_cfg, 0)["train"]
+    )
+    weights = {}
+    for variant in ("vnet", "vnet_crf"):
+        keras.utils.set_random_seed(seed_for(smoke_cfg, 0))
+        model = build_model(smoke_cfg, variant, shape, spacing)
+        weights[variant] = {w.path: np.asarray(w) for w in model.weights}
+    crf_only = set(weights["vnet_crf"]) - set(weights["vnet"])
+    assert crf_only and all(p.startswith("crf/") for p in crf_only)
+    for path, value in weights["vnet"].items():
+        np.testing.assert_array_equal(value, weights["vnet_crf"][path], err_msg=path)
+    keras.utils.set_random_seed(seed_for(smoke_cfg, 1))
+    other = build_model(smoke_cfg, "vnet", shape, spacing)
+    assert not np.array_equal(np.asarray(other.weights[0]), weights["vnet"][other.weights[0].path])
+
+
+def test_training_stream_is_a_function_of_the_seed_and_resumes(smoke_cfg):
+    cases = common.fold_cases(smoke_cfg, 0)["train"]
+    full = [x.numpy() for x, _ in training_stream(smoke_cfg, cases, 5, 0).take(5)]
+    again = [x.numpy() for x, _ in training_stream(smoke_cfg, cases, 5, 0).take(5)]
+    tail = [x.numpy() for x, _ in training_stream(smoke_cfg, cases, 5, 3).take(2)]
+    for a, b in zip(full, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(full[3:], tail, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = [x.numpy() for x, _ in training_stream(smoke_cfg, cases, 6, 0).take(5)]
+    assert any(not np.array_equal(a, b) for a, b in zip(full, other, strict=True))
+    assert full[0].shape[0] == smoke_cfg.train.batch_size

@@ -1,0 +1,84 @@
+"""CI smoke run of the whole chain (experiment=smoke): phantoms -> cache -> 2 folds x 2 variants
+trained for a few steps -> evaluation -> report; the report's content is checked against the
+per-case numbers recomputed here with scipy."""
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import stats
+
+from src.experiments.cross_validate import cross_validate
+from src.experiments.report import report
+from tests.experiments_fixtures import smoke_config
+
+
+def test_smoke_chain_report_content(tmp_path):
+    cfg = smoke_config(tmp_path)
+    result = cross_validate(cfg)
+    folder = result.report.folder
+    assert folder.parent == tmp_path / "results" / "smoke"
+    names = {p.name for p in folder.iterdir()}
+    assert {"per_case.csv", "summary.json", "report.md", "dice.png", "config.yaml"} <= names
+    assert any(n.startswith("example_") and n.endswith(".png") for n in names)
+    for png in folder.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with open(folder / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    splits = json.loads((tmp_path / "processed" / "splits.json").read_text())
+    cases = sorted(c for s in splits for c in s["val"])
+    assert len(cases) == 4
+    for variant in ("vnet", "vnet_crf"):
+        got = sorted(r["case"] for r in rows if r["variant"] == variant)
+        assert got == cases  # every case predicted once, by the fold that did not see it
+    for r in rows:
+        fold = int(r["fold"])
+        assert r["case"] in splits[fold]["val"]
+        assert 0.0 <= float(r["dice"]) <= 1.0
+
+    dice = {
+        v: np.array([float(r["dice"]) for r in sorted(rows, key=lambda r: r["case"])
+                     if r["variant"] == v])
+        for v in ("vnet", "vnet_crf")
+    }  # fmt: skip
+    summary = json.loads((folder / "summary.json").read_text())
+    region = summary["regions"]["prostate"]
+    for v, x in dice.items():
+        assert region["variants"][v]["mean"] == pytest.approx(x.mean())
+        assert region["variants"][v]["std"] == pytest.approx(x.std(ddof=1))
+        assert region["variants"][v]["n"] == 4
+    test = region["tests"]["vnet_crf"]
+    d = dice["vnet_crf"] - dice["vnet"]
+    assert test["mean_difference"] == pytest.approx(d.mean())
+    if np.std(d) > 0:
+        assert test["p_ttest"] == pytest.approx(
+            stats.ttest_rel(dice["vnet_crf"], dice["vnet"]).pvalue
+        )
+
+    md = (folder / "report.md").read_text()
+    assert "| Method | prostate (this run) | prostate (paper) |" in md
+    row = re.search(r"\| V-Net \| ([0-9.]+) ± ([0-9.]+) \| 0\.767 ± 0\.109 \|", md)
+    assert row and float(row.group(1)) == pytest.approx(dice["vnet"].mean(), abs=5e-4)
+    assert re.search(r"\| V-Net \+ CRF \| [0-9.]+ ± [0-9.]+ \| 0\.780 ± 0\.110 \|", md)
+    assert "p (paired t-test)" in md and "p (Wilcoxon)" in md and "95% CI" in md
+    assert "![Dice per case](dice.png)" in md
+    assert "steps: 4" in (folder / "config.yaml").read_text()
+
+    # TensorBoard: scalars and the image summary of every run
+    from src.experiments import common
+
+    run = common.run_dir(cfg, 1, "vnet_crf")
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    tags = {v.tag for e in events for ev in tf.compat.v1.train.summary_iterator(str(e))
+            for v in ev.summary.value}  # fmt: skip
+    assert {"train/loss", "train/dice", "train/learning_rate",
+            "train/image_label_prediction"} <= tags  # fmt: skip
+
+    # a second report never overwrites the first
+    second = report(cfg)
+    assert second.folder != folder and folder.is_dir()
+    assert (second.folder / "per_case.csv").read_text() == (folder / "per_case.csv").read_text()
