@@ -3,6 +3,7 @@
   spatial:    the smoothness kernel as an exact separable Gaussian vs a position-only
               permutohedral lattice (time for setup + 5 normalised applications, and the error
               against an untruncated float64 Gaussian).
+  profile:    the time of each step of the mean field on one of those phantoms.
   pydensecrf: dense_crf against pydensecrf2 on the same arrays with equivalent settings, on a
               PROMISE12-sized phantom (63 x 200 x 200 at 2 x 1 x 1 mm, 2 labels) and a
               BraTS-sized one (155 x 240 x 240, 4 modalities, 5 labels), 5 iterations, bilateral
@@ -183,6 +184,65 @@ def run_pydensecrf(probs, image, spacing, settings):
     return np.moveaxis(q.reshape((classes, *shape)), 0, -1)
 
 
+def bench_profile(args: argparse.Namespace) -> None:
+    """Times each step of the mean field (src/crf/functional.py's pieces, called one by one
+    eagerly) on a phantom with the settings of the pydensecrf comparison."""
+    import tensorflow as tf
+
+    from src.crf import functional as mf
+
+    makers = {"promise": promise_case, "brats": brats_case}
+    rng = np.random.default_rng(args.seed)
+    image, labels, spacing, classes = makers[args.case](rng)
+    probs = poor_network_probabilities(labels, spacing, classes, rng).astype(np.float32)
+    std = image.reshape(-1, image.shape[-1]).std(0)
+    image = (image / np.where(std > 0, std, 1.0)).astype(np.float32)
+    unaries = tf.constant(np.log(np.clip(probs, 1e-5, None))[None])
+    img = tf.constant(image[None])
+    betas = [args.theta_beta] * image.shape[-1]
+    norm = "symmetric"
+    mf.lattice_filter(tf.zeros([1, 4, 4, 4, 1]), norm)  # load the op
+    for spatial in ("lattice", "separable"):
+        times: dict[str, float] = {}
+        start = time.perf_counter()
+
+        def tick(name: str, start: float, times: dict[str, float] = times) -> float:
+            now = time.perf_counter()
+            times[name] = times.get(name, 0.0) + now - start
+            return now
+
+        feats = mf.bilateral_features(img, spacing, args.theta_alpha, betas)
+        start = tick("features", start)
+        appearance = mf.lattice_filter(feats, norm)
+        start = tick("bilateral lattice: build + filter of ones", start)
+        if spatial == "lattice":
+            pos = mf.positions(tf.shape(unaries), spacing, args.theta_gamma, tf.float32)
+            smooth = mf.lattice_filter(pos, norm)
+        else:
+            smooth = mf.separable_spatial_filter(
+                tf.shape(unaries), spacing, args.theta_gamma, norm, tf.float32, unaries.shape
+            )
+        start = tick(f"spatial ({spatial}): setup", start)
+        weights, mu = tf.fill([classes], 5.0), 1.0 - tf.eye(classes)
+        logits = unaries
+        for _ in range(args.iterations):
+            flat = tf.reshape(logits, [-1, classes])
+            q = tf.reshape(tf.nn.softmax(flat), tf.shape(unaries))
+            start = tick("softmax", start)
+            a = appearance(q)
+            start = tick("bilateral filter (normalised)", start)
+            g = smooth(q)
+            start = tick(f"spatial ({spatial}) filter (normalised)", start)
+            pairwise = tf.einsum("...k,lk->...l", weights * a + 0.6 * weights * g, mu)
+            logits = unaries - pairwise
+            _ = logits.numpy()
+            start = tick("weighting, compatibility, unaries", start)
+        print(f"{args.case} {labels.shape}, {classes} labels, {args.iterations} iterations:")
+        for name, seconds in times.items():
+            print(f"  {name:42s} {seconds:7.2f} s")
+        print(f"  {'total':42s} {sum(times.values()):7.2f} s", flush=True)
+
+
 METHODS = ("pydensecrf2", "ours-pydensecrf-mode", "ours-default-mode")
 
 
@@ -214,9 +274,13 @@ def run_one(args: argparse.Namespace) -> None:
                 mode=mode,
             )
 
-    q, seconds, peak = _measure(fn)
+    seconds, peaks = [], []
+    for _ in range(args.repeats):
+        q, elapsed, peak = _measure(fn)
+        seconds.append(elapsed)
+        peaks.append(peak)
     np.save(args.out, q.argmax(-1).astype(np.uint8))
-    print(json.dumps({"seconds": seconds, "peak_mib": peak}))
+    print(json.dumps({"seconds": seconds, "peak_mib": max(peaks)}))
 
 
 def bench_pydensecrf(args: argparse.Namespace) -> None:
@@ -244,34 +308,30 @@ def bench_pydensecrf(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data = os.path.join(tmp, "case.npz")
             np.savez(data, probs=probs, image=image, spacing=np.asarray(spacing))
-            runs = {}
+            runs: dict[str, np.ndarray] = {}
+            seconds: dict[str, list[float]] = {m: [] for m in METHODS}
+            peaks: dict[str, float] = dict.fromkeys(METHODS, 0.0)
+            # interleaved (each round runs every method once, each in a fresh process), so that
+            # the load of a shared machine drifts over all methods alike
+            for _ in range(args.repeats):
+                for method in METHODS:
+                    out = os.path.join(tmp, f"{method}.npy")
+                    command = [sys.executable, __file__, "one", "--data", data]
+                    command += ["--method", method, "--settings", json.dumps(settings)]
+                    command += ["--out", out]
+                    child = subprocess.run(command, capture_output=True, text=True, check=False)
+                    if child.returncode != 0:
+                        raise RuntimeError(f"{method} failed:\n{child.stderr[-3000:]}")
+                    result = json.loads(child.stdout.strip().splitlines()[-1])
+                    runs[method] = np.load(out)
+                    seconds[method] += result["seconds"]
+                    peaks[method] = max(peaks[method], result["peak_mib"])
             for method in METHODS:
-                out = os.path.join(tmp, f"{method}.npy")
-                child = subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "one",
-                        "--data",
-                        data,
-                        "--method",
-                        method,
-                        "--settings",
-                        json.dumps(settings),
-                        "--out",
-                        out,
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                if child.returncode != 0:
-                    raise RuntimeError(f"{method} failed:\n{child.stderr[-3000:]}")
-                result = json.loads(child.stdout.strip().splitlines()[-1])
-                runs[method] = np.load(out)
+                times = sorted(seconds[method])
                 print(
-                    f"  {method:22s} total {result['seconds']:7.2f} s   "
-                    f"peak +{result['peak_mib']:6.0f} MiB",
+                    f"  {method:22s} total: min {times[0]:7.2f} s, median "
+                    f"{times[len(times) // 2]:7.2f} s of {len(times)}   "
+                    f"peak +{peaks[method]:6.0f} MiB",
                     flush=True,
                 )
         ref = runs["pydensecrf2"]
@@ -305,16 +365,27 @@ def main() -> None:
     dense.add_argument("--w-bilateral", type=float, default=5.0)
     dense.add_argument("--w-spatial", type=float, default=3.0)
     dense.add_argument("--iterations", type=int, default=5)
+    dense.add_argument("--repeats", type=int, default=3, help="runs per method (min, median)")
+    prof = sub.add_parser("profile", help="time each step of the mean field on a phantom")
+    prof.add_argument("--case", choices=["promise", "brats"], default="promise")
+    prof.add_argument("--seed", type=int, default=0)
+    prof.add_argument("--theta-alpha", type=float, default=10.0)
+    prof.add_argument("--theta-beta", type=float, default=0.5)
+    prof.add_argument("--theta-gamma", type=float, default=3.0)
+    prof.add_argument("--iterations", type=int, default=5)
     one = sub.add_parser("one", help="(internal) one method in a fresh process")
     one.add_argument("--data", required=True)
     one.add_argument("--method", choices=METHODS, required=True)
     one.add_argument("--settings", required=True)
     one.add_argument("--out", required=True)
+    one.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     if args.command == "spatial":
         bench_spatial(args)
     elif args.command == "one":
         run_one(args)
+    elif args.command == "profile":
+        bench_profile(args)
     else:
         bench_pydensecrf(args)
 
