@@ -20,14 +20,19 @@ CORE_FLAGS := -std=c++17 $(OPT) -fPIC -Wall -Wextra -Werror -pthread
 
 PYTEST_ARGS ?=
 
-.PHONY: setup build lint test test-all bench-lattice bench-core study-feature-grad demo clean help
+.PHONY: setup build lint test test-all bench-lattice bench-core study-feature-grad demo demo-lattice clean help
+.PHONY: reproduce-promise reproduce-brats smoke
 .PHONY: data-promise data-brats data-synthetic
 .PHONY: bench-crf sanity-2d sanity-3d
 
 help:
 	@echo "make test           set up, build the op, lint, run the fast tests"
 	@echo "make test-all       the same, slow tests included"
-	@echo "make demo           filter a synthetic 3D volume with the lattice op and check it"
+	@echo "make demo           5-fold CV of V-Net with/without the CRF on phantoms -> report (results/demo)"
+	@echo "make demo-lattice   filter a synthetic 3D volume with the lattice op and check it"
+	@echo "make reproduce-promise  the paper's PROMISE12 protocol (data/raw/promise12; ARGS: overrides)"
+	@echo "make reproduce-brats    the paper's BraTS 2015 protocol (BRATS_DATA=brats_nifti for NIfTI)"
+	@echo "make smoke          the CI smoke chain: 4 tiny phantoms, 2 folds, 4 steps, report"
 	@echo "make bench-lattice  lattice op benchmark against pydensecrf2 (docs/benchmarks.md)"
 	@echo "make bench-core     stage timings of the C++ lattice core alone (docs/lattice_op.md)"
 	@echo "make build          compile the TensorFlow op into $(LIB)"
@@ -75,8 +80,23 @@ test: $(STAMP) $(LIB) lint
 test-all: $(STAMP) $(LIB) lint
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
-demo: $(STAMP) $(LIB)
+demo-lattice: $(STAMP) $(LIB)
 	PYTHONPATH=. $(PY) scripts/demo_lattice.py
+
+# The main job (docs/experiments.md): phantoms -> 5-fold CV with and without the CRF -> report.
+demo: $(STAMP) $(LIB)
+	$(PY) -m src.experiments.cross_validate experiment=demo $(ARGS)
+
+# The paper's protocols at full size on the real data (stops at once if it is missing).
+reproduce-promise: $(STAMP) $(LIB)
+	$(PY) -m src.experiments.cross_validate experiment=promise_cv $(ARGS)
+
+reproduce-brats: $(STAMP) $(LIB)
+	$(PY) -m src.experiments.cross_validate experiment=brats_holdout data=$(BRATS_DATA) $(ARGS)
+
+smoke: $(STAMP) $(LIB)
+	$(PY) -m src.experiments.cross_validate experiment=smoke data.root=runs/smoke_data/raw \
+	  data.processed=runs/smoke_data/processed $(ARGS)
 
 # Data sets: raw files under data/raw/, preprocessed cache under data/processed/ (data/README.md).
 BRATS_DATA ?= brats2015

@@ -198,3 +198,21 @@ def test_training_stream_is_a_function_of_the_seed_and_resumes(smoke_cfg):
     other = [x.numpy() for x, _ in training_stream(smoke_cfg, cases, 6, 0).take(5)]
     assert any(not np.array_equal(a, b) for a, b in zip(full, other, strict=True))
     assert full[0].shape[0] == smoke_cfg.train.batch_size
+
+
+def test_missing_data_set_stops_at_once_with_where_to_get_it(tmp_path):
+    from src.datasets.errors import DatasetNotFoundError
+    from src.experiments.cross_validate import cross_validate
+
+    cfg = compose_config(
+        [
+            "experiment=promise_cv",
+            f"data.root={tmp_path}/none",
+            f"data.processed={tmp_path}/p",
+            f"runs_dir={tmp_path}/runs",
+            f"results_dir={tmp_path}/results",
+        ]
+    )
+    with pytest.raises(DatasetNotFoundError, match=r"promise12\.grand-challenge\.org"):
+        cross_validate(cfg)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()

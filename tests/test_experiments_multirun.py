@@ -1,0 +1,56 @@
+"""Hydra multirun: folds x variants as parallel joblib jobs (hydra/launcher=local_parallel),
+then the report collects them; the Slurm launcher config composes (it is not run here)."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from src.experiments.prepare import prepare
+from src.experiments.report import report
+from tests.experiments_fixtures import CONFIGS, smoke_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # 4 TensorFlow processes: about 40 s on 2 idle cores
+def test_joblib_multirun_then_report(tmp_path):
+    cfg = smoke_config(tmp_path)
+    prepare(cfg)
+    command = [
+        sys.executable, "-m", "src.experiments.train", "-m", "experiment=smoke",
+        f"data.root={tmp_path}/raw", f"data.processed={tmp_path}/processed",
+        f"runs_dir={tmp_path}/runs", f"results_dir={tmp_path}/results", "progress=false",
+        "fold=0,1", "variant=vnet,vnet_crf", "hydra/launcher=local_parallel",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=400)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in done.stdout.decode() + done.stderr.decode()
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.name.isdigit())
+    assert jobs == ["0", "1", "2", "3"]
+
+    result = report(cfg)
+    with open(result.folder / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({(r["fold"], r["variant"]) for r in rows}) == [
+        ("0", "vnet"), ("0", "vnet_crf"), ("1", "vnet"), ("1", "vnet_crf"),
+    ]  # fmt: skip
+    assert len(rows) == 8  # 4 cases x 2 variants, one region
+
+
+def test_slurm_launcher_config_composes():
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["experiment=promise_cv", "hydra/launcher=slurm"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.gpus_per_node == 1 and launcher.max_num_timeout == 3
