@@ -1,7 +1,9 @@
 """CRF-as-RNN Keras layer and dense-CRF post-processing (built on src.lattice_op).
 
-CrfRnn       the trainable Keras 3 layer, called on [unaries, image]
+CrfRnn       the trainable Keras 3 layer, called on [unaries, image] (learn_theta=True: the
+             kernel widths are weights too)
 mean_field   the functional mean-field inference both build on
+src.crf.callbacks   ThetaLogger / log_theta_summaries: the learnt widths to TensorBoard
 """
 
 from src.crf.functional import mean_field

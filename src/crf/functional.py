@@ -44,17 +44,20 @@ EXACT_BILATERAL_MAX_VOXELS = 8192
 SPATIAL_TRUNCATE = 4.0
 
 Filter = Callable[[tf.Tensor], tf.Tensor]
+# A kernel width: a Python number (a fixed setting) or a scalar tensor (a learnt one, e.g.
+# exp of a trainable log-theta; gradients then reach it through the features or the taps).
+Width = float | tf.Tensor
 
 
 def positions(
-    shape: tf.Tensor, spacing: Sequence[float], theta: float, dtype: tf.DType
+    shape: tf.Tensor, spacing: Sequence[float], theta: Width, dtype: tf.DType
 ) -> tf.Tensor:
     """Voxel positions in millimetres divided by `theta` (mm).
 
     Args:
       shape: int32 [rank] dynamic shape of a [B, *spatial, C] tensor.
       spacing: voxel size in mm per spatial axis (len(spatial) entries).
-      theta: kernel width in mm.
+      theta: kernel width in mm: a number, or a scalar tensor (differentiable).
       dtype: output dtype.
 
     Returns:
@@ -63,7 +66,11 @@ def positions(
     ndim = len(spacing)
     channels = []
     for axis in range(ndim):
-        coord = tf.range(shape[axis + 1], dtype=dtype) * (float(spacing[axis]) / float(theta))
+        if isinstance(theta, tf.Tensor | tf.Variable):
+            scale = float(spacing[axis]) / tf.cast(theta, dtype)
+        else:
+            scale = float(spacing[axis]) / float(theta)
+        coord = tf.range(shape[axis + 1], dtype=dtype) * scale
         view = [1] * (ndim + 2)
         view[axis + 1] = -1
         coord = tf.reshape(coord, view)
@@ -72,12 +79,19 @@ def positions(
 
 
 def bilateral_features(
-    image: tf.Tensor, spacing: Sequence[float], theta_alpha: float, theta_beta: Sequence[float]
+    image: tf.Tensor,
+    spacing: Sequence[float],
+    theta_alpha: Width,
+    theta_beta: Sequence[float] | tf.Tensor,
 ) -> tf.Tensor:
     """Features of the appearance kernel: [B, *spatial, ndim + M] = (positions in mm / theta_alpha,
-    image channel c / theta_beta[c]), in the image's dtype."""
+    image channel c / theta_beta[c]), in the image's dtype. theta_alpha (mm) is a number or a
+    scalar tensor; theta_beta (image units) M numbers or an [M] tensor."""
     pos = positions(tf.shape(image), spacing, theta_alpha, image.dtype)
-    scale = tf.constant([1.0 / float(t) for t in theta_beta], dtype=image.dtype)
+    if isinstance(theta_beta, tf.Tensor | tf.Variable):
+        scale = 1.0 / tf.cast(theta_beta, image.dtype)
+    else:
+        scale = tf.constant([1.0 / float(t) for t in theta_beta], dtype=image.dtype)
     return tf.concat([pos, image * scale], axis=-1)
 
 
@@ -125,10 +139,11 @@ def exact_filter(features: tf.Tensor, normalisation: str) -> Filter:
 def separable_spatial_filter(
     shape: tf.Tensor,
     spacing: Sequence[float],
-    theta: float,
+    theta: Width,
     normalisation: str,
     dtype: tf.DType,
     static_shape: Sequence[int | None] | None = None,
+    theta_max: float | None = None,
 ) -> Filter:
     """Spatial Gaussian exp(-|p_i - p_j|^2 / (2 theta^2)) as a separable convolution, one 1-D
     kernel per axis, zero outside the volume (so the sum runs over voxels inside it only).
@@ -139,22 +154,38 @@ def separable_spatial_filter(
     Gaussian's tails beyond 4 sigma (relative mass 6e-5 per axis), with the filter of ones
     computed with the same kernel so the normalisation stays exact for what is summed.
 
+    A learnt width (`theta` a scalar tensor) needs a radius fixed before its value is known: it
+    is taken from `theta_max` (mm), +-ceil(SPATIAL_TRUNCATE * theta_max / spacing) voxels, and
+    the taps exp(-k^2 spacing^2 / (2 theta^2)) are computed in TensorFlow, so the filter is
+    differentiable with respect to theta. For theta <= theta_max the cut lies at >= 4 sigma.
+
     Args:
       shape: int32 [rank] dynamic shape of the [B, *spatial, C] tensors to filter.
-      spacing: mm per spatial axis; theta: kernel width in mm.
+      spacing: mm per spatial axis; theta: kernel width in mm (number or scalar tensor).
       normalisation: "mean" or "symmetric"; dtype: the values' dtype.
       static_shape: the tensors' static shape (None entries allowed), to cap the radius.
+      theta_max: mm, sets the radius when theta is a tensor (required then, ignored otherwise).
     """
+    learnt = isinstance(theta, tf.Tensor | tf.Variable)
+    if learnt and theta_max is None:
+        raise ValueError("separable_spatial_filter: a tensor theta needs theta_max (mm), got None")
     ndim = len(spacing)
     kernels = []
     for axis in range(ndim):
-        sigma = float(theta) / float(spacing[axis])
+        width = float(theta_max) if learnt else float(theta)
+        sigma = width / float(spacing[axis])
         radius = math.ceil(SPATIAL_TRUNCATE * sigma)
         length = None if static_shape is None else static_shape[axis + 1]
         if length is not None:
             radius = min(radius, max(length - 1, 0))
-        taps = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
-        kernels.append(tf.constant(taps, dtype=dtype))
+        if learnt:
+            offsets_mm = tf.constant(
+                [k * float(spacing[axis]) for k in range(-radius, radius + 1)], dtype=dtype
+            )
+            kernels.append(tf.exp(-0.5 * tf.square(offsets_mm / tf.cast(theta, dtype))))
+        else:
+            taps = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
+            kernels.append(tf.constant(taps, dtype=dtype))
 
     def along_axis(values: tf.Tensor, axis: int, kernel: tf.Tensor) -> tf.Tensor:
         vshape = tf.shape(values)
@@ -180,9 +211,9 @@ def mean_field(
     image: tf.Tensor,
     *,
     spacing: Sequence[float],
-    theta_alpha: float,
-    theta_beta: Sequence[float],
-    theta_gamma: float,
+    theta_alpha: Width,
+    theta_beta: Sequence[float] | tf.Tensor,
+    theta_gamma: Width,
     bilateral_weight: tf.Tensor,
     spatial_weight: tf.Tensor,
     compatibility: tf.Tensor,
@@ -190,6 +221,7 @@ def mean_field(
     normalisation: str = "mean",
     bilateral_filter: str = "lattice",
     spatial_filter: str = "separable",
+    theta_gamma_max: float | None = None,
 ) -> tf.Tensor:
     """Mean-field inference of the fully connected CRF (see the module docstring).
 
@@ -198,7 +230,8 @@ def mean_field(
       image: [B, *spatial, M] reference image, same batch and spatial shape, same dtype.
       spacing: voxel size in mm, one entry per spatial axis.
       theta_alpha, theta_gamma: kernel widths in mm (> 0); theta_beta: one width per image
-        channel, in the image's units (> 0).
+        channel, in the image's units (> 0). Numbers, or tensors (scalars, [M] for theta_beta)
+        to learn them: the refined logits are then differentiable with respect to each.
       bilateral_weight, spatial_weight: [K] weights w1, w2 applied to the filtered class l.
       compatibility: [K, K] mu (used as given: zero its diagonal yourself for the paper's model).
       num_iterations: mean-field iterations (>= 1).
@@ -207,6 +240,8 @@ def mean_field(
         the backward pass) or "exact" (dense O(N^2) kernel, for tests).
       spatial_filter: "separable" (exact, per-axis dense Gaussian) or "lattice" (a second,
         position-only lattice).
+      theta_gamma_max: mm; with a tensor theta_gamma and the separable kernel, sets its radius
+        (see separable_spatial_filter).
 
     Returns:
       [B, *spatial, K] refined logits U - p after the last iteration (softmax them for Q).
@@ -233,7 +268,13 @@ def mean_field(
         appearance = exact_filter(features, normalisation)
     if spatial_filter == "separable":
         smoothness = separable_spatial_filter(
-            tf.shape(unaries), spacing, theta_gamma, normalisation, unaries.dtype, unaries.shape
+            tf.shape(unaries),
+            spacing,
+            theta_gamma,
+            normalisation,
+            unaries.dtype,
+            unaries.shape,
+            theta_max=theta_gamma_max,
         )
     else:
         smoothness = lattice_filter(

@@ -104,11 +104,22 @@ class CrfRnn(keras.layers.Layer):
         8192 voxels per image; for tests and float64 gradient checks).
       spatial_filter: "separable" (default; Gaussian cut at 4 sigma, see docs/crf.md for the
         measurement that chose it) or "lattice" (a second, position-only lattice).
+      learn_theta: make the kernel widths trainable (default False). theta_alpha, theta_beta
+        (then one per image channel, each starting at the value given) and theta_gamma become
+        weights ``log_theta_alpha`` [], ``log_theta_beta`` [M], ``log_theta_gamma`` [], the
+        natural logarithms of the widths (so the widths stay > 0), starting at log of the
+        settings above. The settings stay the initial values in get_config; the learnt values
+        are weights (saved with the model) and :meth:`theta_values` reads them.
+      theta_gamma_max: mm, only with learn_theta: the largest theta_gamma allowed (default
+        2 x theta_gamma). The separable spatial kernel's radius is fixed from it,
+        +-ceil(4 theta_gamma_max / spacing) voxels per axis (at most the axis), so the cut lies
+        at >= 4 sigma; log_theta_gamma is clipped to log(theta_gamma_max) after each update.
 
     Weights (trainable): ``bilateral_weight`` w1 [K], ``spatial_weight`` w2 [K],
     ``compatibility`` mu [K, K], whose diagonal is held at zero (masked in call, so the stored
-    diagonal has no effect and receives a zero gradient). The kernel widths are settings, not
-    weights: the lattice gives the features no gradient yet.
+    diagonal has no effect and receives a zero gradient); with learn_theta also the log-widths
+    above (their gradients come through the lattice's feature gradient, see
+    docs/lattice_op.md, or exactly with bilateral_filter="exact").
 
     Raises:
       ValueError: a bad setting (non-positive or non-finite theta, spacing, iteration count,
@@ -133,6 +144,8 @@ class CrfRnn(keras.layers.Layer):
         normalisation: str = "mean",
         bilateral_filter: str = "lattice",
         spatial_filter: str = "separable",
+        learn_theta: bool = False,
+        theta_gamma_max: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -152,6 +165,18 @@ class CrfRnn(keras.layers.Layer):
         self.normalisation = _choice("normalisation", normalisation, mf.NORMALISATIONS)
         self.bilateral_filter = _choice("bilateral_filter", bilateral_filter, mf.BILATERAL_FILTERS)
         self.spatial_filter = _choice("spatial_filter", spatial_filter, mf.SPATIAL_FILTERS)
+        if not isinstance(learn_theta, bool | np.bool_):
+            raise ValueError(f"learn_theta must be True or False, got {learn_theta!r}")
+        self.learn_theta = bool(learn_theta)
+        if theta_gamma_max is None:
+            self.theta_gamma_max = None
+        else:
+            self.theta_gamma_max = _positive("theta_gamma_max", theta_gamma_max)
+            if self.theta_gamma_max < self.theta_gamma:
+                raise ValueError(
+                    f"theta_gamma_max must be >= theta_gamma ({self.theta_gamma} mm), got "
+                    f"{self.theta_gamma_max}"
+                )
 
     def _check_shapes(self, unaries_shape: Any, image_shape: Any) -> None:
         u = tf.TensorShape(unaries_shape)
@@ -212,6 +237,46 @@ class CrfRnn(keras.layers.Layer):
             shape=(num_classes, num_classes),
             initializer=_exact_constant(potts),
         )
+        if self.learn_theta:
+            channels = int(image_shape[-1])
+            beta = self.theta_beta * channels if len(self.theta_beta) == 1 else self.theta_beta
+            self.log_theta_alpha = self.add_weight(
+                name="log_theta_alpha",
+                shape=(),
+                initializer=_exact_constant(np.log(self.theta_alpha)),
+            )
+            self.log_theta_beta = self.add_weight(
+                name="log_theta_beta",
+                shape=(channels,),
+                initializer=_exact_constant(np.log(np.asarray(beta, dtype=np.float64))),
+            )
+            log_max = math.log(self._gamma_max())
+            self.log_theta_gamma = self.add_weight(
+                name="log_theta_gamma",
+                shape=(),
+                initializer=_exact_constant(np.log(self.theta_gamma)),
+                constraint=lambda v: tf.minimum(v, tf.cast(log_max, v.dtype)),
+            )
+
+    def _gamma_max(self) -> float:
+        """The largest learnt theta_gamma in mm (theta_gamma_max, default 2 x theta_gamma)."""
+        return self.theta_gamma_max if self.theta_gamma_max is not None else 2.0 * self.theta_gamma
+
+    def theta_values(self) -> dict[str, Any]:
+        """The kernel widths now in use: {"theta_alpha": mm, "theta_beta": [image units per
+        channel], "theta_gamma": mm}, plain floats (the learnt values when learn_theta and
+        built; otherwise the settings, theta_beta as given)."""
+        if self.learn_theta and self.built:
+            return {
+                "theta_alpha": float(np.exp(np.asarray(self.log_theta_alpha))),
+                "theta_beta": np.exp(np.asarray(self.log_theta_beta)).astype(float).tolist(),
+                "theta_gamma": float(np.exp(np.asarray(self.log_theta_gamma))),
+            }
+        return {
+            "theta_alpha": self.theta_alpha,
+            "theta_beta": list(self.theta_beta),
+            "theta_gamma": self.theta_gamma,
+        }
 
     def call(self, inputs: Sequence[tf.Tensor], training: bool | None = None) -> tf.Tensor:
         unaries, image = inputs
@@ -229,18 +294,25 @@ class CrfRnn(keras.layers.Layer):
             unaries, image = tf.identity(unaries), tf.identity(image)
         ndim = unaries.shape.rank - 2
         spacing = self.spacing if self.spacing is not None else [1.0] * ndim
+        theta_alpha, theta_gamma = self.theta_alpha, self.theta_gamma
         theta_beta = self.theta_beta
         if len(theta_beta) == 1:
             theta_beta = theta_beta * image.shape[-1]
+        gamma_max = None
+        if self.learn_theta:
+            theta_alpha = tf.exp(tf.cast(self.log_theta_alpha, unaries.dtype))
+            theta_beta = tf.exp(tf.cast(self.log_theta_beta, unaries.dtype))
+            theta_gamma = tf.exp(tf.cast(self.log_theta_gamma, unaries.dtype))
+            gamma_max = self._gamma_max()
         mask = 1.0 - tf.eye(self.num_classes, dtype=unaries.dtype)
         iterations = self.num_iterations if training else self.num_iterations_inference
         return mf.mean_field(
             unaries,
             image,
             spacing=spacing,
-            theta_alpha=self.theta_alpha,
+            theta_alpha=theta_alpha,
             theta_beta=theta_beta,
-            theta_gamma=self.theta_gamma,
+            theta_gamma=theta_gamma,
             bilateral_weight=tf.cast(self.bilateral_weight, unaries.dtype),
             spatial_weight=tf.cast(self.spatial_weight, unaries.dtype),
             compatibility=tf.cast(self.compatibility, unaries.dtype) * mask,
@@ -248,6 +320,7 @@ class CrfRnn(keras.layers.Layer):
             normalisation=self.normalisation,
             bilateral_filter=self.bilateral_filter,
             spatial_filter=self.spatial_filter,
+            theta_gamma_max=gamma_max,
         )
 
     def compute_output_shape(self, input_shape: Any) -> Any:
@@ -268,5 +341,7 @@ class CrfRnn(keras.layers.Layer):
             normalisation=self.normalisation,
             bilateral_filter=self.bilateral_filter,
             spatial_filter=self.spatial_filter,
+            learn_theta=self.learn_theta,
+            theta_gamma_max=self.theta_gamma_max,
         )
         return config
