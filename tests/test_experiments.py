@@ -216,3 +216,18 @@ def test_missing_data_set_stops_at_once_with_where_to_get_it(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"promise12\.grand-challenge\.org"):
         cross_validate(cfg)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_unreadable_checkpoint_names_the_file(smoke_cfg):
+    from omegaconf import OmegaConf
+
+    from src.datasets.errors import DataError
+    from src.experiments.train import train
+
+    cfg = OmegaConf.merge(smoke_cfg, {"train": {"steps": 4, "stop_after": 2, "seed": 99}})
+    first = train(cfg, 0, "vnet")
+    assert first.steps_done == 2 and not first.complete
+    for data in (first.run_dir / "checkpoints").glob("*.data-*"):
+        data.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"ckpt-2.*delete the run folder"):
+        train(cfg, 0, "vnet")

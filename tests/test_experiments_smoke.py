@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import tensorflow as tf
 from scipy import stats
 
@@ -17,7 +18,7 @@ from tests.experiments_fixtures import smoke_config
 
 
 def test_smoke_chain_report_content(tmp_path):
-    cfg = smoke_config(tmp_path)
+    cfg = smoke_config(tmp_path, "evaluate.export=true", "evaluate.export_format=.mha")
     result = cross_validate(cfg)
     folder = result.report.folder
     assert folder.parent == tmp_path / "results" / "smoke"
@@ -77,6 +78,16 @@ def test_smoke_chain_report_content(tmp_path):
             for v in ev.summary.value}  # fmt: skip
     assert {"train/loss", "train/dice", "train/learning_rate",
             "train/image_label_prediction"} <= tags  # fmt: skip
+
+    # predictions written back in the source geometry (compared with the raw label file)
+    case = splits[0]["val"][0]
+    exported = sitk.ReadImage(str(run.parent / common.run_dir(cfg, 0, "vnet").name / "export"
+                                  / f"{case}.mha"))  # fmt: skip
+    raw = sitk.ReadImage(str(tmp_path / "raw" / f"{case}_segmentation.mhd"))
+    assert exported.GetSize() == raw.GetSize()
+    np.testing.assert_allclose(exported.GetSpacing(), raw.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(exported.GetOrigin(), raw.GetOrigin(), atol=1e-6)
+    assert set(np.unique(sitk.GetArrayFromImage(exported))) <= {0, 1}
 
     # a second report never overwrites the first
     second = report(cfg)

@@ -243,7 +243,15 @@ def train(
         ckpt, str(out / "checkpoints"), max_to_keep=int(tcfg["keep_checkpoints"])
     )
     if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        try:
+            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        except (AssertionError, IndexError, ValueError, tf.errors.OpError) as exc:
+            raise DataError(
+                manager.latest_checkpoint,
+                "a checkpoint of this run's model and optimiser (delete the run folder to "
+                "start it over)",
+                f"{type(exc).__name__}: {str(exc)[:200]}",
+            ) from exc
     start = int(step_var.numpy())
     stop_after = tcfg.get("stop_after")
     end = steps if stop_after is None else min(steps, start + int(stop_after))
