@@ -58,10 +58,13 @@ def train_crf(
     spacing: Sequence[float],
     crf_cfg: Mapping[str, Any],
     train_cfg: Mapping[str, Any],
+    theta_trace: list[dict[str, Any]] | None = None,
 ) -> tuple[Any, list[float]]:
-    """Fits only a CrfRnn's weights (w1, w2, mu) on one example: unaries [*spatial, K],
-    image [*spatial, M], reference labels [*spatial]; cross-entropy on the refined logits.
-    Returns the trained layer and the loss per step."""
+    """Fits only a CrfRnn's weights (w1, w2, mu; with ``learn_theta: true`` in `crf_cfg` also
+    its kernel widths) on one example: unaries [*spatial, K], image [*spatial, M], reference
+    labels [*spatial]; cross-entropy on the refined logits. Returns the trained layer and the
+    loss per step; `theta_trace`, when given, gets the layer's theta_values() before the first
+    step and after every step."""
     import keras
     import tensorflow as tf
 
@@ -84,7 +87,13 @@ def train_crf(
         optimizer.apply_gradients(zip(grads, layer.trainable_variables, strict=True))
         return loss
 
-    losses = [float(step()) for _ in range(int(train_cfg["steps"]))]
+    losses = []
+    if theta_trace is not None:
+        theta_trace.append(layer.theta_values())
+    for _ in range(int(train_cfg["steps"])):
+        losses.append(float(step()))
+        if theta_trace is not None:
+            theta_trace.append(layer.theta_values())
     return layer, losses
 
 
@@ -115,12 +124,14 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 def layer_weights(layer: Any) -> dict[str, Any]:
-    """The trained weights (mu with its effective zero diagonal) as plain lists."""
+    """The trained weights (mu with its effective zero diagonal) and the kernel widths in use
+    (learnt or set) as plain lists."""
     mu = np.asarray(layer.compatibility) * (1.0 - np.eye(layer.num_classes))
     return {
         "bilateral_weight": np.asarray(layer.bilateral_weight).round(4).tolist(),
         "spatial_weight": np.asarray(layer.spatial_weight).round(4).tolist(),
         "compatibility": mu.round(4).tolist(),
+        "theta": layer.theta_values(),
     }
 
 

@@ -5,6 +5,7 @@ the logging callback, and a short training run whose theta moves toward a better
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -277,3 +278,71 @@ def test_training_lowers_loss_and_moves_theta_toward_a_better_value() -> None:
     assert losses[-1] < 0.7 * losses[0], losses
     start, end = math.log(2.0), math.log(betas[-1])
     assert abs(end - math.log(best)) < 0.5 * abs(start - math.log(best)), (betas, best)
+
+
+def _sanity_theta():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sanity_theta.py"
+    spec = importlib.util.spec_from_file_location("sanity_theta", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sanity_theta_settings_hand_checked() -> None:
+    """scripts/sanity_theta.py: widths scaled as documented, 2D pixel settings divided by the
+    extra downsampling, theta_beta summarised by its geometric mean."""
+    from omegaconf import OmegaConf
+
+    st = _sanity_theta()
+    cfg = OmegaConf.create(
+        {
+            "downsample": 1,
+            "distortion": {"shift": [6.0, -8.0], "blur_sigma": 5.0},
+            "crf": {"theta_alpha": 30.0, "theta_beta": [20.0, 40.0], "theta_gamma": 3.0},
+            "theta_search": {"downsample": 2},
+        }
+    )
+    crf = st.scaled_crf(cfg, 4.0)
+    assert (crf["theta_alpha"], crf["theta_beta"], crf["theta_gamma"]) == (
+        120.0,
+        [80.0, 160.0],
+        12.0,
+    )
+    crf = st.scaled_crf(cfg, 1.0, alpha=2.0, beta=0.25)
+    assert (crf["theta_alpha"], crf["theta_beta"], crf["theta_gamma"]) == (60.0, [5.0, 10.0], 3.0)
+    small = st.pixels_downsampled(cfg)
+    assert small.downsample == 2 and list(small.distortion.shift) == [3.0, -4.0]
+    assert (small.distortion.blur_sigma, small.crf.theta_alpha, small.crf.theta_gamma) == (
+        2.5,
+        15.0,
+        1.5,
+    )
+    assert list(small.crf.theta_beta) == [20.0, 40.0]  # colour units: unchanged
+    assert st.geomean([2.0, 8.0]) == pytest.approx(4.0) and st.geomean(3.0) == pytest.approx(3.0)
+
+
+@pytest.mark.slow
+def test_sanity_theta_runs_end_to_end(tmp_path) -> None:
+    """The 3D script on its config with 3 steps and one grid cell each: writes the run folder
+    and its widths per step (steps + 1 entries, starting at 4x the config's)."""
+    from omegaconf import OmegaConf
+
+    st = _sanity_theta()
+    cfg = OmegaConf.load(st.ROOT / "configs" / "crf" / "sanity_3d.yaml")
+    cfg.train.steps = 3
+    cfg.theta_search.learn_steps = 3
+    cfg.theta_search.scales = [1.0]
+    cfg.theta_search.alpha_beta_scales = {"alpha": [1.0], "beta": [1.0]}
+    metrics = st.run(3, cfg, str(tmp_path), log=lambda *_: None)
+    trace = metrics["learnt"]["theta_trace"]
+    assert len(trace) == 4
+    assert trace[0]["theta_alpha"] == pytest.approx(4 * cfg.crf.theta_alpha, rel=1e-6)
+    assert metrics["grid"][0]["dice"] == pytest.approx(metrics["grid_alpha_beta"][0]["dice"])
+    assert {p.name for p in Path(metrics["run_dir"]).iterdir()} == {
+        "metrics.json",
+        "config.yaml",
+        "figure.png",
+    }
