@@ -3,7 +3,7 @@
 Builds a 48 x 96 x 96 volume at 2 x 1 x 1 mm (a bright ellipsoid with a soft border in noise),
 filters it with a bilateral kernel (theta_alpha = 4 mm, theta_beta = 0.25) and with a purely
 spatial one, and prints the noise left inside the organ and the sharpness of its border for
-both, plus the timings. Run with `make demo`.
+both, plus the timings. Run with `make demo-lattice`.
 """
 
 from __future__ import annotations
