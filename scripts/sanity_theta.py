@@ -25,7 +25,8 @@ run's path over it; each learnt width / the config's against the step; theta_bet
 geometric mean over the image channels) and config.yaml; prints a summary.
 ``--previous METRICS`` reuses the parts an earlier run computed (drop its "learnt" entry to
 rerun only the learnt run, e.g. from another ``start_scale``); ``--replot METRICS PNG``
-only redraws a figure.
+only redraws a figure; ``--time-steps N`` only times a training step with theta fixed and
+learnt.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -230,6 +232,48 @@ def _finish(
     return metrics
 
 
+def time_steps(dim: int, cfg: Any, steps: int, log: Any = print) -> dict[str, float]:
+    """Seconds per training step (forward, backward, Adam update; traced once, 2 warm-up steps,
+    then the mean of `steps`) on the experiment's data, without and with learn_theta, each
+    measured twice in alternation. Returns {"fixed": s, "learnt": s} (the smaller of each
+    pair)."""
+    import keras
+    import tensorflow as tf
+
+    from src.crf import CrfRnn
+
+    if dim == 2:
+        cfg = pixels_downsampled(cfg)
+    unaries, image, reference, spacing = experiment_data(dim, cfg)
+    u, im = tf.constant(unaries[None]), tf.constant(image[None])
+    target = tf.constant(reference[None])
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    best: dict[str, float] = {}
+    for learn in (False, True, False, True):
+        crf = OmegaConf.to_container(cfg.crf)
+        layer = CrfRnn(spacing=list(spacing), learn_theta=learn, **crf)
+        layer([u, im])
+        optimizer = keras.optimizers.Adam(float(cfg.train.learning_rate))
+
+        @tf.function
+        def step(layer: Any = layer, optimizer: Any = optimizer) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                loss = loss_fn(target, layer([u, im], training=True))
+            grads = tape.gradient(loss, layer.trainable_variables)
+            optimizer.apply_gradients(zip(grads, layer.trainable_variables, strict=True))
+            return loss
+
+        step(), step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = (time.perf_counter() - t0) / steps
+        key = "learnt" if learn else "fixed"
+        best[key] = min(best.get(key, math.inf), seconds)
+        log(f"{dim}D {image.shape}: learn_theta={learn}: {seconds:.3f} s/step")
+    return best
+
+
 def figure(path: Path, metrics: dict[str, Any]) -> None:
     """Up to three panels, for the parts present: the joint grid's Dice against the common scale
     (with the learnt run's final Dice); the theta_alpha x theta_beta grid's Dice as a map with
@@ -327,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, choices=(2, 3))
     parser.add_argument(
+        "--time-steps", type=int, metavar="N", help="only time N training steps, theta fixed/learnt"
+    )
+    parser.add_argument(
         "--replot", nargs=2, metavar=("METRICS", "PNG"), help="only redraw a run's figure"
     )
     parser.add_argument("--config", help="default configs/crf/sanity_{2d,3d}.yaml")
@@ -343,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--dim is required (2 or 3) unless --replot")
     config = args.config or str(ROOT / "configs" / "crf" / f"sanity_{args.dim}d.yaml")
     cfg = OmegaConf.merge(OmegaConf.load(config), OmegaConf.from_dotlist(args.set))
+    if args.time_steps:
+        time_steps(args.dim, cfg, args.time_steps)
+        return 0
     if "theta_search" not in cfg:
         print(f"{config} has no theta_search section (scales, start_scale, learn_steps)")
         return 2
