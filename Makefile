@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 .PHONY: setup build lint test test-all bench-lattice bench-core study-feature-grad demo demo-lattice clean help
 .PHONY: reproduce-promise reproduce-brats smoke
 .PHONY: data-promise data-brats data-synthetic
-.PHONY: bench-crf sanity-2d sanity-3d
+.PHONY: bench-crf sanity-2d sanity-3d sanity-theta
 
 help:
 	@echo "make test           set up, build the op, lint, run the fast tests"
@@ -42,6 +42,7 @@ help:
 	@echo "make bench-crf      dense_crf against pydensecrf2 on phantoms (docs/crf.md)"
 	@echo "make sanity-2d      train only the CRF to undo a distorted segmentation of a photo"
 	@echo "make sanity-3d      the same on a 3D phantom with soft borders (results/sanity_3d)"
+	@echo "make sanity-theta   learn the kernel widths from 4x too wide, against grid searches"
 
 setup: $(STAMP)
 
@@ -133,6 +134,10 @@ sanity-2d: $(STAMP) $(LIB)
 
 sanity-3d: $(STAMP) $(LIB)
 	PYTHONPATH=. $(PY) scripts/sanity_3d.py $(ARGS)
+
+# Learning theta from widths 4x too wide, against grid searches (docs/crf.md); ARGS="--dim 2"
+sanity-theta: $(STAMP) $(LIB)
+	PYTHONPATH=. $(PY) scripts/sanity_theta.py $(if $(ARGS),$(ARGS),--dim 3)
 
 clean:
 	rm -rf $(BUILD)

@@ -158,6 +158,24 @@ def test_run_dir_identity():
         common.run_dir(cfg, 0, "unet")
 
 
+def test_variant_with_learnt_theta_overrides_only_its_crf():
+    cfg = compose_config(["experiment=promise_cv"])
+    assert list(cfg.variants) == ["vnet", "vnet_crf", "vnet_crf_theta"]
+    assert common.variant_crf(cfg, "vnet") is None
+    assert common.variant_crf(cfg, "vnet_crf")["learn_theta"] is False
+    learnt = common.variant_crf(cfg, "vnet_crf_theta")
+    assert learnt["learn_theta"] is True
+    assert {k: v for k, v in learnt.items() if k != "learn_theta"} == {
+        k: v for k, v in common.variant_crf(cfg, "vnet_crf").items() if k != "learn_theta"
+    }
+    assert common.run_dir(cfg, 0, "vnet_crf_theta") != common.run_dir(cfg, 0, "vnet_crf")
+    bad = compose_config(
+        ["experiment=promise_cv", "+variants.vnet_crf_theta.crf_overrides.learn_thetas=true"]
+    )
+    with pytest.raises(ConfigError, match=r"crf_overrides\.learn_thetas"):
+        common.variant_crf(bad, "vnet_crf_theta")
+
+
 def test_label_lut_maps_values_to_class_indices():
     lut = common.label_lut([0, 1, 2, 4])
     np.testing.assert_array_equal(lut, [0, 1, 2, -1, 3])

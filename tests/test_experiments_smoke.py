@@ -33,7 +33,7 @@ def test_smoke_chain_report_content(tmp_path):
     splits = json.loads((tmp_path / "processed" / "splits.json").read_text())
     cases = sorted(c for s in splits for c in s["val"])
     assert len(cases) == 4
-    for variant in ("vnet", "vnet_crf"):
+    for variant in ("vnet", "vnet_crf", "vnet_crf_theta"):
         got = sorted(r["case"] for r in rows if r["variant"] == variant)
         assert got == cases  # every case predicted once, by the fold that did not see it
     for r in rows:
@@ -65,6 +65,7 @@ def test_smoke_chain_report_content(tmp_path):
     row = re.search(r"\| V-Net \| ([0-9.]+) ± ([0-9.]+) \| 0\.767 ± 0\.109 \|", md)
     assert row and float(row.group(1)) == pytest.approx(dice["vnet"].mean(), abs=5e-4)
     assert re.search(r"\| V-Net \+ CRF \| [0-9.]+ ± [0-9.]+ \| 0\.780 ± 0\.110 \|", md)
+    assert re.search(r"\| V-Net \+ CRF \(learnt theta\) \| [0-9.]+ ± [0-9.]+ \|", md)
     assert "p (paired t-test)" in md and "p (Wilcoxon)" in md and "95% CI" in md
     assert "![Dice per case](dice.png)" in md
     assert "steps: 4" in (folder / "config.yaml").read_text()
@@ -78,6 +79,15 @@ def test_smoke_chain_report_content(tmp_path):
             for v in ev.summary.value}  # fmt: skip
     assert {"train/loss", "train/dice", "train/learning_rate",
             "train/image_label_prediction"} <= tags  # fmt: skip
+    # the variant with learnt widths logs them, and they moved from their starting values
+    learnt = common.run_dir(cfg, 1, "vnet_crf_theta")
+    widths = {}
+    for e in (learnt / "tensorboard").glob("events.out.tfevents.*"):
+        for ev in tf.compat.v1.train.summary_iterator(str(e)):
+            for v in ev.summary.value:
+                if v.tag.startswith("crf/") and v.tag.endswith("/theta_alpha"):
+                    widths[ev.step] = float(tf.make_ndarray(v.tensor))
+    assert len(widths) >= 2 and widths[min(widths)] != widths[max(widths)]
 
     # predictions written back in the source geometry (compared with the raw label file)
     case = splits[0]["val"][0]

@@ -42,11 +42,24 @@ def variant_names(cfg: Mapping) -> list[str]:
 
 
 def variant_crf(cfg: Mapping, variant: str) -> dict | None:
-    """The CRF head settings of ``variant`` (``cfg.crf`` when its ``crf`` flag is true) or None."""
+    """The CRF head settings of ``variant`` or None: ``cfg.crf`` when its ``crf`` flag is true,
+    updated with the variant's ``crf_overrides`` (e.g. ``{learn_theta: true}`` for the variant
+    with learnt kernel widths); an override must name a setting that ``cfg.crf`` has."""
     variants = cfg.get("variants") or {}
     if variant not in variants:
         raise ConfigError("variant", f"one of {list(variants)}", variant)
-    return plain(cfg["crf"]) if bool(variants[variant]["crf"]) else None
+    spec = variants[variant]
+    if not bool(spec["crf"]):
+        return None
+    settings = plain(cfg["crf"])
+    overrides = plain(spec.get("crf_overrides") or {})
+    for key, value in overrides.items():
+        if key not in settings:
+            raise ConfigError(
+                f"variants.{variant}.crf_overrides.{key}", f"one of {sorted(settings)}", key
+            )
+        settings[key] = value
+    return settings
 
 
 def run_identity(cfg: Mapping, fold: int, variant: str) -> dict:

@@ -32,6 +32,7 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from src.crf.callbacks import log_theta_summaries
 from src.datasets.cache import atomic_write_json
 from src.datasets.errors import ConfigError, DataError, DatasetNotFoundError
 from src.datasets.io import atomic_output
@@ -300,6 +301,7 @@ def train(
                 tf.summary.scalar("train/loss", loss, step=step)
                 tf.summary.scalar("train/dice", dice, step=step)
                 tf.summary.scalar("train/learning_rate", lr_now, step=step)
+                log_theta_summaries(model, step)  # kernel widths of a CRF head, if any
                 history.append({"step": step, "loss": last_loss, "dice": float(dice)})
                 bar.set_postfix(loss=f"{last_loss:.3f}", dice=f"{float(dice):.3f}")
             if step % int(tcfg["image_every"]) == 0 or step == end:
