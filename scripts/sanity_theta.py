@@ -353,9 +353,8 @@ def figure(path: Path, metrics: dict[str, Any]) -> None:
                 values = [geomean(t[key]) / base[key] for t in learnt["theta_trace"]]
                 ax.plot(steps, values, color=colour, label=key)
             if "grid_best" in metrics:
-                ax.axhline(
-                    metrics["grid_best"]["scale"], color="k", ls="--", label="joint grid's best"
-                )
+                best = metrics["grid_best"]["scale"]
+                ax.axhline(best, color="k", ls="--", label="common-scale grid's best")
             ax.set_yscale("log", base=2)
             ax.set_xlabel("training step")
             ax.set_ylabel("learnt width / config's width")
