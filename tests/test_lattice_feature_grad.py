@@ -2,8 +2,8 @@
 
 References: TensorFlow's autodiff through a dense float64 Gaussian kernel (exact), for the
 formula itself and for the lattice's approximation of it. Stated agreement between the
-lattice's gradient of the normalised filter and the exact one (measured values in brackets,
-scripts/study_feature_grad.py):
+lattice's gradient of the normalised filter and the exact one (in brackets the values measured
+on this file's cases; scripts/study_feature_grad.py compares the other route on further cases):
   F <= 3: cosine >= 0.99 (0.993-0.998), relative L2 error <= 0.15 (0.06-0.12);
   F 4-5:  cosine >= 0.975 (0.981-0.994), relative error <= 0.25 (0.12-0.22);
   F = 7:  cosine >= 0.93 (0.946-0.982), relative error <= 0.45 (0.23-0.41).
