@@ -8,6 +8,7 @@ eagerly, inside ``tf.function`` and inside ``model.fit``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -142,7 +143,7 @@ def _outer(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
 
 
 def feature_gradient(
-    filter_fn,
+    filter_fn: Callable[[tf.Tensor, bool], tf.Tensor],
     values: tf.Tensor,
     features: tf.Tensor,
     grad: tf.Tensor,

@@ -5,7 +5,6 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <memory>
 #include <new>
 #include <sstream>
 #include <utility>
@@ -108,6 +107,7 @@ KeyTable::KeyTable(int d, int64_t max_points)
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     c = (z ^ (z >> 31)) | 1u;
+    coefficient_sum_ += c;
   }
   Rehash(64);
 }
@@ -227,8 +227,7 @@ bool EmbedRange(const float* features, int64_t begin, int64_t end, const Embeddi
       bary(static_cast<size_t>(d1 + 1));
   std::vector<int32_t> simplex(static_cast<size_t>(2 * d1)), previous(static_cast<size_t>(2 * d1)),
       by_rank(static_cast<size_t>(d1));
-  uint64_t coefficient_sum = 0;
-  for (int i = 0; i < d; ++i) coefficient_sum += table.coefficient(i);
+  const uint64_t coefficient_sum = table.coefficient_sum();
   int32_t* rem0 = simplex.data();
   int32_t* rank = simplex.data() + d1;
   bool have_previous = false;
@@ -407,8 +406,7 @@ void LatticeBuilder::BlurNeighbours(int64_t total_points, int32_t index_base, in
   // Neighbour keys of a few points at a time go to FindMany as one batch; slot q of the batch
   // is (point p0 + q / (2 (d+1)), direction (q / 2) mod (d+1), minus or plus).
   const int per_point = 2 * (d + 1);
-  uint64_t coefficient_sum = 0;
-  for (int i = 0; i < d; ++i) coefficient_sum += table_->coefficient(i);
+  const uint64_t coefficient_sum = table_->coefficient_sum();
   par.For(m, 60 * d * (d + 1), [&](int64_t b, int64_t e) {
     std::vector<int32_t> keys(static_cast<size_t>(KeyTable::kMaxBatch) * d);
     uint64_t hashes[KeyTable::kMaxBatch];

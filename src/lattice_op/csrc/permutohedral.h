@@ -80,6 +80,8 @@ class KeyTable {
   // hashes of a simplex's vertices and of a point's blur neighbours follow from one another by
   // an addition (see EmbedRange and BlurNeighbours) instead of a pass over d coordinates each.
   uint64_t coefficient(int i) const { return coefficients_[static_cast<size_t>(i)]; }
+  // The sum of the d coefficients: the hash change of adding (1, ..., 1) to a key.
+  uint64_t coefficient_sum() const { return coefficient_sum_; }
   uint64_t Linear(const int32_t* key) const;
   static uint64_t Mix(uint64_t linear) {
     linear ^= linear >> 33;
@@ -114,6 +116,7 @@ class KeyTable {
   int d_;
   int64_t max_points_;
   std::vector<uint64_t> coefficients_;  // odd, one per key coordinate
+  uint64_t coefficient_sum_ = 0;
   int64_t size_ = 0;
   std::vector<int32_t> keys_;
   std::vector<uint64_t> slots_;  // power-of-two capacity; 0 marks an empty slot
