@@ -9,9 +9,10 @@ BENCH_STAMP := $(VENV)/.installed-bench
 CSRC       := src/lattice_op/csrc
 BUILD      := build
 LIB        := $(BUILD)/libcrf3d_lattice.so
-CORE_SRC   := $(CSRC)/permutohedral.cc
-CORE_HDR   := $(CSRC)/permutohedral.h $(CSRC)/parallel.h
+CORE_SRC   := $(CSRC)/permutohedral.cc $(CSRC)/gaussian.cc $(CSRC)/mean_field.cc
+CORE_HDR   := $(CSRC)/permutohedral.h $(CSRC)/parallel.h $(CSRC)/gaussian.h $(CSRC)/mean_field.h
 TF_SRC     := $(CSRC)/tf_ops.cc $(CSRC)/tf_kernels.cc
+CORE_OBJ   := $(patsubst $(CSRC)/%.cc,$(BUILD)/%.o,$(CORE_SRC))
 CXX        ?= g++
 OPT        ?= -O3
 # The framework-free core is held to -Wall -Wextra -Werror; TensorFlow's headers warn, so the
@@ -58,15 +59,15 @@ $(BENCH_STAMP): requirements-bench.txt $(STAMP)
 
 build: $(LIB)
 
-$(BUILD)/permutohedral.o: $(CORE_SRC) $(CORE_HDR)
+$(BUILD)/%.o: $(CSRC)/%.cc $(CORE_HDR)
 	@mkdir -p $(BUILD)
-	$(CXX) $(CORE_FLAGS) -c $(CORE_SRC) -o $@
+	$(CXX) $(CORE_FLAGS) -c $< -o $@
 
-$(LIB): $(BUILD)/permutohedral.o $(TF_SRC) $(CORE_HDR) $(STAMP)
+$(LIB): $(CORE_OBJ) $(TF_SRC) $(CORE_HDR) $(STAMP)
 	@mkdir -p $(BUILD)
 	$(CXX) -std=c++17 $(OPT) -fPIC -shared -pthread -Wall -Wno-deprecated-declarations \
 	  $$($(PY) -c 'import tensorflow as tf; print(" ".join(tf.sysconfig.get_compile_flags()))' 2>/dev/null) \
-	  $(TF_SRC) $(BUILD)/permutohedral.o -o $@.tmp \
+	  $(TF_SRC) $(CORE_OBJ) -o $@.tmp \
 	  $$($(PY) -c 'import tensorflow as tf; print(" ".join(tf.sysconfig.get_link_flags()))' 2>/dev/null)
 	@mv $@.tmp $@
 
@@ -120,8 +121,8 @@ study-feature-grad: $(STAMP) $(LIB)
 	PYTHONPATH=. $(PY) scripts/study_feature_grad.py
 
 # Stage timings of the C++ core without TensorFlow (docs/lattice_op.md), 1 and 2 threads.
-bench-core: $(STAMP) $(BUILD)/permutohedral.o scripts/bench_core.cc
-	$(CXX) $(CORE_FLAGS) -I$(CSRC) scripts/bench_core.cc $(BUILD)/permutohedral.o -o $(BUILD)/bench_core
+bench-core: $(STAMP) $(CORE_OBJ) scripts/bench_core.cc
+	$(CXX) $(CORE_FLAGS) -I$(CSRC) scripts/bench_core.cc $(CORE_OBJ) -o $(BUILD)/bench_core
 	PYTHONPATH=. $(PY) scripts/bench_lattice.py --dump $(BUILD)/bench_data $(ARGS)
 	@for ref in $(BUILD)/bench_data/*/; do for t in 1 2; do $(BUILD)/bench_core $$ref $$t 3; done; done
 

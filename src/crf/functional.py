@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from src.lattice_op import Lattice
+from src.lattice_op import Lattice, _library, gaussian_taps, separable_filter
 
 NORMALISATIONS = ("mean", "symmetric")
 BILATERAL_FILTERS = ("lattice", "exact")
@@ -136,6 +136,19 @@ def exact_filter(features: tf.Tensor, normalisation: str) -> Filter:
     return _normalised(apply, apply(ones), normalisation)
 
 
+def spatial_taps(
+    spacing: Sequence[float], theta: float, static_shape: Sequence[int | None] | None = None
+) -> list[list[float]]:
+    """Per-axis taps of the truncated spatial Gaussian of width theta (mm): sigma_a =
+    theta / spacing_a voxels, +-ceil(SPATIAL_TRUNCATE * sigma_a) taps, capped by the axis length
+    of a [B, *spatial, C] static shape where known."""
+    taps = []
+    for axis, step in enumerate(spacing):
+        length = None if static_shape is None else static_shape[axis + 1]
+        taps.append(gaussian_taps(float(theta) / float(step), SPATIAL_TRUNCATE, length))
+    return taps
+
+
 def separable_spatial_filter(
     shape: tf.Tensor,
     spacing: Sequence[float],
@@ -154,6 +167,9 @@ def separable_spatial_filter(
     Gaussian's tails beyond 4 sigma (relative mass 6e-5 per axis), with the filter of ones
     computed with the same kernel so the normalisation stays exact for what is summed.
 
+    A fixed width in float32 runs on the compiled separable op (src/lattice_op/separable.py,
+    a multiply-add per tap in C++); float64 and learnt widths use depthwise convolutions.
+
     A learnt width (`theta` a scalar tensor) needs a radius fixed before its value is known: it
     is taken from `theta_max` (mm), +-ceil(SPATIAL_TRUNCATE * theta_max / spacing) voxels, and
     the taps exp(-k^2 spacing^2 / (2 theta^2)) are computed in TensorFlow, so the filter is
@@ -169,23 +185,31 @@ def separable_spatial_filter(
     learnt = isinstance(theta, tf.Tensor | tf.Variable)
     if learnt and theta_max is None:
         raise ValueError("separable_spatial_filter: a tensor theta needs theta_max (mm), got None")
+    if not learnt and dtype == tf.float32:
+        # fixed width in single precision: the compiled separable op (csrc/gaussian.cc)
+        taps = spatial_taps(spacing, float(theta), static_shape)
+
+        def apply_op(values: tf.Tensor) -> tf.Tensor:
+            return separable_filter(values, taps)
+
+        ones = tf.ones(tf.concat([shape[:-1], [1]], 0), dtype=dtype)
+        return _normalised(apply_op, apply_op(ones), normalisation)
     ndim = len(spacing)
     kernels = []
     for axis in range(ndim):
-        width = float(theta_max) if learnt else float(theta)
-        sigma = width / float(spacing[axis])
-        radius = math.ceil(SPATIAL_TRUNCATE * sigma)
         length = None if static_shape is None else static_shape[axis + 1]
-        if length is not None:
-            radius = min(radius, max(length - 1, 0))
         if learnt:
+            sigma = float(theta_max) / float(spacing[axis])
+            radius = math.ceil(SPATIAL_TRUNCATE * sigma)
+            if length is not None:
+                radius = min(radius, max(length - 1, 0))
             offsets_mm = tf.constant(
                 [k * float(spacing[axis]) for k in range(-radius, radius + 1)], dtype=dtype
             )
             kernels.append(tf.exp(-0.5 * tf.square(offsets_mm / tf.cast(theta, dtype))))
         else:
-            taps = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
-            kernels.append(tf.constant(taps, dtype=dtype))
+            sigma = float(theta) / float(spacing[axis])
+            kernels.append(tf.constant(gaussian_taps(sigma, SPATIAL_TRUNCATE, length), dtype=dtype))
 
     def along_axis(values: tf.Tensor, axis: int, kernel: tf.Tensor) -> tf.Tensor:
         vshape = tf.shape(values)
@@ -289,3 +313,59 @@ def mean_field(
         pairwise = tf.einsum("...k,lk->...l", message, compatibility)
         logits = unaries - pairwise
     return logits
+
+
+def mean_field_inference(
+    unaries: tf.Tensor,
+    image: tf.Tensor,
+    *,
+    spacing: Sequence[float],
+    theta_alpha: float,
+    theta_beta: Sequence[float],
+    theta_gamma: float,
+    bilateral_weight: tf.Tensor,
+    spatial_weight: tf.Tensor,
+    compatibility: tf.Tensor,
+    num_iterations: int,
+    normalisation: str = "mean",
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The fast, inference-only form of :func:`mean_field` with a lattice bilateral kernel and
+    the separable spatial kernel, for fixed widths in float32: after the lattice is built, all
+    iterations run in one compiled kernel (src/lattice_op/csrc/mean_field.cc) that makes three
+    passes over the voxels per iteration. Same arguments as :func:`mean_field` (widths as
+    numbers); the spatial kernel's axes are capped by the static shape of `unaries`.
+
+    Returns:
+      (logits, probabilities): float32 [B, *spatial, K], the refined logits after the last
+      iteration and their softmax. Not differentiable: use :func:`mean_field` to train.
+    """
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+    unaries = tf.convert_to_tensor(unaries, dtype=tf.float32)
+    image = tf.convert_to_tensor(image, dtype=tf.float32)
+    features = bilateral_features(
+        image, spacing, float(theta_alpha), [float(t) for t in theta_beta]
+    )
+    lattice = Lattice(features)
+    taps = spatial_taps(spacing, float(theta_gamma), unaries.shape)
+    flat = [t for axis in taps for t in axis]
+    logits, probabilities = _library.load().crf3d_mean_field(
+        unaries,
+        *lattice.tensors,
+        tf.cast(bilateral_weight, tf.float32),
+        tf.cast(spatial_weight, tf.float32),
+        tf.cast(compatibility, tf.float32),
+        spatial_taps=flat,
+        spatial_radii=[len(axis) // 2 for axis in taps],
+        num_iterations=int(num_iterations),
+        normalisation=normalisation,
+    )
+    return logits, probabilities
+
+
+@tf.RegisterGradient("Crf3dMeanField")
+def _mean_field_gradient(op: tf.Operation, *grads: tf.Tensor) -> list[tf.Tensor | None]:
+    raise LookupError(
+        "mean_field_inference (the Crf3dMeanField op) is inference-only and has no gradient; "
+        "train with mean_field or the CrfRnn layer"
+    )

@@ -4,8 +4,17 @@ Public API (benchmarks and the CRF call exactly this):
   Lattice(features)                   build once from features [B, *spatial, F]
   Lattice.filter(values, reverse)     filter values [B, *spatial, C] over it
   permutohedral_filter(values, features)  the one-shot form
+  separable_filter(values, taps)      separable (e.g. Gaussian) filter of a grid, zero outside
+  gaussian_taps(sigma, truncate, n)   the taps of one axis of a truncated Gaussian
 """
 
 from src.lattice_op.lattice import Lattice, LatticeTensors, permutohedral_filter
+from src.lattice_op.separable import gaussian_taps, separable_filter
 
-__all__ = ["Lattice", "LatticeTensors", "permutohedral_filter"]
+__all__ = [
+    "Lattice",
+    "LatticeTensors",
+    "gaussian_taps",
+    "permutohedral_filter",
+    "separable_filter",
+]

@@ -71,4 +71,50 @@ features [B, *spatial, F] are the features the lattice was built from: the kerne
 their shape; the registered gradient uses them for the gradient with respect to the features.
 )doc");
 
+REGISTER_OP("Crf3dSeparableFilter")
+    .Input("values: float")
+    .Attr("taps: list(float)")
+    .Attr("radii: list(int)")
+    .Output("output: float")
+    .SetShapeFn([](InferenceContext* c) -> Status {
+      c->set_output(0, c->input(0));
+      return ::tensorflow::OkStatus();
+    })
+    .Doc(R"doc(
+Separable correlation of values [B, *spatial, C], zero outside the grid: radii holds one radius
+r_a per spatial axis and taps the 2 r_a + 1 taps of every axis in turn; tap o + r_a weighs the
+value o voxels further along axis a. With symmetric Gaussian taps this is the CRF's exact
+smoothness kernel. The adjoint is the same op with each axis's taps reversed.
+)doc");
+
+REGISTER_OP("Crf3dMeanField")
+    .Input("unaries: float")
+    .Input("vertex_index: int32")
+    .Input("vertex_weight: float")
+    .Input("blur_neighbours: int32")
+    .Input("splat_offsets: int32")
+    .Input("splat_voxels: int32")
+    .Input("splat_weights: float")
+    .Input("bilateral_weight: float")
+    .Input("spatial_weight: float")
+    .Input("compatibility: float")
+    .Attr("spatial_taps: list(float)")
+    .Attr("spatial_radii: list(int)")
+    .Attr("num_iterations: int >= 1")
+    .Attr("normalisation: {'mean', 'symmetric'}")
+    .Output("logits: float")
+    .Output("probabilities: float")
+    .SetShapeFn([](InferenceContext* c) -> Status {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(0));
+      return ::tensorflow::OkStatus();
+    })
+    .Doc(R"doc(
+Mean-field inference of the fully connected CRF in one kernel (inference only, no gradient):
+unaries [B, *spatial, K] (logits), the bilateral lattice of the same voxels (the six tensors of
+Crf3dLatticeBuild), the separable spatial kernel as in Crf3dSeparableFilter, weights w1, w2 [K]
+and compatibility mu [K, K]. Returns the refined logits and their softmax after num_iterations
+iterations, both filters normalised by their filters of ones ("mean" or "symmetric").
+)doc");
+
 }  // namespace crf3d

@@ -1,0 +1,46 @@
+// Mean-field inference of the fully connected CRF in one call (no gradients): the fast path of
+// dense-CRF post-processing. The same update as src/crf/functional.py's mean_field:
+//
+//   Q = softmax(U)
+//   repeat T times:
+//     m_l = w1[l] * A(Q)_l + w2[l] * G(Q)_l        A: the bilateral lattice, G: separable spatial
+//     L   = U - mu m                               (mu: K x K compatibility)
+//     Q   = softmax(L)
+//
+// with both filters normalised, "mean": A(Q) = K Q / K 1, or "symmetric":
+// A(Q) = n K (n Q), n = (K 1)^(-1/2). Each iteration makes three passes over the voxels (the
+// lattice filter, the separable filter, and one fused pass for weighting, compatibility,
+// unaries, softmax and the next iteration's normalisation), where a composition of framework
+// ops makes a dozen.
+#ifndef CRF3D_MEAN_FIELD_H_
+#define CRF3D_MEAN_FIELD_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "gaussian.h"
+#include "parallel.h"
+#include "permutohedral.h"
+
+namespace crf3d {
+
+struct MeanFieldParams {
+  int num_iterations = 5;
+  bool symmetric = false;                    // normalisation: symmetric (true) or mean
+  const float* bilateral_weight = nullptr;   // [K] w1
+  const float* spatial_weight = nullptr;     // [K] w2
+  const float* compatibility = nullptr;      // [K, K] mu, row-major: mu[l * K + l']
+};
+
+// grid: [batch, *spatial, K] (grid.channels is the number of classes K >= 1); unaries, logits
+// and probabilities hold grid.size() floats; lat is the bilateral lattice of the same voxels;
+// spatial holds one tap vector per spatial axis. Writes the refined logits L and Q = softmax(L)
+// of the last iteration. Fails with kInvalidArgument for inconsistent lattice arrays or taps.
+// Allocates 3 grid.size() + 2 (lattice points + 1) K + 3 n floats of scratch.
+Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeView& lat,
+                          const std::vector<AxisTaps>& spatial, const MeanFieldParams& params,
+                          float* logits, float* probabilities, const Parallel& par);
+
+}  // namespace crf3d
+
+#endif  // CRF3D_MEAN_FIELD_H_

@@ -1,0 +1,129 @@
+"""The fused inference kernel (mean_field_inference, the Crf3dMeanField op): against the float64
+brute-force mean field where the kernels are exact, against the composed TF mean field on the
+same lattice, and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import src.crf.functional as mf
+from src.lattice_op import Lattice, _library
+from tests.crf_reference import mean_field_reference
+
+
+def settings(classes: int, rng: np.random.Generator, **overrides):
+    values = dict(
+        spacing=[2.0, 1.0, 0.8],
+        theta_alpha=4.0,
+        theta_beta=[1.0, 0.7],
+        theta_gamma=2.0,
+        bilateral_weight=tf.constant(rng.uniform(0.5, 3.0, classes), tf.float32),
+        spatial_weight=tf.constant(rng.uniform(0.5, 2.0, classes), tf.float32),
+        compatibility=tf.constant(rng.uniform(0.0, 1.5, (classes, classes)), tf.float32),
+        num_iterations=4,
+    )
+    values.update(overrides)
+    return values
+
+
+def inputs(shape, classes, channels, seed, spread=3.0):
+    rng = np.random.default_rng(seed)
+    unaries = tf.constant((spread * rng.normal(size=(*shape, classes))).astype(np.float32))
+    image = tf.constant(rng.normal(size=(*shape, channels)).astype(np.float32))
+    return unaries, image, rng
+
+
+@pytest.mark.parametrize("normalisation", ["mean", "symmetric"])
+def test_spatial_only_matches_float64_reference(normalisation) -> None:
+    """With w1 = 0 only the separable spatial kernel acts, and it is exact here (every axis is
+    within its 4-sigma radius): the fused kernel must match the brute-force float64 mean field.
+    Two batch items, three classes, 3-D, anisotropic spacing."""
+    unaries, image, rng = inputs((2, 5, 6, 7), 3, 2, seed=0)
+    kw = settings(3, rng, bilateral_weight=tf.zeros([3]), num_iterations=3)
+    logits, probs = mf.mean_field_inference(unaries, image, normalisation=normalisation, **kw)
+    expected = mean_field_reference(
+        unaries.numpy().astype(np.float64),
+        image.numpy().astype(np.float64),
+        tuple(kw["spacing"]),
+        kw["theta_alpha"],
+        tuple(kw["theta_beta"]),
+        kw["theta_gamma"],
+        np.zeros(3),
+        kw["spatial_weight"].numpy().astype(np.float64),
+        kw["compatibility"].numpy().astype(np.float64),
+        3,
+        normalisation,
+    )
+    np.testing.assert_allclose(logits.numpy(), expected, rtol=0, atol=2e-5)
+    assert np.abs(expected - unaries.numpy()).max() > 0.1  # the CRF did change the logits
+    softmax = np.exp(expected - expected.max(-1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    np.testing.assert_allclose(probs.numpy(), softmax, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("normalisation", ["mean", "symmetric"])
+@pytest.mark.parametrize(
+    "shape,spacing", [((2, 12, 14, 9), [2.0, 1.0, 1.0]), ((1, 33, 40), [1.0, 1.3])]
+)
+def test_matches_composed_mean_field(normalisation, shape, spacing) -> None:
+    """Both kernels: the fused kernel against mean_field (TF ops over the same lattice and the
+    same separable filter), with unaries spread widely (softmax inputs from -60 to 60)."""
+    unaries, image, rng = inputs(shape, 4, 2, seed=len(shape), spread=20.0)
+    kw = settings(4, rng, spacing=spacing, theta_gamma=3.0)
+    expected = mf.mean_field(unaries, image, normalisation=normalisation, **kw)
+    logits, probs = mf.mean_field_inference(unaries, image, normalisation=normalisation, **kw)
+    np.testing.assert_allclose(logits.numpy(), expected.numpy(), rtol=0, atol=2e-4)
+    np.testing.assert_allclose(probs.numpy(), tf.nn.softmax(expected).numpy(), rtol=0, atol=1e-5)
+    assert np.abs(expected.numpy() - unaries.numpy()).max() > 1.0
+
+
+def test_one_iteration_and_many_classes() -> None:
+    """K = 9 (no fast path) and a single iteration: L = U - mu (w1 A(Q) + w2 G(Q))."""
+    unaries, image, rng = inputs((1, 6, 7, 5), 9, 1, seed=3)
+    kw = settings(9, rng, theta_beta=[1.0], num_iterations=1)
+    expected = mf.mean_field(unaries, image, **kw)
+    logits, _ = mf.mean_field_inference(unaries, image, **kw)
+    np.testing.assert_allclose(logits.numpy(), expected.numpy(), rtol=0, atol=2e-5)
+
+
+def test_no_gradient() -> None:
+    unaries, image, rng = inputs((1, 4, 4), 2, 1, seed=4)
+    kw = settings(2, rng, spacing=[1.0, 1.0], theta_beta=[1.0])
+    with tf.GradientTape() as tape:
+        tape.watch(unaries)
+        loss = tf.reduce_sum(mf.mean_field_inference(unaries, image, **kw)[0])
+    with pytest.raises(LookupError, match="inference-only and has no gradient"):
+        tape.gradient(loss, unaries)
+
+
+def _op(unaries, lattice, w1, w2, mu, **attrs):
+    defaults = dict(
+        spatial_taps=[1.0, 1.0], spatial_radii=[0, 0], num_iterations=2, normalisation="mean"
+    )
+    defaults.update(attrs)
+    return _library.load().crf3d_mean_field(unaries, *lattice.tensors, w1, w2, mu, **defaults)
+
+
+def test_bad_inputs() -> None:
+    unaries = tf.zeros([1, 4, 5, 3])
+    lattice = Lattice(tf.random.normal([1, 4, 5, 2]))
+    w, mu = tf.ones([3]), tf.ones([3, 3])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must have shape \\[3\\]"):
+        _op(unaries, lattice, tf.ones([2]), w, mu)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="compatibility must have shape"):
+        _op(unaries, lattice, w, w, tf.ones([3, 2]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="do not match the lattice's"):
+        _op(tf.zeros([1, 4, 6, 3]), lattice, w, w, mu)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="1 radii for 2 spatial axes"):
+        _op(unaries, lattice, w, w, mu, spatial_taps=[1.0], spatial_radii=[0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="the radii need 4 taps"):
+        _op(unaries, lattice, w, w, mu, spatial_taps=[1.0, 1.0], spatial_radii=[1, 0])
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="num_iterations"):
+        _op(unaries, lattice, w, w, mu, num_iterations=0)
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        unaries_, image, rng = inputs((1, 4, 4), 2, 1, seed=5)
+        mf.mean_field_inference(
+            unaries_, image, normalisation="none", **settings(2, rng, spacing=[1.0, 1.0])
+        )
