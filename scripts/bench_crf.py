@@ -3,7 +3,8 @@
   spatial:    the smoothness kernel as an exact separable Gaussian vs a position-only
               permutohedral lattice (time for setup + 5 normalised applications, and the error
               against an untruncated float64 Gaussian).
-  profile:    the time of each step of the mean field on one of those phantoms.
+  profile:    the time of each step of the mean field on one of those phantoms, composed of TF
+              ops (the layer's path) and in the fused kernel (dense_crf's path).
   pydensecrf: dense_crf against pydensecrf2 on the same arrays with equivalent settings, on a
               PROMISE12-sized phantom (63 x 200 x 200 at 2 x 1 x 1 mm, 2 labels) and a
               BraTS-sized one (155 x 240 x 240, 4 modalities, 5 labels), 5 iterations, bilateral
@@ -185,8 +186,9 @@ def run_pydensecrf(probs, image, spacing, settings):
 
 
 def bench_profile(args: argparse.Namespace) -> None:
-    """Times each step of the mean field (src/crf/functional.py's pieces, called one by one
-    eagerly) on a phantom with the settings of the pydensecrf comparison."""
+    """Times each step of the composed mean field (src/crf/functional.py's pieces, called one
+    by one eagerly: the CrfRnn layer's path) and of dense_crf's fused path, on a phantom with
+    the settings of the pydensecrf comparison."""
     import tensorflow as tf
 
     from src.crf import functional as mf
@@ -241,6 +243,49 @@ def bench_profile(args: argparse.Namespace) -> None:
         for name, seconds in times.items():
             print(f"  {name:42s} {seconds:7.2f} s")
         print(f"  {'total':42s} {sum(times.values()):7.2f} s", flush=True)
+    # dense_crf's path: features and lattice in TF, then every iteration in the fused kernel
+    # (one run with 1 iteration and one with all of them split its fixed and per-iteration cost)
+    from src.lattice_op import Lattice, _library
+
+    taps = mf.spatial_taps(spacing, args.theta_gamma, unaries.shape)
+    best: dict[str, float] = {}
+    for _ in range(3):
+        start = time.perf_counter()
+        feats = mf.bilateral_features(img, spacing, args.theta_alpha, betas)
+        _ = feats.numpy()
+        now = time.perf_counter()
+        runs = {"features": now - start}
+        lattice = Lattice(feats)
+        _ = lattice.tensors.splat_weights.numpy()
+        runs["bilateral lattice: build"], now = time.perf_counter() - now, time.perf_counter()
+        for iterations in (1, args.iterations):
+            _library.load().crf3d_mean_field(
+                unaries,
+                *lattice.tensors,
+                tf.fill([classes], 5.0),
+                tf.fill([classes], 3.0),
+                1.0 - tf.eye(classes),
+                spatial_taps=[t for axis in taps for t in axis],
+                spatial_radii=[len(axis) // 2 for axis in taps],
+                num_iterations=iterations,
+                normalisation=norm,
+            )[1].numpy()
+            runs[f"fused kernel, {iterations} iteration(s)"] = time.perf_counter() - now
+            now = time.perf_counter()
+        for name, seconds in runs.items():
+            best[name] = min(best.get(name, seconds), seconds)
+    one, all_ = (
+        best["fused kernel, 1 iteration(s)"],
+        best[f"fused kernel, {args.iterations} iteration(s)"],
+    )
+    per_iteration = (all_ - one) / max(args.iterations - 1, 1)
+    print(f"{args.case}, dense_crf's fused path (fastest of 3 runs):")
+    print(f"  {'features':42s} {best['features']:7.2f} s")
+    print(f"  {'bilateral lattice: build':42s} {best['bilateral lattice: build']:7.2f} s")
+    print(f"  {'fused kernel: filters of ones, setup':42s} {one - per_iteration:7.2f} s")
+    print(f"  {'fused kernel: per iteration':42s} {per_iteration:7.2f} s")
+    total = best["features"] + best["bilateral lattice: build"] + all_
+    print(f"  {f'total, {args.iterations} iterations':42s} {total:7.2f} s", flush=True)
 
 
 METHODS = ("pydensecrf2", "ours-pydensecrf-mode", "ours-default-mode")
