@@ -79,6 +79,15 @@ def test_matches_composed_mean_field(normalisation, shape, spacing) -> None:
     assert np.abs(expected.numpy() - unaries.numpy()).max() > 1.0
 
 
+def test_without_logits() -> None:
+    unaries, image, rng = inputs((1, 6, 7, 5), 3, 2, seed=6)
+    kw = settings(3, rng)
+    logits, probs = mf.mean_field_inference(unaries, image, **kw)
+    none, probs_only = mf.mean_field_inference(unaries, image, return_logits=False, **kw)
+    assert none is None and logits.shape == unaries.shape
+    np.testing.assert_array_equal(probs_only.numpy(), probs.numpy())
+
+
 def test_one_iteration_and_many_classes() -> None:
     """K = 9 (no fast path) and a single iteration: L = U - mu (w1 A(Q) + w2 G(Q))."""
     unaries, image, rng = inputs((1, 6, 7, 5), 9, 1, seed=3)

@@ -38,6 +38,21 @@ def _positive(name: str, value: float) -> float:
     return number
 
 
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised float32 array whose data start on a 64-byte boundary (TensorFlow's
+    alignment for tensors it does not own)."""
+    count = math.prod(shape)
+    raw = np.empty(count * 4 + 64, dtype=np.uint8)
+    offset = -raw.ctypes.data % 64
+    return raw[offset : offset + count * 4].view(np.float32).reshape(shape)
+
+
+def _as_tensor(array: np.ndarray) -> tf.Tensor:
+    """A tensor over the same memory as an array from _aligned_empty (DLPack, no copy)."""
+    assert array.ctypes.data % 64 == 0 and array.flags.c_contiguous
+    return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+
+
 def dense_crf(
     probabilities: np.ndarray,
     image: np.ndarray,
@@ -132,8 +147,13 @@ def dense_crf(
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     clip = _positive("clip", clip)
 
-    unaries = np.clip(probs, clip, None, dtype=np.float32)  # one copy, logged in place
+    # the arrays TensorFlow reads, written once into 64-byte aligned buffers that it then uses
+    # without a copy (tf.constant would copy each one, twice over at its peak)
+    unaries = _aligned_empty((1, *probs.shape))
+    np.clip(probs, clip, None, out=unaries[0])
     np.log(unaries, out=unaries)
+    reference = _aligned_empty((1, *img.shape))
+    reference[0] = img
     potts = 1.0 - np.eye(num_classes, dtype=np.float32)
     settings = dict(
         spacing=spacing,
@@ -146,13 +166,13 @@ def dense_crf(
         num_iterations=int(num_iterations),
         normalisation="symmetric" if mode == "pydensecrf" else "mean",
     )
-    unaries_t = tf.constant(unaries[None])
-    image_t = tf.constant(img.astype(np.float32)[None])
+    unaries_t, image_t = _as_tensor(unaries), _as_tensor(reference)
+    del unaries, reference  # the tensors hold them now
     if exact:
         logits = mf.mean_field(
             unaries_t, image_t, bilateral_filter="exact", spatial_filter="separable", **settings
         )
         flat = tf.reshape(logits, [-1, num_classes])
         return tf.reshape(tf.nn.softmax(flat), probs.shape).numpy()
-    _, refined = mf.mean_field_inference(unaries_t, image_t, **settings)
+    _, refined = mf.mean_field_inference(unaries_t, image_t, return_logits=False, **settings)
     return refined.numpy()[0]

@@ -328,7 +328,8 @@ def mean_field_inference(
     compatibility: tf.Tensor,
     num_iterations: int,
     normalisation: str = "mean",
-) -> tuple[tf.Tensor, tf.Tensor]:
+    return_logits: bool = True,
+) -> tuple[tf.Tensor | None, tf.Tensor]:
     """The fast, inference-only form of :func:`mean_field` with a lattice bilateral kernel and
     the separable spatial kernel, for fixed widths in float32: after the lattice is built, all
     iterations run in one compiled kernel (src/lattice_op/csrc/mean_field.cc) that makes three
@@ -337,7 +338,8 @@ def mean_field_inference(
 
     Returns:
       (logits, probabilities): float32 [B, *spatial, K], the refined logits after the last
-      iteration and their softmax. Not differentiable: use :func:`mean_field` to train.
+      iteration and their softmax; logits is None with ``return_logits=False`` (the kernel then
+      never writes them). Not differentiable: use :func:`mean_field` to train.
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
@@ -346,12 +348,13 @@ def mean_field_inference(
     features = bilateral_features(
         image, spacing, float(theta_alpha), [float(t) for t in theta_beta]
     )
-    lattice = Lattice(features)
+    lattice = Lattice(features).tensors
+    del features  # not needed by the kernel: free it before the kernel's buffers are taken
     taps = spatial_taps(spacing, float(theta_gamma), unaries.shape)
     flat = [t for axis in taps for t in axis]
     logits, probabilities = _library.load().crf3d_mean_field(
         unaries,
-        *lattice.tensors,
+        *lattice,
         tf.cast(bilateral_weight, tf.float32),
         tf.cast(spatial_weight, tf.float32),
         tf.cast(compatibility, tf.float32),
@@ -359,8 +362,9 @@ def mean_field_inference(
         spatial_radii=[len(axis) // 2 for axis in taps],
         num_iterations=int(num_iterations),
         normalisation=normalisation,
+        output_logits=bool(return_logits),
     )
-    return logits, probabilities
+    return (logits if return_logits else None), probabilities
 
 
 @tf.RegisterGradient("Crf3dMeanField")

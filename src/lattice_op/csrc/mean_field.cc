@@ -68,9 +68,9 @@ struct MeanField {
   const float* w1 = nullptr;
   const float* w2 = nullptr;
   const float* mu = nullptr;
-  // Per voxel (bilateral) and per voxel of one item (spatial): the scale of a filter's input
-  // and of its output.
-  std::vector<float> in_b, out_b, in_s, out_s;
+  // Per voxel (bilateral) and per voxel of one item (spatial): the scale of a filter's output
+  // ("mean": 1 / (K 1)), and of its input too ("symmetric": (K 1)^(-1/2) both).
+  std::vector<float> scale_b, scale_s;
   float* q_b = nullptr;  // bilateral input [n, K]
   float* q_s = nullptr;  // spatial input [n, K] ("symmetric"; "mean" shares q_b)
   const float* a = nullptr;  // bilateral output
@@ -97,8 +97,8 @@ struct MeanField {
       if (last) {
         for (int64_t l = 0; l < k; ++l) probabilities[i * k + l] = q[l] * inv;
       } else if (symmetric) {
-        const float sb = inv * in_b[static_cast<size_t>(i)];
-        const float ss = inv * in_s[static_cast<size_t>(item_voxel)];
+        const float sb = inv * scale_b[static_cast<size_t>(i)];
+        const float ss = inv * scale_s[static_cast<size_t>(item_voxel)];
         for (int64_t l = 0; l < k; ++l) {
           q_b[i * k + l] = q[l] * sb;
           q_s[i * k + l] = q[l] * ss;
@@ -116,8 +116,8 @@ struct MeanField {
     int64_t item_voxel = i0 % per_item;
     for (int64_t v = 0; v < count; ++v) {
       const int64_t i = i0 + v;
-      const float ob = out_b[static_cast<size_t>(i)];
-      const float os = out_s[static_cast<size_t>(item_voxel)];
+      const float ob = scale_b[static_cast<size_t>(i)];
+      const float os = scale_s[static_cast<size_t>(item_voxel)];
       const float* ai = a + i * k;
       const float* gi = g + i * k;
       for (int64_t l = 0; l < k; ++l) message[l] = w1[l] * ai[l] * ob + w2[l] * gi[l] * os;
@@ -131,7 +131,7 @@ struct MeanField {
       }
       if (++item_voxel == per_item) item_voxel = 0;
     }
-    if (last) {
+    if (last && logits != nullptr) {
       std::memcpy(logits + i0 * k, tmp, static_cast<size_t>(count * k) * sizeof(float));
     }
     Emit(tmp, i0, count, last, tmp);
@@ -179,36 +179,6 @@ Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeV
   mf.w2 = params.spatial_weight;
   mf.mu = params.compatibility;
 
-  // Normalisers from the filters of ones: "mean" scales a filter's output by 1 / (K 1),
-  // "symmetric" its input and its output by (K 1)^(-1/2).
-  std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(FilterScratchSize(lat, static_cast<int>(k)))]);
-  mf.out_b.resize(static_cast<size_t>(n));
-  {
-    std::vector<float> ones(static_cast<size_t>(n), 1.0f);
-    s = Filter(lat, ones.data(), 1, false, mf.out_b.data(), scratch.get(), par);
-    if (!s.ok()) return s;
-  }
-  if (mf.symmetric) mf.in_b.resize(static_cast<size_t>(n));
-  par.For(n, 20, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      float& out = mf.out_b[static_cast<size_t>(i)];
-      if (mf.symmetric) {
-        out = mf.in_b[static_cast<size_t>(i)] = 1.0f / std::sqrt(out + 1e-20f);
-      } else {
-        out = 1.0f / out;
-      }
-    }
-  });
-  mf.out_s = SeparableOnes(grid, spatial);
-  if (mf.symmetric) mf.in_s.resize(mf.out_s.size());
-  for (size_t i = 0; i < mf.out_s.size(); ++i) {
-    if (mf.symmetric) {
-      mf.out_s[i] = mf.in_s[i] = 1.0f / std::sqrt(mf.out_s[i]);
-    } else {
-      mf.out_s[i] = 1.0f / mf.out_s[i];
-    }
-  }
-
   // Buffers of [n, K]: the bilateral input and both outputs. The output `probabilities` is
   // written only by the last pass, so until then it holds the spatial filter's input
   // ("symmetric") or its scratch ("mean"); with "symmetric" the spatial scratch is the
@@ -220,6 +190,24 @@ Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeV
   mf.a = a.get();
   mf.g = g.get();
   float* spatial_scratch = mf.symmetric ? q_b.get() : probabilities;
+
+  // Normalisers from the filters of ones: "mean" scales a filter's output by 1 / (K 1),
+  // "symmetric" its input and its output by (K 1)^(-1/2). (The filter of ones reads its ones
+  // from q_b, not yet in use.)
+  std::unique_ptr<float[]> scratch(
+      new float[static_cast<size_t>(FilterScratchSize(lat, static_cast<int>(k)))]);
+  std::fill(q_b.get(), q_b.get() + n, 1.0f);
+  mf.scale_b.resize(static_cast<size_t>(n));
+  s = Filter(lat, q_b.get(), 1, false, mf.scale_b.data(), scratch.get(), par);
+  if (!s.ok()) return s;
+  par.For(n, 20, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float& x = mf.scale_b[static_cast<size_t>(i)];
+      x = mf.symmetric ? 1.0f / std::sqrt(x + 1e-20f) : 1.0f / x;
+    }
+  });
+  mf.scale_s = SeparableOnes(grid, spatial);
+  for (float& x : mf.scale_s) x = mf.symmetric ? 1.0f / std::sqrt(x) : 1.0f / x;
 
   ForBlocks(n, k, 30 * k, par, [&](int64_t i0, int64_t count, float* tmp, float*) {
     mf.Emit(unaries + i0 * k, i0, count, false, tmp);

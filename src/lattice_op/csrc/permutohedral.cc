@@ -34,13 +34,18 @@ double Embedding::max_feature_span() const {
   return std::ldexp(1.0, 20) / (2.0 * sum);
 }
 
-void Embedding::Embed(const float* f, float* elevated, int32_t* rem0, int32_t* rank,
-                      float* bary) const {
-  const int d = d_;
+namespace {
+
+// Embedding::Embed with d fixed at compile time when D > 0 (so that its loops unroll), read from
+// `dim` when D == 0.
+template <int D>
+inline void EmbedImpl(int dim, const float* scale, const float* f, float* elevated, int32_t* rem0,
+                      int32_t* rank, float* bary) {
+  const int d = D > 0 ? D : dim;
   // Lift onto the hyperplane sum(x) = 0 of R^{d+1}.
   float running = 0.0f;
   for (int j = d; j > 0; --j) {
-    const float cf = f[j - 1] * scale_[static_cast<size_t>(j - 1)];
+    const float cf = f[j - 1] * scale[j - 1];
     elevated[j] = running - static_cast<float>(j) * cf;
     running += cf;
   }
@@ -91,6 +96,13 @@ void Embedding::Embed(const float* f, float* elevated, int32_t* rem0, int32_t* r
     bary[d - rank[i] + 1] -= v;
   }
   bary[0] += 1.0f + bary[d + 1];
+}
+
+}  // namespace
+
+void Embedding::Embed(const float* f, float* elevated, int32_t* rem0, int32_t* rank,
+                      float* bary) const {
+  EmbedImpl<0>(d_, scale_.data(), f, elevated, rem0, rank, bary);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -213,10 +225,11 @@ FeatureStats Summarise(const float* f, int64_t begin, int64_t end, int d) {
 
 // Embeds voxels [begin, end) and inserts their simplex vertices into table. Writes local point
 // indices plus index_base. False when the table hit its size limit.
-bool EmbedRange(const float* features, int64_t begin, int64_t end, const Embedding& emb,
-                const std::vector<float>& shift, KeyTable& table, int32_t index_base,
-                int32_t* vertex_index, float* vertex_weight) {
-  const int d = emb.dim();
+template <int D>
+bool EmbedRangeImpl(const float* features, int64_t begin, int64_t end, const Embedding& emb,
+                    const std::vector<float>& shift, KeyTable& table, int32_t index_base,
+                    int32_t* vertex_index, float* vertex_weight) {
+  const int d = D > 0 ? D : emb.dim();
   const int d1 = d + 1;
   // Voxels go through in groups whose vertex keys are hashed and prefetched before any is
   // inserted (in order), so the table's cache misses overlap. Neighbouring voxels of a smooth
@@ -242,12 +255,13 @@ bool EmbedRange(const float* features, int64_t begin, int64_t end, const Embeddi
       for (int k = 0; k < d; ++k) {
         f[static_cast<size_t>(k)] = features[i * d + k] - shift[static_cast<size_t>(k)];
       }
-      emb.Embed(f.data(), elevated.data(), rem0, rank, bary.data());
+      EmbedImpl<D>(d, emb.scale(), f.data(), elevated.data(), rem0, rank, bary.data());
       for (int k = 0; k < d1; ++k) vertex_weight[i * d1 + k] = bary[static_cast<size_t>(k)];
-      const bool same = have_previous && simplex == previous;
+      const bool same =
+          have_previous && std::equal(simplex.begin(), simplex.begin() + 2 * d1, previous.begin());
       repeat[static_cast<size_t>(i - g0)] = same;
       if (same) continue;
-      previous = simplex;
+      std::copy(simplex.begin(), simplex.begin() + 2 * d1, previous.begin());
       have_previous = true;
       // Vertex k + 1 is vertex k plus (1, ..., 1) minus (d+1) at the coordinate of rank d - k
       // (the implied last coordinate has no hash coefficient).
@@ -255,7 +269,8 @@ bool EmbedRange(const float* features, int64_t begin, int64_t end, const Embeddi
       uint64_t linear = table.Linear(rem0);
       for (int k = 0; k < d1; ++k) {
         const int64_t slot = (i - g0) * d1 + k;
-        emb.VertexKey(rem0, rank, k, keys.data() + slot * d);
+        int32_t* key = keys.data() + slot * d;
+        for (int j = 0; j < d; ++j) key[j] = rem0[j] + (rank[j] <= d - k ? k : k - d1);
         hashes[static_cast<size_t>(slot)] = KeyTable::Mix(linear);
         table.Prefetch(hashes[static_cast<size_t>(slot)]);
         const int moved = by_rank[static_cast<size_t>(d - k)];
@@ -277,6 +292,29 @@ bool EmbedRange(const float* features, int64_t begin, int64_t end, const Embeddi
     }
   }
   return true;
+}
+
+// EmbedRangeImpl with the feature count fixed at compile time for the common small ones.
+bool EmbedRange(const float* features, int64_t begin, int64_t end, const Embedding& emb,
+                const std::vector<float>& shift, KeyTable& table, int32_t index_base,
+                int32_t* vertex_index, float* vertex_weight) {
+  switch (emb.dim()) {
+#define CRF3D_EMBED_CASE(D)                                                                  \
+  case D:                                                                                    \
+    return EmbedRangeImpl<D>(features, begin, end, emb, shift, table, index_base, vertex_index, \
+                             vertex_weight);
+    CRF3D_EMBED_CASE(2)
+    CRF3D_EMBED_CASE(3)
+    CRF3D_EMBED_CASE(4)
+    CRF3D_EMBED_CASE(5)
+    CRF3D_EMBED_CASE(6)
+    CRF3D_EMBED_CASE(7)
+    CRF3D_EMBED_CASE(8)
+#undef CRF3D_EMBED_CASE
+    default:
+      return EmbedRangeImpl<0>(features, begin, end, emb, shift, table, index_base, vertex_index,
+                               vertex_weight);
+  }
 }
 
 std::string TooManyPoints(int64_t max_points, int64_t n, int d) {

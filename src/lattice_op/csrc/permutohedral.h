@@ -61,6 +61,8 @@ class Embedding {
   double max_feature_span() const;
   // The slice normalisation 1 / (1 + 2^-d).
   float alpha() const { return alpha_; }
+  // Per feature channel: the embedding scale (d floats).
+  const float* scale() const { return scale_.data(); }
 
  private:
   int d_;

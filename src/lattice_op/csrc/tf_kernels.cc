@@ -362,6 +362,7 @@ class MeanFieldOp : public OpKernel {
     std::string normalisation;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("normalisation", &normalisation));
     symmetric_ = normalisation == "symmetric";
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("output_logits", &output_logits_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -389,7 +390,8 @@ class MeanFieldOp : public OpKernel {
                                         "]; got ", ShapeText(mu.shape())));
     Tensor* logits = nullptr;
     Tensor* probabilities = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &logits));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, output_logits_ ? shape : TensorShape({0}),
+                                             &logits));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, shape, &probabilities));
     MeanFieldParams params;
     params.num_iterations = iterations_;
@@ -399,7 +401,9 @@ class MeanFieldOp : public OpKernel {
     params.compatibility = mu.flat<float>().data();
     try {
       OP_REQUIRES_OK(ctx, ToTf(MeanFieldInference(grid, unaries.flat<float>().data(), lat, axes,
-                                                  params, logits->flat<float>().data(),
+                                                  params,
+                                                  output_logits_ ? logits->flat<float>().data()
+                                                                 : nullptr,
                                                   probabilities->flat<float>().data(),
                                                   TfParallel(ctx))));
     } catch (const std::bad_alloc&) {
@@ -413,6 +417,7 @@ class MeanFieldOp : public OpKernel {
   std::vector<int> radii_;
   int iterations_ = 1;
   bool symmetric_ = false;
+  bool output_logits_ = true;
 };
 
 REGISTER_KERNEL_BUILDER(Name("Crf3dLatticeBuild").Device(::tensorflow::DEVICE_CPU),

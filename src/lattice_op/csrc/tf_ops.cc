@@ -102,10 +102,13 @@ REGISTER_OP("Crf3dMeanField")
     .Attr("spatial_radii: list(int)")
     .Attr("num_iterations: int >= 1")
     .Attr("normalisation: {'mean', 'symmetric'}")
+    .Attr("output_logits: bool = true")
     .Output("logits: float")
     .Output("probabilities: float")
     .SetShapeFn([](InferenceContext* c) -> Status {
-      c->set_output(0, c->input(0));
+      bool output_logits = true;
+      TF_RETURN_IF_ERROR(c->GetAttr("output_logits", &output_logits));
+      c->set_output(0, output_logits ? c->input(0) : c->Vector(0));
       c->set_output(1, c->input(0));
       return ::tensorflow::OkStatus();
     })
@@ -113,8 +116,9 @@ REGISTER_OP("Crf3dMeanField")
 Mean-field inference of the fully connected CRF in one kernel (inference only, no gradient):
 unaries [B, *spatial, K] (logits), the bilateral lattice of the same voxels (the six tensors of
 Crf3dLatticeBuild), the separable spatial kernel as in Crf3dSeparableFilter, weights w1, w2 [K]
-and compatibility mu [K, K]. Returns the refined logits and their softmax after num_iterations
-iterations, both filters normalised by their filters of ones ("mean" or "symmetric").
+and compatibility mu [K, K]. Returns the refined logits (an empty vector when output_logits is
+false) and their softmax after num_iterations iterations, both filters normalised by their
+filters of ones ("mean" or "symmetric").
 )doc");
 
 }  // namespace crf3d
