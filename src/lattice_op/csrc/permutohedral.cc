@@ -400,11 +400,13 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   if (std::find(full.begin(), full.end(), 1) != full.end()) {
     return Status::Exhausted(TooManyPoints(max_points, n, d));
   }
-  table_storage_.emplace_back(d, max_points);
+  // Chunk 0's table becomes the global one: merging it first would number its points as it
+  // already does. The others are merged into it in order.
+  table_storage_.push_back(std::move(local[0]));
   KeyTable& global = table_storage_[0];
-  global.Reserve(local[0].size() * 5 / 4);
+  global.Reserve(global.size() * 5 / 4);
   std::vector<std::vector<int32_t>> to_global(static_cast<size_t>(chunks));
-  for (int64_t c = 0; c < chunks; ++c) {
+  for (int64_t c = 1; c < chunks; ++c) {
     const KeyTable& t = local[static_cast<size_t>(c)];
     std::vector<int32_t>& map = to_global[static_cast<size_t>(c)];
     map.resize(static_cast<size_t>(t.size()));
@@ -426,6 +428,12 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   const int64_t d1 = d + 1;
   par.For(chunks, 4 * d1 * (n / chunks + 1), [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
+      if (c == 0) {  // chunk 0's points keep their numbers
+        if (index_base != 0) {
+          for (int64_t i = 0; i < chunk_begin(1) * d1; ++i) vertex_index[i] += index_base;
+        }
+        continue;
+      }
       const std::vector<int32_t>& map = to_global[static_cast<size_t>(c)];
       for (int64_t i = chunk_begin(c) * d1; i < chunk_begin(c + 1) * d1; ++i) {
         vertex_index[i] = map[static_cast<size_t>(vertex_index[i])];
