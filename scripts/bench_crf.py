@@ -294,6 +294,8 @@ METHODS = ("pydensecrf2", "ours-pydensecrf-mode", "ours-default-mode")
 def run_one(args: argparse.Namespace) -> None:
     """Child process: one method on the saved arrays; prints a JSON line with time and memory,
     saves the argmax labels. A fresh process per method keeps the peak-memory numbers apart."""
+    if args.threads:  # TensorFlow's intra-op pool, which our kernels run on
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     data = np.load(args.data)
     probs, image, spacing = data["probs"], data["image"], tuple(data["spacing"])
     settings = json.loads(args.settings)
@@ -345,9 +347,11 @@ def bench_pydensecrf(args: argparse.Namespace) -> None:
             w_spatial=args.w_spatial,
             iterations=args.iterations,
         )
+        threads = args.threads or "default"
         print(
             f"{name}: {'x'.join(map(str, labels.shape))} voxels, spacing {spacing} mm, "
-            f"{image.shape[-1]} channel(s), {classes} labels; settings {settings}",
+            f"{image.shape[-1]} channel(s), {classes} labels; settings {settings}; "
+            f"threads for ours: {threads}",
             flush=True,
         )
         with tempfile.TemporaryDirectory() as tmp:
@@ -363,7 +367,7 @@ def bench_pydensecrf(args: argparse.Namespace) -> None:
                     out = os.path.join(tmp, f"{method}.npy")
                     command = [sys.executable, __file__, "one", "--data", data]
                     command += ["--method", method, "--settings", json.dumps(settings)]
-                    command += ["--out", out]
+                    command += ["--out", out, "--threads", str(args.threads)]
                     child = subprocess.run(command, capture_output=True, text=True, check=False)
                     if child.returncode != 0:
                         raise RuntimeError(f"{method} failed:\n{child.stderr[-3000:]}")
@@ -411,6 +415,13 @@ def main() -> None:
     dense.add_argument("--w-spatial", type=float, default=3.0)
     dense.add_argument("--iterations", type=int, default=5)
     dense.add_argument("--repeats", type=int, default=3, help="runs per method (min, median)")
+    dense.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads for ours (0: TensorFlow's default, one per core); pydensecrf2 "
+        "always uses one",
+    )
     prof = sub.add_parser("profile", help="time each step of the mean field on a phantom")
     prof.add_argument("--case", choices=["promise", "brats"], default="promise")
     prof.add_argument("--seed", type=int, default=0)
@@ -424,6 +435,7 @@ def main() -> None:
     one.add_argument("--settings", required=True)
     one.add_argument("--out", required=True)
     one.add_argument("--repeats", type=int, default=1)
+    one.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.command == "spatial":
         bench_spatial(args)
