@@ -1,4 +1,5 @@
 // Registration and shape functions of the lattice ops. Kernels: tf_kernels.cc.
+#include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
@@ -60,10 +61,7 @@ REGISTER_OP("Crf3dLatticeFilter")
     .Input("splat_weights: float")
     .Attr("reverse: bool = false")
     .Output("output: float")
-    .SetShapeFn([](InferenceContext* c) -> Status {
-      c->set_output(0, c->input(0));
-      return ::tensorflow::OkStatus();
-    })
+    .SetShapeFn(::tensorflow::shape_inference::UnchangedShape)
     .Doc(R"doc(
 Filters values [B, *spatial, C] with a lattice from Crf3dLatticeBuild: splat, blur along the
 F+1 lattice directions (in reverse order when reverse is true, which gives the adjoint), slice.
@@ -76,10 +74,7 @@ REGISTER_OP("Crf3dSeparableFilter")
     .Attr("taps: list(float)")
     .Attr("radii: list(int)")
     .Output("output: float")
-    .SetShapeFn([](InferenceContext* c) -> Status {
-      c->set_output(0, c->input(0));
-      return ::tensorflow::OkStatus();
-    })
+    .SetShapeFn(::tensorflow::shape_inference::UnchangedShape)
     .Doc(R"doc(
 Separable correlation of values [B, *spatial, C], zero outside the grid: radii holds one radius
 r_a per spatial axis and taps the 2 r_a + 1 taps of every axis in turn; tap o + r_a weighs the
