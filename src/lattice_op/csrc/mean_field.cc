@@ -192,13 +192,11 @@ Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeV
   float* spatial_scratch = mf.symmetric ? q_b.get() : probabilities;
 
   // Normalisers from the filters of ones: "mean" scales a filter's output by 1 / (K 1),
-  // "symmetric" its input and its output by (K 1)^(-1/2). (The filter of ones reads its ones
-  // from q_b, not yet in use.)
+  // "symmetric" its input and its output by (K 1)^(-1/2).
   std::unique_ptr<float[]> scratch(
       new float[static_cast<size_t>(FilterScratchSize(lat, static_cast<int>(k)))]);
-  std::fill(q_b.get(), q_b.get() + n, 1.0f);
   mf.scale_b.resize(static_cast<size_t>(n));
-  s = Filter(lat, q_b.get(), 1, false, mf.scale_b.data(), scratch.get(), par);
+  s = Filter(lat, nullptr, 1, false, mf.scale_b.data(), scratch.get(), par);
   if (!s.ok()) return s;
   par.For(n, 20, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {

@@ -573,6 +573,10 @@ bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool 
         ok = false;
         continue;
       }
+      if (values == nullptr) {  // a filter of ones: the weights alone, no voxel is read
+        for (int64_t q = lo; q < hi; ++q) row[0] += lat.splat_weights[q];
+        continue;
+      }
       for (int64_t q = lo; q < hi; ++q) {
         const int32_t voxel = lat.splat_voxels[q];
         if (static_cast<uint64_t>(static_cast<int64_t>(voxel)) >= voxels_u) {
@@ -638,6 +642,9 @@ bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool 
 
 Status Filter(const LatticeView& lat, const float* values, int channels, bool reverse,
               float* out, float* scratch, const Parallel& par) {
+  if (values == nullptr && channels != 1) {
+    return Status::Invalid("lattice: a filter of ones (no values) has one channel");
+  }
   if (lat.num_points > 0 &&
       (lat.splat_offsets[0] != 0 ||
        lat.splat_offsets[lat.num_points] != lat.num_voxels * (lat.d + 1))) {

@@ -175,8 +175,9 @@ inline int64_t FilterScratchSize(const LatticeView& lat, int channels) {
 }
 
 // out = K values (reverse = false) or K^T values (reverse = true); values and out are
-// [num_voxels, channels]. scratch holds FilterScratchSize floats. Fails with kInvalidArgument
-// when the lattice arrays are inconsistent (indices out of range).
+// [num_voxels, channels]. values may be null with channels = 1 for the filter of ones (the
+// splat then sums the weights alone). scratch holds FilterScratchSize floats. Fails with
+// kInvalidArgument when the lattice arrays are inconsistent (indices out of range).
 Status Filter(const LatticeView& lat, const float* values, int channels, bool reverse,
               float* out, float* scratch, const Parallel& par);
 
