@@ -129,6 +129,11 @@ def test_bad_inputs() -> None:
         _op(unaries, lattice, w, w, mu, spatial_taps=[1.0], spatial_radii=[0])
     with pytest.raises(tf.errors.InvalidArgumentError, match="the radii need 4 taps"):
         _op(unaries, lattice, w, w, mu, spatial_taps=[1.0, 1.0], spatial_radii=[1, 0])
+    nan_unaries = tf.tensor_scatter_nd_update(unaries, [[0, 2, 3, 1]], [float("nan")])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="unaries contain NaN or Inf"):
+        _op(nan_unaries, lattice, w, w, mu)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be finite"):
+        _op(unaries, lattice, w, w, tf.constant([[0.0, 1.0, 1.0]] * 2 + [[1.0, float("inf"), 0.0]]))
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="num_iterations"):
         _op(unaries, lattice, w, w, mu, num_iterations=0)
     with pytest.raises(ValueError, match="normalisation must be one of"):

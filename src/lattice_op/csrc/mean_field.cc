@@ -2,6 +2,7 @@
 #include "mean_field.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -20,10 +21,10 @@ typedef float Floats __attribute__((vector_size(32)));
 typedef int32_t Ints __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 8;
 
-// exp(x) for x <= 0, to about 2 ulp: x = n ln2 + r with n = round(x / ln2) and |r| <= ln2 / 2,
-// exp(r) by the degree-7 minimax polynomial of the classic single-precision exp (Cephes),
-// and 2^n assembled in the exponent bits; in place. Inputs below -87 give exp(-87) (1.6e-38) instead of
-// a denormal or zero.
+// exp(x) for finite x <= 0, in place, to about 2 ulp: x = n ln2 + r with n = round(x / ln2)
+// and |r| <= ln2 / 2, exp(r) by the degree-7 polynomial of the classic single-precision exp
+// (Cephes), and 2^n assembled in the exponent bits. Inputs below -87 give exp(-87) (1.6e-38)
+// instead of a denormal or zero.
 inline void ExpNonPositive(Floats& x) {
   const Floats lowest = Floats{} - 87.0f;
   x = x < lowest ? lowest : x;
@@ -167,6 +168,14 @@ Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeV
   Status s = CheckTaps(grid, spatial);
   if (!s.ok()) return s;
   if (n == 0) return Status::Ok();
+  for (int64_t l = 0; l < k * k; ++l) {
+    const bool weight_ok = l >= k || (std::isfinite(params.bilateral_weight[l]) &&
+                                      std::isfinite(params.spatial_weight[l]));
+    if (!weight_ok || !std::isfinite(params.compatibility[l])) {
+      return Status::Invalid(
+          "mean field: bilateral_weight, spatial_weight and compatibility must be finite");
+    }
+  }
 
   MeanField mf;
   mf.k = k;
@@ -207,9 +216,14 @@ Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeV
   mf.scale_s = SeparableOnes(grid, spatial);
   for (float& x : mf.scale_s) x = mf.symmetric ? 1.0f / std::sqrt(x) : 1.0f / x;
 
+  std::atomic<bool> finite{true};
   ForBlocks(n, k, 30 * k, par, [&](int64_t i0, int64_t count, float* tmp, float*) {
+    float sum = 0.0f;  // NaN or Inf anywhere in the block makes it NaN or Inf
+    for (int64_t j = i0 * k; j < (i0 + count) * k; ++j) sum += 0.0f * unaries[j];
+    if (!std::isfinite(sum)) finite.store(false, std::memory_order_relaxed);
     mf.Emit(unaries + i0 * k, i0, count, false, tmp);
   });
+  if (!finite.load()) return Status::Invalid("mean field: unaries contain NaN or Inf");
   for (int t = 0; t < params.num_iterations; ++t) {
     const bool last = t + 1 == params.num_iterations;
     s = Filter(lat, q_b.get(), static_cast<int>(k), false, a.get(), scratch.get(), par);

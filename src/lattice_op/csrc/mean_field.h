@@ -35,8 +35,9 @@ struct MeanFieldParams {
 // grid: [batch, *spatial, K] (grid.channels is the number of classes K >= 1); unaries, logits
 // and probabilities hold grid.size() floats; lat is the bilateral lattice of the same voxels;
 // spatial holds one tap vector per spatial axis. Writes the refined logits L (unless logits is
-// null) and Q = softmax(L) of the last iteration. Fails with kInvalidArgument for inconsistent lattice arrays or taps.
-// Allocates 3 grid.size() + 2 (lattice points + 1) K + 3 n floats of scratch.
+// null) and Q = softmax(L) of the last iteration. Fails with kInvalidArgument for inconsistent
+// lattice arrays or taps, and for NaN or Inf in the unaries, weights or compatibility.
+// Allocates 3 grid.size() + 2 (lattice points + 1) K + 2 n floats of scratch.
 Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeView& lat,
                           const std::vector<AxisTaps>& spatial, const MeanFieldParams& params,
                           float* logits, float* probabilities, const Parallel& par);
