@@ -125,7 +125,6 @@ std::string ShapeText(const TensorShape& s) { return s.DebugString(); }
   return ::tensorflow::OkStatus();
 }
 
-
 // The per-axis kernels of a separable filter from an op's attributes: radii [n] and the taps of
 // every axis one after the other (sum of 2 r + 1 floats).
 ::tensorflow::Status ParseTaps(const std::vector<float>& taps, const std::vector<int>& radii,
@@ -150,8 +149,8 @@ std::string ShapeText(const TensorShape& s) { return s.DebugString(); }
   if (axes->size() != radii.size() || at != taps.size()) {
     size_t needed = 0;
     for (int r : radii) needed += 2 * static_cast<size_t>(std::max(r, 0)) + 1;
-    return errors::InvalidArgument(what, ": the radii need ", needed, " taps (2 r + 1 per axis); got ",
-                                   taps.size());
+    return errors::InvalidArgument(what, ": the radii need ", needed,
+                                   " taps (2 r + 1 per axis); got ", taps.size());
   }
   return ::tensorflow::OkStatus();
 }
