@@ -5,6 +5,7 @@
               against an untruncated float64 Gaussian).
   profile:    the time of each step of the mean field on one of those phantoms, composed of TF
               ops (the layer's path) and in the fused kernel (dense_crf's path).
+  layer:      CrfRnn at inference on those phantoms, composed path against fused_inference.
   pydensecrf: dense_crf against pydensecrf2 on the same arrays with equivalent settings, on a
               PROMISE12-sized phantom (63 x 200 x 200 at 2 x 1 x 1 mm, 2 labels) and a
               BraTS-sized one (155 x 240 x 240, 4 modalities, 5 labels), 5 iterations, bilateral
@@ -288,6 +289,50 @@ def bench_profile(args: argparse.Namespace) -> None:
     print(f"  {f'total, {args.iterations} iterations':42s} {total:7.2f} s", flush=True)
 
 
+def bench_layer(args: argparse.Namespace) -> None:
+    """CrfRnn at inference on both phantoms (the pydensecrf comparison's settings, "mean"
+    normalisation, default weights): composed TF path against fused_inference=True,
+    alternating in one process, fastest of --repeats."""
+    from src.crf import CrfRnn
+
+    makers = {"promise": promise_case, "brats": brats_case}
+    for name in args.cases:
+        rng = np.random.default_rng(args.seed)
+        image, labels, spacing, classes = makers[name](rng)
+        probs = poor_network_probabilities(labels, spacing, classes, rng).astype(np.float32)
+        std = image.reshape(-1, image.shape[-1]).std(0)
+        image = (image / np.where(std > 0, std, 1.0)).astype(np.float32)
+        unaries = tf.constant(np.log(np.clip(probs, 1e-5, None))[None])
+        img = tf.constant(image[None])
+        settings = dict(
+            theta_alpha=args.theta_alpha,
+            theta_beta=args.theta_beta,
+            theta_gamma=args.theta_gamma,
+            spacing=list(spacing),
+            num_iterations=args.iterations,
+        )
+        layers = {
+            "composed": CrfRnn(**settings),
+            "fused_inference": CrfRnn(fused_inference=True, **settings),
+        }
+        for layer in layers.values():  # build and warm up
+            layer([unaries[:, :8, :8, :8], img[:, :8, :8, :8]], training=False)
+        times: dict[str, list[float]] = {key: [] for key in layers}
+        for _ in range(args.repeats):
+            for key, layer in layers.items():
+                start = time.perf_counter()
+                layer([unaries, img], training=False).numpy()
+                times[key].append(time.perf_counter() - start)
+        best = {key: min(values) for key, values in times.items()}
+        print(
+            f"{name} {labels.shape}, {classes} labels, {args.iterations} iterations: "
+            f"composed {best['composed']:.2f} s, fused_inference "
+            f"{best['fused_inference']:.2f} s (fastest of {args.repeats}; "
+            f"{best['composed'] / best['fused_inference']:.2f}x)",
+            flush=True,
+        )
+
+
 METHODS = ("pydensecrf2", "ours-pydensecrf-mode", "ours-default-mode")
 
 
@@ -429,6 +474,16 @@ def main() -> None:
     prof.add_argument("--theta-beta", type=float, default=0.5)
     prof.add_argument("--theta-gamma", type=float, default=3.0)
     prof.add_argument("--iterations", type=int, default=5)
+    layer = sub.add_parser("layer", help="CrfRnn inference: composed vs fused_inference")
+    layer.add_argument(
+        "--cases", nargs="+", choices=["promise", "brats"], default=["promise", "brats"]
+    )
+    layer.add_argument("--seed", type=int, default=0)
+    layer.add_argument("--theta-alpha", type=float, default=10.0)
+    layer.add_argument("--theta-beta", type=float, default=0.5)
+    layer.add_argument("--theta-gamma", type=float, default=3.0)
+    layer.add_argument("--iterations", type=int, default=5)
+    layer.add_argument("--repeats", type=int, default=3)
     one = sub.add_parser("one", help="(internal) one method in a fresh process")
     one.add_argument("--data", required=True)
     one.add_argument("--method", choices=METHODS, required=True)
@@ -443,6 +498,8 @@ def main() -> None:
         run_one(args)
     elif args.command == "profile":
         bench_profile(args)
+    elif args.command == "layer":
+        bench_layer(args)
     else:
         bench_pydensecrf(args)
 

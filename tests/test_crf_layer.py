@@ -413,3 +413,57 @@ def test_four_dimensional_volume_and_batch_independence() -> None:
     assert both.shape == u.shape and np.all(np.isfinite(both))
     for b in range(2):
         np.testing.assert_allclose(layer([u[b : b + 1], im[b : b + 1]]).numpy()[0], both[b])
+
+
+@pytest.mark.parametrize("normalisation", ["mean", "symmetric"])
+def test_fused_inference_matches_composed_path(normalisation) -> None:
+    """fused_inference=True: inference calls run the compiled inference kernel and give the
+    composed path's logits; training calls stay on the composed path (with gradients); a
+    gradient through an inference call raises instead of being silently dropped."""
+    unaries, image = make_inputs((6, 7, 5), 2, 3, 2, seed=11)
+    u, im = tf.constant(unaries, tf.float32), tf.constant(image, tf.float32)
+    kw = dict(
+        theta_alpha=3.0,
+        theta_beta=0.8,
+        theta_gamma=2.0,
+        spacing=[2.0, 1.0, 1.0],
+        num_iterations=2,
+        num_iterations_inference=4,
+        normalisation=normalisation,
+    )
+    composed, fused = CrfRnn(**kw), CrfRnn(fused_inference=True, **kw)
+    composed([u, im])
+    fused([u, im])
+    rng = np.random.default_rng(12)
+    composed.set_weights([rng.uniform(0.5, 2.0, w.shape) for w in composed.get_weights()])
+    fused.set_weights(composed.get_weights())
+    expected = composed([u, im], training=False).numpy()
+    np.testing.assert_allclose(fused([u, im], training=False).numpy(), expected, atol=2e-4)
+    np.testing.assert_allclose(fused([u, im]).numpy(), expected, atol=2e-4)  # training=None
+    assert np.abs(expected - unaries).max() > 0.1
+    # inside tf.function with unknown spatial sizes, as in model.predict
+    specs = [tf.TensorSpec([None, None, None, None, c], tf.float32) for c in (3, 2)]
+    predict = tf.function(lambda a, b: fused([a, b], training=False), input_signature=specs)
+    np.testing.assert_allclose(predict(u, im).numpy(), expected, atol=2e-4)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(fused([u, im], training=True) ** 2)
+    grads = tape.gradient(loss, fused.trainable_weights)
+    assert all(g is not None for g in grads)
+    with tf.GradientTape() as tape:
+        tape.watch(u)
+        loss = tf.reduce_sum(fused([u, im], training=False))
+    with pytest.raises(LookupError, match="inference-only"):
+        tape.gradient(loss, u)
+    clone = CrfRnn.from_config(fused.get_config())
+    assert clone.fused_inference and clone.get_config() == fused.get_config()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(learn_theta=True), dict(spatial_filter="lattice"), dict(bilateral_filter="exact")],
+)
+def test_fused_inference_needs_fixed_widths_and_default_filters(kwargs) -> None:
+    with pytest.raises(ValueError, match="fused_inference needs fixed widths"):
+        CrfRnn(fused_inference=True, **kwargs)
+    with pytest.raises(ValueError, match="fused_inference must be True or False"):
+        CrfRnn(fused_inference="yes")
