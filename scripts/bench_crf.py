@@ -163,6 +163,19 @@ def brats_case(rng: np.random.Generator):
     return image, label.astype(np.int64), spacing, 5
 
 
+def benchmark_case(name: str, seed: int):
+    """One benchmark phantom ("promise" or "brats"): (image [*spatial, M] with each channel
+    scaled to unit standard deviation, so that one theta_beta suits all; labels; spacing;
+    number of classes; a poor network's probabilities [*spatial, K]), all float32."""
+    makers = {"promise": promise_case, "brats": brats_case}
+    rng = np.random.default_rng(seed)
+    image, labels, spacing, classes = makers[name](rng)
+    probs = poor_network_probabilities(labels, spacing, classes, rng).astype(np.float32)
+    std = image.reshape(-1, image.shape[-1]).std(0)
+    image = np.ascontiguousarray(image / np.where(std > 0, std, 1.0), dtype=np.float32)
+    return image, labels, spacing, classes, probs
+
+
 def run_pydensecrf(probs, image, spacing, settings):
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import (
@@ -194,12 +207,7 @@ def bench_profile(args: argparse.Namespace) -> None:
 
     from src.crf import functional as mf
 
-    makers = {"promise": promise_case, "brats": brats_case}
-    rng = np.random.default_rng(args.seed)
-    image, labels, spacing, classes = makers[args.case](rng)
-    probs = poor_network_probabilities(labels, spacing, classes, rng).astype(np.float32)
-    std = image.reshape(-1, image.shape[-1]).std(0)
-    image = (image / np.where(std > 0, std, 1.0)).astype(np.float32)
+    image, labels, spacing, classes, probs = benchmark_case(args.case, args.seed)
     unaries = tf.constant(np.log(np.clip(probs, 1e-5, None))[None])
     img = tf.constant(image[None])
     betas = [args.theta_beta] * image.shape[-1]
@@ -295,13 +303,8 @@ def bench_layer(args: argparse.Namespace) -> None:
     alternating in one process, fastest of --repeats."""
     from src.crf import CrfRnn
 
-    makers = {"promise": promise_case, "brats": brats_case}
     for name in args.cases:
-        rng = np.random.default_rng(args.seed)
-        image, labels, spacing, classes = makers[name](rng)
-        probs = poor_network_probabilities(labels, spacing, classes, rng).astype(np.float32)
-        std = image.reshape(-1, image.shape[-1]).std(0)
-        image = (image / np.where(std > 0, std, 1.0)).astype(np.float32)
+        image, labels, spacing, classes, probs = benchmark_case(name, args.seed)
         unaries = tf.constant(np.log(np.clip(probs, 1e-5, None))[None])
         img = tf.constant(image[None])
         settings = dict(
@@ -376,14 +379,8 @@ def run_one(args: argparse.Namespace) -> None:
 
 
 def bench_pydensecrf(args: argparse.Namespace) -> None:
-    makers = {"promise": promise_case, "brats": brats_case}
     for name in args.cases:
-        rng = np.random.default_rng(args.seed)
-        image, labels, spacing, classes = makers[name](rng)
-        probs = poor_network_probabilities(labels, spacing, classes, rng).astype(np.float32)
-        # image channels to unit standard deviation so that one theta_beta suits all
-        std = image.reshape(-1, image.shape[-1]).std(0)
-        image = np.ascontiguousarray(image / np.where(std > 0, std, 1.0), dtype=np.float32)
+        image, labels, spacing, classes, probs = benchmark_case(name, args.seed)
         settings = dict(
             theta_alpha=args.theta_alpha,
             theta_beta=args.theta_beta,

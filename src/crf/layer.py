@@ -327,24 +327,7 @@ class CrfRnn(keras.layers.Layer):
             gamma_max = self._gamma_max()
         mask = 1.0 - tf.eye(self.num_classes, dtype=unaries.dtype)
         iterations = self.num_iterations if training else self.num_iterations_inference
-        if self.fused_inference and not training and unaries.dtype == tf.float32:
-            logits, _ = mf.mean_field_inference(
-                unaries,
-                image,
-                spacing=spacing,
-                theta_alpha=theta_alpha,
-                theta_beta=theta_beta,
-                theta_gamma=theta_gamma,
-                bilateral_weight=tf.cast(self.bilateral_weight, tf.float32),
-                spatial_weight=tf.cast(self.spatial_weight, tf.float32),
-                compatibility=tf.cast(self.compatibility, tf.float32) * mask,
-                num_iterations=iterations,
-                normalisation=self.normalisation,
-            )
-            return logits
-        return mf.mean_field(
-            unaries,
-            image,
+        settings = dict(
             spacing=spacing,
             theta_alpha=theta_alpha,
             theta_beta=theta_beta,
@@ -354,9 +337,16 @@ class CrfRnn(keras.layers.Layer):
             compatibility=tf.cast(self.compatibility, unaries.dtype) * mask,
             num_iterations=iterations,
             normalisation=self.normalisation,
+        )
+        if self.fused_inference and not training and unaries.dtype == tf.float32:
+            return mf.mean_field_inference(unaries, image, **settings)[0]
+        return mf.mean_field(
+            unaries,
+            image,
             bilateral_filter=self.bilateral_filter,
             spatial_filter=self.spatial_filter,
             theta_gamma_max=gamma_max,
+            **settings,
         )
 
     def compute_output_shape(self, input_shape: Any) -> Any:
