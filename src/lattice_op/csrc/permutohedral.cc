@@ -269,8 +269,7 @@ bool EmbedRangeImpl(const float* features, int64_t begin, int64_t end, const Emb
       uint64_t linear = table.Linear(rem0);
       for (int k = 0; k < d1; ++k) {
         const int64_t slot = (i - g0) * d1 + k;
-        int32_t* key = keys.data() + slot * d;
-        for (int j = 0; j < d; ++j) key[j] = rem0[j] + (rank[j] <= d - k ? k : k - d1);
+        Embedding::VertexKey(d, rem0, rank, k, keys.data() + slot * d);
         hashes[static_cast<size_t>(slot)] = KeyTable::Mix(linear);
         table.Prefetch(hashes[static_cast<size_t>(slot)]);
         const int moved = by_rank[static_cast<size_t>(d - k)];

@@ -50,11 +50,10 @@ class Embedding {
   // scratch of d+1 floats.
   void Embed(const float* f, float* elevated, int32_t* rem0, int32_t* rank, float* bary) const;
   // Key (d coordinates; the last one is implied by the zero sum) of vertex k in 0..d of the
-  // simplex described by rem0 and rank.
-  void VertexKey(const int32_t* rem0, const int32_t* rank, int k, int32_t* key) const {
-    for (int i = 0; i < d_; ++i) {
-      key[i] = rem0[i] + (rank[i] <= d_ - k ? k : k - (d_ + 1));
-    }
+  // simplex described by rem0 and rank, in d dimensions (static, so that a caller that knows d
+  // at compile time gets the loop unrolled).
+  static void VertexKey(int d, const int32_t* rem0, const int32_t* rank, int k, int32_t* key) {
+    for (int i = 0; i < d; ++i) key[i] = rem0[i] + (rank[i] <= d - k ? k : k - (d + 1));
   }
   // Widest span (max - min) of one feature channel for which the lattice coordinates stay
   // exact in single precision.
