@@ -436,6 +436,22 @@ def bench_pydensecrf(args: argparse.Namespace) -> None:
             )
 
 
+def _phantom_arguments(parser: argparse.ArgumentParser, several: bool) -> None:
+    """The benchmark phantoms (--cases, or one --case) and the CRF settings shared by the
+    pydensecrf, profile and layer commands."""
+    if several:
+        parser.add_argument(
+            "--cases", nargs="+", choices=["promise", "brats"], default=["promise", "brats"]
+        )
+    else:
+        parser.add_argument("--case", choices=["promise", "brats"], default="promise")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--theta-alpha", type=float, default=10.0, help="mm")
+    parser.add_argument("--theta-beta", type=float, default=0.5, help="image standard deviations")
+    parser.add_argument("--theta-gamma", type=float, default=3.0, help="mm")
+    parser.add_argument("--iterations", type=int, default=5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -446,16 +462,9 @@ def main() -> None:
     spatial.add_argument("--classes", type=int, default=2)
     spatial.add_argument("--iterations", type=int, default=5)
     dense = sub.add_parser("pydensecrf", help="dense_crf vs pydensecrf2 on phantoms")
-    dense.add_argument(
-        "--cases", nargs="+", choices=["promise", "brats"], default=["promise", "brats"]
-    )
-    dense.add_argument("--seed", type=int, default=0)
-    dense.add_argument("--theta-alpha", type=float, default=10.0, help="mm")
-    dense.add_argument("--theta-beta", type=float, default=0.5, help="image standard deviations")
-    dense.add_argument("--theta-gamma", type=float, default=3.0, help="mm")
+    _phantom_arguments(dense, several=True)
     dense.add_argument("--w-bilateral", type=float, default=5.0)
     dense.add_argument("--w-spatial", type=float, default=3.0)
-    dense.add_argument("--iterations", type=int, default=5)
     dense.add_argument("--repeats", type=int, default=3, help="runs per method (min, median)")
     dense.add_argument(
         "--threads",
@@ -465,21 +474,9 @@ def main() -> None:
         "always uses one",
     )
     prof = sub.add_parser("profile", help="time each step of the mean field on a phantom")
-    prof.add_argument("--case", choices=["promise", "brats"], default="promise")
-    prof.add_argument("--seed", type=int, default=0)
-    prof.add_argument("--theta-alpha", type=float, default=10.0)
-    prof.add_argument("--theta-beta", type=float, default=0.5)
-    prof.add_argument("--theta-gamma", type=float, default=3.0)
-    prof.add_argument("--iterations", type=int, default=5)
+    _phantom_arguments(prof, several=False)
     layer = sub.add_parser("layer", help="CrfRnn inference: composed vs fused_inference")
-    layer.add_argument(
-        "--cases", nargs="+", choices=["promise", "brats"], default=["promise", "brats"]
-    )
-    layer.add_argument("--seed", type=int, default=0)
-    layer.add_argument("--theta-alpha", type=float, default=10.0)
-    layer.add_argument("--theta-beta", type=float, default=0.5)
-    layer.add_argument("--theta-gamma", type=float, default=3.0)
-    layer.add_argument("--iterations", type=int, default=5)
+    _phantom_arguments(layer, several=True)
     layer.add_argument("--repeats", type=int, default=3)
     one = sub.add_parser("one", help="(internal) one method in a fresh process")
     one.add_argument("--data", required=True)
