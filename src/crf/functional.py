@@ -185,31 +185,21 @@ def separable_spatial_filter(
     learnt = isinstance(theta, tf.Tensor | tf.Variable)
     if learnt and theta_max is None:
         raise ValueError("separable_spatial_filter: a tensor theta needs theta_max (mm), got None")
-    if not learnt and dtype == tf.float32:
-        # fixed width in single precision: the compiled separable op (csrc/gaussian.cc)
-        taps = spatial_taps(spacing, float(theta), static_shape)
-
-        def apply_op(values: tf.Tensor) -> tf.Tensor:
-            return separable_filter(values, taps)
-
-        ones = tf.ones(tf.concat([shape[:-1], [1]], 0), dtype=dtype)
-        return _normalised(apply_op, apply_op(ones), normalisation)
-    ndim = len(spacing)
-    kernels = []
-    for axis in range(ndim):
-        length = None if static_shape is None else static_shape[axis + 1]
-        if learnt:
-            sigma = float(theta_max) / float(spacing[axis])
-            radius = math.ceil(SPATIAL_TRUNCATE * sigma)
+    if learnt:
+        kernels = []
+        for axis, step in enumerate(spacing):
+            radius = math.ceil(SPATIAL_TRUNCATE * float(theta_max) / float(step))
+            length = None if static_shape is None else static_shape[axis + 1]
             if length is not None:
                 radius = min(radius, max(length - 1, 0))
             offsets_mm = tf.constant(
-                [k * float(spacing[axis]) for k in range(-radius, radius + 1)], dtype=dtype
+                [k * float(step) for k in range(-radius, radius + 1)], dtype=dtype
             )
             kernels.append(tf.exp(-0.5 * tf.square(offsets_mm / tf.cast(theta, dtype))))
-        else:
-            sigma = float(theta) / float(spacing[axis])
-            kernels.append(tf.constant(gaussian_taps(sigma, SPATIAL_TRUNCATE, length), dtype=dtype))
+    else:
+        taps = spatial_taps(spacing, float(theta), static_shape)
+        # float32 runs on the compiled op (below); float64 on depthwise convolutions
+        kernels = [] if dtype == tf.float32 else [tf.constant(t, dtype=dtype) for t in taps]
 
     def along_axis(values: tf.Tensor, axis: int, kernel: tf.Tensor) -> tf.Tensor:
         vshape = tf.shape(values)
@@ -221,6 +211,9 @@ def separable_spatial_filter(
         return tf.reshape(out, vshape)
 
     def apply(values: tf.Tensor) -> tf.Tensor:
+        if not learnt and dtype == tf.float32:
+            # fixed width in single precision: the compiled separable op (csrc/gaussian.cc)
+            return separable_filter(values, taps)
         out = values
         for axis, kernel in enumerate(kernels):
             out = along_axis(out, axis, kernel)
