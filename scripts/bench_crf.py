@@ -12,7 +12,7 @@
               + spatial kernel: total time (setup + inference), peak memory above the state
               before the call, and the fraction of voxels whose argmax label agrees.
 
-Usage: PYTHONPATH=. .venv/bin/python scripts/bench_crf.py {spatial,pydensecrf} [options]
+Usage: .venv/bin/python scripts/bench_crf.py {spatial,pydensecrf} [options]
 (`make bench-crf` runs the pydensecrf comparison; it needs requirements-bench.txt.)
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from src.crf.functional import lattice_filter, positions, separable_spatial_filter
+from crf_rnn_3d.crf.functional import lattice_filter, positions, separable_spatial_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def promise_case(rng: np.random.Generator):
     """A PROMISE12-like phantom (src/datasets/phantoms.py) at 2 x 1 x 1 mm: 63 x 200 x 200."""
     from omegaconf import OmegaConf
 
-    from src.datasets.phantoms import promise_phantom
+    from crf_rnn_3d.datasets.phantoms import promise_phantom
 
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/data/synthetic_promise.yaml"))
     phantom = dict(cfg["phantom"])
@@ -148,7 +148,7 @@ def brats_case(rng: np.random.Generator):
     """A BraTS-2015-like phantom (MNI152 brain, 4 modalities, labels 0..4): 155 x 240 x 240."""
     from omegaconf import OmegaConf
 
-    from src.datasets.phantoms import brats_phantom, mni152_tissues
+    from crf_rnn_3d.datasets.phantoms import brats_phantom, mni152_tissues
 
     base = OmegaConf.load(ROOT / "configs/data/brats2015.yaml")
     cfg = OmegaConf.merge(
@@ -205,7 +205,7 @@ def bench_profile(args: argparse.Namespace) -> None:
     the settings of the pydensecrf comparison."""
     import tensorflow as tf
 
-    from src.crf import functional as mf
+    from crf_rnn_3d.crf import functional as mf
 
     image, labels, spacing, classes, probs = benchmark_case(args.case, args.seed)
     unaries = tf.constant(np.log(np.clip(probs, 1e-5, None))[None])
@@ -254,7 +254,7 @@ def bench_profile(args: argparse.Namespace) -> None:
         print(f"  {'total':42s} {sum(times.values()):7.2f} s", flush=True)
     # dense_crf's path: features and lattice in TF, then every iteration in the fused kernel
     # (one run with 1 iteration and one with all of them split its fixed and per-iteration cost)
-    from src.lattice_op import Lattice, _library
+    from crf_rnn_3d.lattice_op import Lattice, _library
 
     taps = mf.spatial_taps(spacing, args.theta_gamma, unaries.shape)
     best: dict[str, float] = {}
@@ -301,7 +301,7 @@ def bench_layer(args: argparse.Namespace) -> None:
     """CrfRnn at inference on both phantoms (the pydensecrf comparison's settings, "mean"
     normalisation, default weights): composed TF path against fused_inference=True,
     alternating in one process, fastest of --repeats."""
-    from src.crf import CrfRnn
+    from crf_rnn_3d.crf import CrfRnn
 
     for name in args.cases:
         image, labels, spacing, classes, probs = benchmark_case(name, args.seed)
@@ -350,7 +350,7 @@ def run_one(args: argparse.Namespace) -> None:
     if args.method == "pydensecrf2":
         fn = lambda: run_pydensecrf(probs, image, spacing, settings)  # noqa: E731
     else:
-        from src.crf.dense_crf import dense_crf
+        from crf_rnn_3d.crf.dense_crf import dense_crf
 
         mode = "pydensecrf" if args.method == "ours-pydensecrf-mode" else "default"
         dense_crf(probs[:8, :8, :8], image[:8, :8, :8], spacing)  # load the op, warm up TF

@@ -263,7 +263,7 @@ def _init_tf(threads: int):
     if threads > 0:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    from src.lattice_op import Lattice
+    from crf_rnn_3d.lattice_op import Lattice
 
     # Warm up: load the library and run both code paths once on a tiny lattice.
     tiny = np.random.default_rng(0).normal(size=(1, 6, 6, 6, 4)).astype(np.float32)
@@ -421,7 +421,7 @@ def _exact_rows_windowed(values, features, shape, spacing, rows, radius):
     weighs < exp(-radius^2 / 2); the caller picks radius so that all of them together are
     negligible. The sums themselves are src/lattice_op/reference.py's float64 brute force.
     """
-    from src.lattice_op.reference import exact_normalised_filter
+    from crf_rnn_3d.lattice_op.reference import exact_normalised_filter
 
     half = [math.ceil(radius * THETA_ALPHA_MM / s) for s in spacing]
     vol_v = values.reshape(*shape, -1)
@@ -444,7 +444,7 @@ def _exact_rows_windowed(values, features, shape, spacing, rows, radius):
 
 def worker_error(folder: Path, threads: int, labels: int, samples: int, seed: int) -> dict:
     """Normalised error of filter(v) / filter(1) against the exact filter on sampled voxels."""
-    from src.lattice_op.reference import exact_gaussian_filter
+    from crf_rnn_3d.lattice_op.reference import exact_gaussian_filter
 
     tf, Lattice = _init_tf(threads)
     data = _load(folder)
@@ -589,7 +589,7 @@ def run_worker(argv: list[str]) -> None:
 def call_worker(*args: str) -> dict:
     """Runs this script as a worker in a fresh process and returns its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

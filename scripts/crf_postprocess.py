@@ -1,6 +1,6 @@
 """Refine a probability map with a dense CRF (NIfTI / MetaImage / anything SimpleITK reads).
 
-    PYTHONPATH=. .venv/bin/python scripts/crf_postprocess.py \\
+    .venv/bin/python scripts/crf_postprocess.py \\
         --image t1.nii.gz --image flair.nii.gz --probabilities probs.nii.gz \\
         --output labels.nii.gz [--output-probabilities refined.mha] [--set theta_alpha=8]
 
@@ -217,7 +217,7 @@ def run(
         f"{settings['num_iterations']} iterations, mode {settings['mode']}"
     )
     start = time.perf_counter()
-    from src.crf.dense_crf import dense_crf  # TensorFlow loads only once the inputs are good
+    from crf_rnn_3d.crf.dense_crf import dense_crf  # TensorFlow loads only once the inputs are good
 
     try:
         refined = dense_crf(probs, image, spacing, **settings)

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from src.lattice_op import Lattice
+from crf_rnn_3d.lattice_op import Lattice
 
 
 def phantom(shape=(48, 96, 96), spacing=(2.0, 1.0, 1.0), seed=0):

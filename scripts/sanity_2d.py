@@ -1,6 +1,6 @@
 """The paper's sanity experiment (Fig. 3) on a real 2D RGB photograph.
 
-    PYTHONPATH=. .venv/bin/python scripts/sanity_2d.py [--config configs/crf/sanity_2d.yaml]
+    .venv/bin/python scripts/sanity_2d.py [--config configs/crf/sanity_2d.yaml]
         [--set train.steps=30] [--results DIR]          (make sanity-2d)
 
 The photograph is matplotlib's bundled ``grace_hopper.jpg`` (600 x 512 RGB; matplotlib is a

@@ -1,7 +1,7 @@
 """The paper's sanity experiment (Fig. 3) in 3D: a synthetic phantom with soft, low-contrast
 borders (one channel).
 
-    PYTHONPATH=. .venv/bin/python scripts/sanity_3d.py [--config configs/crf/sanity_3d.yaml]
+    .venv/bin/python scripts/sanity_3d.py [--config configs/crf/sanity_3d.yaml]
         [--set train.steps=30] [--results DIR]          (make sanity-3d)
 
 The phantom is the PROMISE12-like one of src/datasets/phantoms.py (a prostate-like organ only
@@ -40,7 +40,7 @@ def _common() -> Any:
 
 def phantom(cfg: Any) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """Image [z, y, x] float32 (standardised), organ labels [z, y, x] int64, spacing (z, y, x)."""
-    from src.datasets.phantoms import promise_phantom
+    from crf_rnn_3d.datasets.phantoms import promise_phantom
 
     data_cfg = OmegaConf.load(ROOT / "configs" / "data" / "synthetic_promise.yaml")
     settings = OmegaConf.to_container(data_cfg.phantom)

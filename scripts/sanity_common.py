@@ -68,7 +68,7 @@ def train_crf(
     import keras
     import tensorflow as tf
 
-    from src.crf import CrfRnn
+    from crf_rnn_3d.crf import CrfRnn
 
     keras.utils.set_random_seed(int(train_cfg["seed"]))
     layer = CrfRnn(spacing=list(spacing), **dict(crf_cfg))

@@ -1,7 +1,7 @@
 """Learning theta in the sanity experiment: does CrfRnn(learn_theta=True), started with kernel
 widths far too wide, find the widths a grid search finds, and its Dice?
 
-    PYTHONPATH=. .venv/bin/python scripts/sanity_theta.py --dim 2|3 [--config FILE]
+    .venv/bin/python scripts/sanity_theta.py --dim 2|3 [--config FILE]
         [--set theta_search.scales=[0.5,1,2]] [--results DIR]
 
 Same data, distortion and training as scripts/sanity_2d.py / sanity_3d.py (configs/crf/
@@ -240,7 +240,7 @@ def time_steps(dim: int, cfg: Any, steps: int, log: Any = print) -> dict[str, fl
     import keras
     import tensorflow as tf
 
-    from src.crf import CrfRnn
+    from crf_rnn_3d.crf import CrfRnn
 
     if dim == 2:
         cfg = pixels_downsampled(cfg)

@@ -26,8 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from src.lattice_op import Lattice
-from tests.lattice_cases import grid_features, grid_values
+from crf_rnn_3d.datasets.phantoms import grid_features, grid_values
+from crf_rnn_3d.lattice_op import Lattice
 
 CASES = [((8, 7), 2), ((8, 7), 4), ((8, 7), 7), ((5, 4, 4), 3), ((5, 4, 4), 5), ((5, 4, 4), 7)]
 DELTA = 1e-3

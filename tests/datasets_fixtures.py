@@ -1,5 +1,5 @@
 """Small deterministic files in each real layout, written with SimpleITK and nibabel directly
-(not with src.datasets' writers), so the readers are checked against independent writers.
+(not with crf_rnn_3d.datasets' writers), so the readers are checked against independent writers.
 
 Every volume has anisotropic spacing. Arrays are built in [z, y, x] order; the spacing given
 to SimpleITK and nibabel is in their (x, y, z) order.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from crf_reference import mean_field_reference, pydensecrf_reference
 
-from src.crf.dense_crf import dense_crf
-from tests.crf_reference import mean_field_reference, pydensecrf_reference
+from crf_rnn_3d.crf.dense_crf import dense_crf
 
 
 def phantom(shape, classes, seed, noise=1.5):

@@ -10,10 +10,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from crf_reference import dense_kernels, mean_field_reference
 
-import src.crf.functional as mf
-from src.crf import CrfRnn
-from tests.crf_reference import dense_kernels, mean_field_reference
+import crf_rnn_3d.crf.functional as mf
+from crf_rnn_3d.crf import CrfRnn
 
 # (spatial shape, spacing in mm, image channels, classes, batch)
 CASES = [

@@ -11,10 +11,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from crf_reference import mean_field_reference
 
-from src.crf import CrfRnn
-from src.crf.callbacks import ThetaLogger, log_theta_summaries, theta_scalars
-from tests.crf_reference import mean_field_reference
+from crf_rnn_3d.crf import CrfRnn
+from crf_rnn_3d.crf.callbacks import ThetaLogger, log_theta_summaries, theta_scalars
 
 # (spatial shape, spacing in mm, image channels, classes)
 CASES = [((5, 4), (1.0, 1.5), 2, 3), ((3, 4, 3), (2.0, 1.0, 0.8), 1, 2)]

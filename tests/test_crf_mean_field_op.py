@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from crf_reference import mean_field_reference
 
-import src.crf.functional as mf
-from src.lattice_op import Lattice, _library
-from tests.crf_reference import mean_field_reference
+import crf_rnn_3d.crf.functional as mf
+from crf_rnn_3d.lattice_op import Lattice, _library
 
 
 def settings(classes: int, rng: np.random.Generator, **overrides):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from src.crf.dense_crf import dense_crf
+from crf_rnn_3d.crf.dense_crf import dense_crf
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
@@ -123,7 +123,7 @@ def test_writes_refined_labels_with_input_geometry(tmp_path, ext, layout) -> Non
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts/crf_postprocess.py"), *args],
         capture_output=True,

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from datasets_fixtures import compose_config, write_promise_case
+from test_datasets_phantoms import SMALL_BRATS, SMALL_PROMISE
 
-from src.datasets import build
-from src.datasets.cache import export_prediction
-from src.datasets.cache import read_case as read_cached
-from src.datasets.errors import ConfigError, DataError
-from src.datasets.preprocess import to_original_grid
-from src.experiments.prepare import prepare, summary
-from tests.datasets_fixtures import compose_config, write_promise_case
-from tests.test_datasets_phantoms import SMALL_BRATS, SMALL_PROMISE
+from crf_rnn_3d.datasets import build
+from crf_rnn_3d.datasets.cache import export_prediction
+from crf_rnn_3d.datasets.cache import read_case as read_cached
+from crf_rnn_3d.datasets.errors import ConfigError, DataError
+from crf_rnn_3d.datasets.preprocess import to_original_grid
+from crf_rnn_3d.experiments.prepare import prepare, summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,12 +209,12 @@ def test_prediction_written_in_the_source_geometry(tmp_path: Path) -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "src.experiments.prepare", *args],
+        [sys.executable, "-m", "crf_rnn_3d.experiments.prepare", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=dict(os.environ),
     )
 
 

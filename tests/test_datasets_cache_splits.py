@@ -8,12 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from datasets_fixtures import write_promise_case
 
-from src.datasets import cache
-from src.datasets.errors import ConfigError, DataError
-from src.datasets.preprocess import Geometry
-from src.datasets.splits import holdout_split, kfold_splits, load_or_create_splits, make_splits
-from tests.datasets_fixtures import write_promise_case
+from crf_rnn_3d.datasets import cache
+from crf_rnn_3d.datasets.errors import ConfigError, DataError
+from crf_rnn_3d.datasets.preprocess import Geometry
+from crf_rnn_3d.datasets.splits import (
+    holdout_split,
+    kfold_splits,
+    load_or_create_splits,
+    make_splits,
+)
 
 GEO = Geometry(
     original_shape=(5, 12, 10),

@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from datasets_fixtures import PROMISE_SPACING_XYZ, ramp, write_nifti_file, write_sitk_file
 
-from src.datasets.errors import DataError
-from src.datasets.io import (
+from crf_rnn_3d.datasets.errors import DataError
+from crf_rnn_3d.datasets.io import (
     atomic_output,
     read_nifti,
     read_sitk,
@@ -20,7 +21,6 @@ from src.datasets.io import (
     write_nifti,
     write_sitk,
 )
-from tests.datasets_fixtures import PROMISE_SPACING_XYZ, ramp, write_nifti_file, write_sitk_file
 
 
 def test_sitk_pixel_lands_at_z_y_x(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 from scipy import stats
 
-from src.datasets import phantoms
-from src.datasets.readers import find_cases, read_case
+from crf_rnn_3d.datasets import phantoms
+from crf_rnn_3d.datasets.readers import find_cases, read_case
 
 SMALL_PROMISE = [
     "data.phantom.n_cases=3",
@@ -32,7 +32,7 @@ SMALL_BRATS = [
 
 
 def small_cfg(data: str, root: Path, extra: list[str]):
-    from tests.datasets_fixtures import compose_config
+    from datasets_fixtures import compose_config
 
     cfg = compose_config(data, [f"data.root={root}", *extra])
     return cfg.data, OmegaConf.to_container(cfg.data.phantom, resolve=True)
@@ -180,7 +180,7 @@ def test_brats_phantoms_in_brats2015_layout(tmp_path: Path) -> None:
 
 
 def test_unknown_phantom_format(tmp_path: Path) -> None:
-    from src.datasets.errors import ConfigError
+    from crf_rnn_3d.datasets.errors import ConfigError
 
     with pytest.raises(ConfigError, match="phantoms"):
         phantoms.write_phantoms("brats_nifti", {}, tmp_path)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from src.datasets.errors import ConfigError
-from src.datasets.preprocess import (
+from crf_rnn_3d.datasets.errors import ConfigError
+from crf_rnn_3d.datasets.preprocess import (
     Geometry,
     PreprocessSettings,
     centre_offsets,

@@ -6,11 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
-
-from src.datasets.errors import ConfigError, DataError, DatasetNotFoundError
-from src.datasets.readers import find_cases, read_case
-from tests.datasets_fixtures import (
+from datasets_fixtures import (
     BRATS2015_MODALITIES,
     NIFTI_SUFFIXES,
     box_label,
@@ -22,6 +18,10 @@ from tests.datasets_fixtures import (
     write_promise_case,
     write_sitk_file,
 )
+from omegaconf import OmegaConf
+
+from crf_rnn_3d.datasets.errors import ConfigError, DataError, DatasetNotFoundError
+from crf_rnn_3d.datasets.readers import find_cases, read_case
 
 
 def promise_cfg(root: Path):

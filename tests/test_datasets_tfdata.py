@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from src.datasets import cache
-from src.datasets.errors import ConfigError, DataError
-from src.datasets.preprocess import Geometry
-from src.datasets.tfdata import common_spacing, fold_datasets, make_dataset
+from crf_rnn_3d.datasets import cache
+from crf_rnn_3d.datasets.errors import ConfigError, DataError
+from crf_rnn_3d.datasets.preprocess import Geometry
+from crf_rnn_3d.datasets.tfdata import common_spacing, fold_datasets, make_dataset
 
 SHAPE = (4, 6, 5)
 
@@ -182,7 +182,7 @@ def test_fold_datasets(tmp_path: Path) -> None:
 def test_bench_stream_counts_every_element(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from src.datasets.bench_stream import measure
+    from crf_rnn_3d.datasets.bench_stream import measure
 
     write_cache(tmp_path, 3)
     cfg = OmegaConf.create({"processed": str(tmp_path), "loader": loader(batch_size=2)})

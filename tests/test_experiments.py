@@ -6,13 +6,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from experiments_fixtures import compose_config, smoke_config
 
-from src.datasets.errors import ConfigError
-from src.experiments import common
-from src.experiments.evaluate import dice_score, region_dice
-from src.experiments.prepare import prepare
-from src.experiments.report import paired_tests
-from src.experiments.train import (
+from crf_rnn_3d.datasets.errors import ConfigError
+from crf_rnn_3d.experiments import common
+from crf_rnn_3d.experiments.evaluate import dice_score, region_dice
+from crf_rnn_3d.experiments.prepare import prepare
+from crf_rnn_3d.experiments.report import paired_tests
+from crf_rnn_3d.experiments.train import (
     build_model,
     hard_dice,
     learning_rate,
@@ -22,7 +23,6 @@ from src.experiments.train import (
     soft_dice_loss,
     training_stream,
 )
-from tests.experiments_fixtures import compose_config, smoke_config
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +219,8 @@ def test_training_stream_is_a_function_of_the_seed_and_resumes(smoke_cfg):
 
 
 def test_missing_data_set_stops_at_once_with_where_to_get_it(tmp_path):
-    from src.datasets.errors import DatasetNotFoundError
-    from src.experiments.cross_validate import cross_validate
+    from crf_rnn_3d.datasets.errors import DatasetNotFoundError
+    from crf_rnn_3d.experiments.cross_validate import cross_validate
 
     cfg = compose_config(
         [
@@ -239,8 +239,8 @@ def test_missing_data_set_stops_at_once_with_where_to_get_it(tmp_path):
 def test_unreadable_checkpoint_names_the_file(smoke_cfg):
     from omegaconf import OmegaConf
 
-    from src.datasets.errors import DataError
-    from src.experiments.train import train
+    from crf_rnn_3d.datasets.errors import DataError
+    from crf_rnn_3d.experiments.train import train
 
     cfg = OmegaConf.merge(smoke_cfg, {"train": {"steps": 4, "stop_after": 2, "seed": 99}})
     first = train(cfg, 0, "vnet")

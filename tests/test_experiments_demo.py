@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from experiments_fixtures import compose_config
 
-from src.experiments.cross_validate import cross_validate
-from tests.experiments_fixtures import compose_config
+from crf_rnn_3d.experiments.cross_validate import cross_validate
 
 
 @pytest.mark.slow

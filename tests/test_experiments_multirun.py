@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from experiments_fixtures import CONFIGS, smoke_config
 from hydra import compose, initialize_config_dir
 
-from src.experiments.prepare import prepare
-from src.experiments.report import report
-from tests.experiments_fixtures import CONFIGS, smoke_config
+from crf_rnn_3d.experiments.prepare import prepare
+from crf_rnn_3d.experiments.report import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_joblib_multirun_then_report(tmp_path):
     cfg = smoke_config(tmp_path)
     prepare(cfg)
     command = [
-        sys.executable, "-m", "src.experiments.train", "-m", "experiment=smoke",
+        sys.executable, "-m", "crf_rnn_3d.experiments.train", "-m", "experiment=smoke",
         f"data.root={tmp_path}/raw", f"data.processed={tmp_path}/processed",
         f"runs_dir={tmp_path}/runs", f"results_dir={tmp_path}/results", "progress=false",
         "fold=0,1", "variant=vnet,vnet_crf", "hydra/launcher=local_parallel",

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from experiments_fixtures import smoke_config
 
-from src.experiments import common
-from src.experiments.prepare import prepare
-from tests.experiments_fixtures import smoke_config
+from crf_rnn_3d.experiments import common
+from crf_rnn_3d.experiments.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 120
@@ -33,7 +33,7 @@ TRAIN = [
 
 def _command(root: Path, runs: str) -> list[str]:
     return [
-        sys.executable, "-m", "src.experiments.train", "experiment=smoke",
+        sys.executable, "-m", "crf_rnn_3d.experiments.train", "experiment=smoke",
         f"data.root={root}/raw", f"data.processed={root}/processed", f"runs_dir={root}/{runs}",
         f"results_dir={root}/results", "progress=false", "train.progress=false",
         f"hydra.run.dir={root}/hydra/{runs}", *TRAIN,

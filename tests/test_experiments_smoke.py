@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import tensorflow as tf
+from experiments_fixtures import smoke_config
 from scipy import stats
 
-from src.experiments.cross_validate import cross_validate
-from src.experiments.report import report
-from tests.experiments_fixtures import smoke_config
+from crf_rnn_3d.experiments.cross_validate import cross_validate
+from crf_rnn_3d.experiments.report import report
 
 
 def test_smoke_chain_report_content(tmp_path):
@@ -71,7 +71,7 @@ def test_smoke_chain_report_content(tmp_path):
     assert "steps: 4" in (folder / "config.yaml").read_text()
 
     # TensorBoard: scalars and the image summary of every run
-    from src.experiments import common
+    from crf_rnn_3d.experiments import common
 
     run = common.run_dir(cfg, 1, "vnet_crf")
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))

@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from src.lattice_op import Lattice
-from src.lattice_op.reference import exact_gaussian_filter, exact_normalised_filter
-from tests.lattice_cases import grid_features, grid_values
+from crf_rnn_3d.datasets.phantoms import grid_features, grid_values
+from crf_rnn_3d.lattice_op import Lattice
+from crf_rnn_3d.lattice_op.reference import exact_gaussian_filter, exact_normalised_filter
 
 RANGE = 2.0
 SHAPES = {1: (256,), 2: (12, 11), 3: (6, 5, 7), 4: (4, 3, 4, 5)}

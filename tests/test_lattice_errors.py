@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from src.lattice_op import Lattice, _library, permutohedral_filter
+from crf_rnn_3d.lattice_op import Lattice, _library, permutohedral_filter
 
 InvalidArg = tf.errors.InvalidArgumentError
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from src.lattice_op import Lattice
-from src.lattice_op.lattice import feature_gradient
-from tests.lattice_cases import grid_features, grid_values
+from crf_rnn_3d.datasets.phantoms import grid_features, grid_values
+from crf_rnn_3d.lattice_op import Lattice
+from crf_rnn_3d.lattice_op.lattice import feature_gradient
 
 
 def dense_kernel(features: tf.Tensor) -> tf.Tensor:

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from src.lattice_op import Lattice
+from crf_rnn_3d.lattice_op import Lattice
 
 
 @settings(max_examples=60, deadline=None)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from src.lattice_op import Lattice, permutohedral_filter
-from tests.lattice_cases import grid_features, grid_values
+from crf_rnn_3d.datasets.phantoms import grid_features, grid_values
+from crf_rnn_3d.lattice_op import Lattice, permutohedral_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,15 +162,15 @@ def test_thread_count_does_not_change_result(threads: int, tmp_path: Path) -> No
         f"""
         import numpy as np, tensorflow as tf
         tf.config.threading.set_intra_op_parallelism_threads({threads})
-        from src.lattice_op import Lattice
-        from tests.lattice_cases import grid_features, grid_values
+        from crf_rnn_3d.lattice_op import Lattice
+        from crf_rnn_3d.datasets.phantoms import grid_features, grid_values
         rng = np.random.default_rng(0)
         f = grid_features((48, 40, 36), 4, rng, spacing=0.4)[None]
         v = grid_values((48, 40, 36), 2, "random", rng)[None]
         np.save(r"{tmp_path}/out.npy", Lattice(f).filter(v).numpy())
         """
     )
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env)
     out = np.load(tmp_path / "out.npy")
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from src.lattice_op import gaussian_taps, separable_filter
+from crf_rnn_3d.lattice_op import gaussian_taps, separable_filter
 
 
 def scipy_reference(values: np.ndarray, taps: list[np.ndarray]) -> np.ndarray:

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from src.crf import CrfRnn
-from src.models.vnet import VNetConfigError, build_vnet, check_config, padding_for
+from crf_rnn_3d.crf import CrfRnn
+from crf_rnn_3d.models.vnet import VNetConfigError, build_vnet, check_config, padding_for
 
 SMALL = {
     "levels": 2,

@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from src.crf.layer import CrfRnn
+from crf_rnn_3d.crf.layer import CrfRnn
 
 
 def crf_layers(model: Any) -> list[CrfRnn]:

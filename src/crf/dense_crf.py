@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from src.crf import functional as mf
+from crf_rnn_3d.crf import functional as mf
 
 MODES = ("default", "pydensecrf")
 

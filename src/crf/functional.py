@@ -1,7 +1,7 @@
 """Functional mean-field inference for the fully connected CRF (TensorFlow, any n-D).
 
-The CRF-as-RNN layer (``src.crf.layer``) and the NumPy post-processing (``src.crf.dense_crf``)
-both call :func:`mean_field`; nothing here holds state or weights.
+The CRF-as-RNN layer (``crf_rnn_3d.crf.layer``) and the NumPy post-processing
+(``crf_rnn_3d.crf.dense_crf``) both call :func:`mean_field`; nothing here holds state or weights.
 
 Model (Krahenbuhl & Koltun 2011; Zheng et al. 2015; Monteiro et al. 2018). For unary logits U
 [B, *spatial, K] (higher = more likely) and a reference image I [B, *spatial, M]:
@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from src.lattice_op import Lattice, _library, gaussian_taps, separable_filter
+from crf_rnn_3d.lattice_op import Lattice, _library, gaussian_taps, separable_filter
 
 NORMALISATIONS = ("mean", "symmetric")
 BILATERAL_FILTERS = ("lattice", "exact")

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from src.crf import functional as mf
+from crf_rnn_3d.crf import functional as mf
 
 
 def _positive(name: str, value: Any) -> float:

@@ -1,6 +1,6 @@
 """Measures the tf.data pipeline on a prepared cache: seconds a case and peak memory.
 
-    python -m src.datasets.bench_stream data=synthetic_brats cases=6 training=true passes=2
+    python -m crf_rnn_3d.datasets.bench_stream data=synthetic_brats cases=6 training=true passes=2
 
 Arguments are Hydra-style overrides of the prepare app's config plus ``cases`` (how many of the
 cached cases, in sorted order), ``training`` (augment and shuffle) and ``passes``. Prints one
@@ -13,14 +13,12 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
-from src.datasets import cache
-from src.datasets.tfdata import make_dataset
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+from crf_rnn_3d import CONFIG_MODULE
+from crf_rnn_3d.datasets import cache
+from crf_rnn_3d.datasets.tfdata import make_dataset
 
 
 def measure(data_cfg: Mapping, n_cases: int, training: bool, passes: int) -> dict:
@@ -49,7 +47,7 @@ def main(argv: list[str]) -> None:
             own[key] = value
         else:
             overrides.append(arg)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     result = measure(
         cfg.data, int(own["cases"]), own["training"].lower() == "true", int(own["passes"])

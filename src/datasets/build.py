@@ -7,7 +7,7 @@ manifest is rewritten (atomically) after every case, so an interrupted run keeps
 finished. A case that fails to read raises :class:`DataError` naming the file, or, with
 ``data.on_error: skip``, is listed under ``skipped`` in the manifest with the reason. Cases that
 are no longer in the source folder are dropped from the cache. Finally the splits file is
-created (or reused, see :mod:`src.datasets.splits`).
+created (or reused, see :mod:`crf_rnn_3d.datasets.splits`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from src.datasets import cache
-from src.datasets.errors import ConfigError, DataError
-from src.datasets.phantoms import write_phantoms
-from src.datasets.preprocess import PreprocessSettings, preprocess_case
-from src.datasets.readers import find_cases, read_case
-from src.datasets.splits import load_or_create_splits
+from crf_rnn_3d.datasets import cache
+from crf_rnn_3d.datasets.errors import ConfigError, DataError
+from crf_rnn_3d.datasets.phantoms import write_phantoms
+from crf_rnn_3d.datasets.preprocess import PreprocessSettings, preprocess_case
+from crf_rnn_3d.datasets.readers import find_cases, read_case
+from crf_rnn_3d.datasets.splits import load_or_create_splits
 
 ON_ERROR = ("raise", "skip")
 

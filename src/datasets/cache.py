@@ -2,7 +2,7 @@
 ``data/processed/<dataset>/``.
 
 A case file holds ``image`` [Z, Y, X, C] float32, ``label`` [Z, Y, X] uint8 and ``geometry``
-(the JSON of :class:`~src.datasets.preprocess.Geometry`, to map predictions back). It is a
+(the JSON of :class:`~crf_rnn_3d.datasets.preprocess.Geometry`, to map predictions back). It is a
 plain (by default uncompressed) ``.npz``, so ``np.load`` reads it without this code.
 
 ``manifest.json`` records, for each case, its source files with size and modification time
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from src.datasets.io import atomic_output, write_sitk
-from src.datasets.preprocess import Geometry, to_original_grid
+from crf_rnn_3d.datasets.io import atomic_output, write_sitk
+from crf_rnn_3d.datasets.preprocess import Geometry, to_original_grid
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -76,9 +76,10 @@ def export_prediction(
     """Writes a prediction on the preprocessed grid back in the source case's geometry.
 
     ``prediction``: labels [Z, Y, X] (written as uint8) or class probabilities [Z, Y, X, K]
-    (the arg-max is written). It is mapped with :func:`~src.datasets.preprocess.to_original_grid`
-    and written (format from the extension, e.g. ``.mhd``, ``.mha``, ``.nii.gz``) with the
-    original spacing, origin and direction, atomically.
+    (the arg-max is written). It is mapped with
+    :func:`~crf_rnn_3d.datasets.preprocess.to_original_grid` and written (format from the
+    extension, e.g. ``.mhd``, ``.mha``, ``.nii.gz``) with the original spacing, origin and
+    direction, atomically.
     """
     back = to_original_grid(prediction, geometry, method)
     if back.ndim == 4:

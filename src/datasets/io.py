@@ -8,7 +8,7 @@ happens in :func:`_volume_from_xyz_geometry` and :func:`_xyz_geometry` and nowhe
 Formats: MetaImage (``.mhd`` + ``.raw``, ``.mha``) and anything else SimpleITK reads through
 :func:`read_sitk`; NIfTI (``.nii``, ``.nii.gz``) through :func:`read_nifti` (nibabel). No format
 is parsed by hand. Read failures (missing, unreadable or truncated files) raise
-:class:`~src.datasets.errors.DataError` naming the file.
+:class:`~crf_rnn_3d.datasets.errors.DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from src.datasets.errors import DataError
+from crf_rnn_3d.datasets.errors import DataError
 
 
 @dataclass(frozen=True)

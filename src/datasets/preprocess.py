@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-from src.datasets.errors import ConfigError
+from crf_rnn_3d.datasets.errors import ConfigError
 
 IMAGE_INTERPOLATION = {"linear": 1, "bspline": 3}
 LABEL_INTERPOLATION = ("nearest", "per_label_linear")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from src.datasets.errors import ConfigError, DataError, DatasetNotFoundError
-from src.datasets.io import Volume, read_volume
+from crf_rnn_3d.datasets.errors import ConfigError, DataError, DatasetNotFoundError
+from crf_rnn_3d.datasets.io import Volume, read_volume
 
 FORMATS = ("promise12", "brats2015", "brats_nifti")
 

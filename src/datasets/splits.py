@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from src.datasets.cache import atomic_write_json
-from src.datasets.errors import ConfigError, DataError
+from crf_rnn_3d.datasets.cache import atomic_write_json
+from crf_rnn_3d.datasets.errors import ConfigError, DataError
 
 SCHEMES = ("kfold", "holdout")
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from src.datasets import cache
-from src.datasets.errors import ConfigError, DataError
-from src.datasets.preprocess import xyz_to_zyx
+from crf_rnn_3d.datasets import cache
+from crf_rnn_3d.datasets.errors import ConfigError, DataError
+from crf_rnn_3d.datasets.preprocess import xyz_to_zyx
 
 
 def _load_npz(path: bytes) -> tuple[np.ndarray, np.ndarray]:

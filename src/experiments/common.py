@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from src.datasets import cache
-from src.datasets.errors import ConfigError, DataError
-from src.datasets.splits import split_file
+from crf_rnn_3d.datasets import cache
+from crf_rnn_3d.datasets.errors import ConfigError, DataError
+from crf_rnn_3d.datasets.splits import split_file
 
 # train settings that steer the process but not the result: not part of a run's identity
 PROCESS_ONLY = ("checkpoint_every", "keep_checkpoints", "stop_after", "log_every", "image_every",
@@ -100,7 +100,7 @@ def load_splits(cfg: Mapping) -> list[dict[str, list[str]]]:
         splits = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(
-            str(path), "a splits file (run `python -m src.experiments.prepare`)", repr(exc)
+            str(path), "a splits file (run `python -m crf_rnn_3d.experiments.prepare`)", repr(exc)
         ) from exc
     return splits
 
@@ -130,7 +130,7 @@ def label_lut(labels: list[int]) -> np.ndarray:
 
 def manifest_shape_and_spacing(cfg: Mapping, case_ids: list[str]) -> tuple[tuple, tuple]:
     """(Z, Y, X, C) shared by the cached cases and their (z, y, x) spacing in mm."""
-    from src.datasets.tfdata import cached_cases, common_spacing
+    from crf_rnn_3d.datasets.tfdata import cached_cases, common_spacing
 
     entries = cached_cases(processed_dir(cfg), case_ids)
     shapes = {tuple(int(s) for s in e["shape"]) for e in entries}

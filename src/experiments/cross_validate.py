@@ -1,15 +1,15 @@
-"""The paper's protocols: ``python -m src.experiments.cross_validate experiment=promise_cv``
+"""The paper's protocols: ``python -m crf_rnn_3d.experiments.cross_validate experiment=promise_cv``
 (5-fold cross-validation) or ``experiment=brats_holdout`` (one 85/15 holdout split): the same
 loop, over the folds of the data set's ``splits.json``.
 
-:func:`cross_validate` prepares the data (``src.experiments.prepare``: a missing data set stops
-at once and says where to download it), then for every fold (``folds``: null = all) and every
+:func:`cross_validate` prepares the data (``crf_rnn_3d.experiments.prepare``: a missing data set
+stops at once and says where to download it), then for every fold (``folds``: null = all) and every
 variant trains the run (resuming or skipping finished ones), evaluates it on the fold's
-held-out cases, and finally writes the report (:mod:`src.experiments.report`). Every case is
+held-out cases, and finally writes the report (:mod:`crf_rnn_3d.experiments.report`). Every case is
 predicted once by the model of the fold that did not see it. Folds and variants are independent
-runs: ``python -m src.experiments.train -m fold=0,1,2,3,4 variant=vnet,vnet_crf
+runs: ``python -m crf_rnn_3d.experiments.train -m fold=0,1,2,3,4 variant=vnet,vnet_crf
 hydra/launcher=joblib`` trains them in parallel (or on Slurm with ``hydra/launcher=slurm``),
-and ``python -m src.experiments.report`` then collects them.
+and ``python -m crf_rnn_3d.experiments.report`` then collects them.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import hydra
 import keras
 from omegaconf import DictConfig
 
-from src.experiments import common
-from src.experiments.evaluate import Evaluation, evaluate
-from src.experiments.report import ReportResult, report
-from src.experiments.train import CLI_ERRORS, train
+from crf_rnn_3d import CONFIG_PATH
+from crf_rnn_3d.experiments import common
+from crf_rnn_3d.experiments.evaluate import Evaluation, evaluate
+from crf_rnn_3d.experiments.report import ReportResult, report
+from crf_rnn_3d.experiments.train import CLI_ERRORS, train
 
 
 @dataclass
@@ -54,7 +55,7 @@ def _finished_evaluation(cfg: Mapping, fold: int, variant: str) -> Evaluation | 
 def cross_validate(cfg: DictConfig | Mapping, prepare_data: bool = True) -> ProtocolResult:
     """Runs the protocol of the config (see the module docstring) and returns its result."""
     if prepare_data:
-        from src.experiments.prepare import prepare
+        from crf_rnn_3d.experiments.prepare import prepare
 
         prepare(cfg)
     n_folds = len(common.load_splits(cfg))
@@ -62,7 +63,7 @@ def cross_validate(cfg: DictConfig | Mapping, prepare_data: bool = True) -> Prot
     folds = list(range(n_folds)) if folds is None else [int(f) for f in folds]
     for f in folds:
         if not 0 <= f < n_folds:
-            from src.datasets.errors import ConfigError
+            from crf_rnn_3d.datasets.errors import ConfigError
 
             raise ConfigError("folds", f"fold numbers in 0..{n_folds - 1}", folds)
     result = ProtocolResult()
@@ -81,7 +82,7 @@ def cross_validate(cfg: DictConfig | Mapping, prepare_data: bool = True) -> Prot
     return result
 
 
-@hydra.main(config_path="../../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         result = cross_validate(cfg)

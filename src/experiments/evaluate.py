@@ -1,5 +1,5 @@
 """Evaluate a trained (fold, variant) run on its held-out cases: ``python -m
-src.experiments.evaluate [experiment=...] fold=0 variant=vnet``.
+crf_rnn_3d.experiments.evaluate [experiment=...] fold=0 variant=vnet``.
 
 For each case of the fold's ``val`` list: predict with the model of the run's last checkpoint
 (inference mode, the CRF head with ``num_iterations_inference``), take the arg-max, map class
@@ -8,7 +8,7 @@ indices to label values (``data.labels``) and compute the Dice of every region o
 enhancing = {4}). The run folder gets ``predictions/<case>.npz`` (labels [Z, Y, X] uint8 on the
 preprocessed grid) and ``evaluation.json``; with ``evaluate.export`` also
 ``export/<case><export_format>`` in the source case's geometry
-(:func:`src.datasets.cache.export_prediction`).
+(:func:`crf_rnn_3d.datasets.cache.export_prediction`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from src.datasets import cache
-from src.datasets.cache import atomic_write_json, export_prediction
-from src.datasets.io import atomic_output
-from src.experiments import common
+from crf_rnn_3d import CONFIG_PATH
+from crf_rnn_3d.datasets import cache
+from crf_rnn_3d.datasets.cache import atomic_write_json, export_prediction
+from crf_rnn_3d.datasets.io import atomic_output
+from crf_rnn_3d.experiments import common
 
 
 @dataclass
@@ -70,7 +71,7 @@ def evaluate(
 ) -> Evaluation:
     """Evaluates the (fold, variant) run (defaults ``cfg.fold``, ``cfg.variant``); returns an
     :class:`Evaluation` and writes predictions and ``evaluation.json`` into the run folder."""
-    from src.experiments.train import restore_model  # train imports the model stack
+    from crf_rnn_3d.experiments.train import restore_model  # train imports the model stack
 
     fold = int(cfg["fold"] if fold is None else fold)
     variant = str(cfg["variant"] if variant is None else variant)
@@ -96,9 +97,9 @@ def evaluate(
     return Evaluation(out, fold, variant, dice)
 
 
-@hydra.main(config_path="../../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from src.experiments.train import CLI_ERRORS
+    from crf_rnn_3d.experiments.train import CLI_ERRORS
 
     try:
         result = evaluate(cfg)

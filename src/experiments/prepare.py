@@ -1,7 +1,7 @@
-"""Prepare a data set: ``python -m src.experiments.prepare data=<promise12|brats2015|...>``.
+"""Prepare a data set: ``python -m crf_rnn_3d.experiments.prepare data=<promise12|brats2015|...>``.
 
 Reads the raw download (or writes the synthetic phantoms), preprocesses every case into
-``data.processed`` and writes the manifest and the splits; see :mod:`src.datasets.build`.
+``data.processed`` and writes the manifest and the splits; see :mod:`crf_rnn_3d.datasets.build`.
 Any Hydra override works, e.g. ``data.root=/mnt/PROMISE12 data.on_error=skip``.
 """
 
@@ -12,9 +12,10 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from src.datasets.build import BuildReport, build_cache
-from src.datasets.cache import atomic_write_json
-from src.datasets.errors import ConfigError, DataError, DatasetNotFoundError
+from crf_rnn_3d import CONFIG_PATH
+from crf_rnn_3d.datasets.build import BuildReport, build_cache
+from crf_rnn_3d.datasets.cache import atomic_write_json
+from crf_rnn_3d.datasets.errors import ConfigError, DataError, DatasetNotFoundError
 
 
 def prepare(cfg: DictConfig) -> BuildReport:
@@ -41,7 +42,7 @@ def summary(report: BuildReport) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path="../../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         report = prepare(cfg)

@@ -1,4 +1,4 @@
-"""The comparison report: ``python -m src.experiments.report [experiment=...]``.
+"""The comparison report: ``python -m crf_rnn_3d.experiments.report [experiment=...]``.
 
 :func:`report` collects ``evaluation.json`` of every (fold, variant) run of the config (each
 case predicted by the model of the fold that did not see it), and writes a new folder
@@ -36,9 +36,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
-from src.datasets import cache
-from src.datasets.errors import DataError
-from src.experiments import common
+from crf_rnn_3d import CONFIG_PATH
+from crf_rnn_3d.datasets import cache
+from crf_rnn_3d.datasets.errors import DataError
+from crf_rnn_3d.experiments import common
 
 
 @dataclass
@@ -326,9 +327,9 @@ def report(cfg: DictConfig | Mapping) -> ReportResult:
     return ReportResult(folder, summary)
 
 
-@hydra.main(config_path="../../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from src.experiments.train import CLI_ERRORS
+    from crf_rnn_3d.experiments.train import CLI_ERRORS
 
     try:
         result = report(cfg)

@@ -1,4 +1,4 @@
-"""Train one (fold, variant) run: ``python -m src.experiments.train [experiment=...] fold=0
+"""Train one (fold, variant) run: ``python -m crf_rnn_3d.experiments.train [experiment=...] fold=0
 variant=vnet_crf``.
 
 :func:`train` is a plain function of the config. It streams the fold's training cases from the
@@ -8,7 +8,7 @@ schedule of ``train``. Seeds: ``train.seed + fold`` seeds the initialisation (th
 layers are made before the head, so both variants of a fold start from the same V-Net weights)
 and the data loader (same batch order and augmentation for both variants).
 
-The run's folder (:func:`src.experiments.common.run_dir`) holds ``checkpoints/`` (every
+The run's folder (:func:`crf_rnn_3d.experiments.common.run_dir`) holds ``checkpoints/`` (every
 ``train.checkpoint_every`` steps and at the end: model, optimiser, step), ``tensorboard/``
 (loss, Dice, learning rate; a slice of image | label | prediction), ``state.json`` (progress and
 the steps each invocation started from) and ``model.keras``. A run started again with the same
@@ -32,13 +32,14 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from src.crf.callbacks import log_theta_summaries
-from src.datasets.cache import atomic_write_json
-from src.datasets.errors import ConfigError, DataError, DatasetNotFoundError
-from src.datasets.io import atomic_output
-from src.datasets.tfdata import make_dataset
-from src.experiments import common
-from src.models.vnet import VNetConfigError, build_vnet
+from crf_rnn_3d import CONFIG_PATH
+from crf_rnn_3d.crf.callbacks import log_theta_summaries
+from crf_rnn_3d.datasets.cache import atomic_write_json
+from crf_rnn_3d.datasets.errors import ConfigError, DataError, DatasetNotFoundError
+from crf_rnn_3d.datasets.io import atomic_output
+from crf_rnn_3d.datasets.tfdata import make_dataset
+from crf_rnn_3d.experiments import common
+from crf_rnn_3d.models.vnet import VNetConfigError, build_vnet
 
 LOSSES = ("dice", "ce", "dice_ce")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -348,11 +349,11 @@ def restore_model(cfg: Mapping, fold: int, variant: str) -> keras.Model:
 CLI_ERRORS = (ConfigError, DataError, DatasetNotFoundError, VNetConfigError)
 
 
-@hydra.main(config_path="../../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         result = train(cfg)
-        from src.experiments.evaluate import evaluate
+        from crf_rnn_3d.experiments.evaluate import evaluate
 
         if result.complete:
             evaluation = evaluate(cfg)

@@ -8,8 +8,8 @@ Public API (benchmarks and the CRF call exactly this):
   gaussian_taps(sigma, truncate, n)   the taps of one axis of a truncated Gaussian
 """
 
-from src.lattice_op.lattice import Lattice, LatticeTensors, permutohedral_filter
-from src.lattice_op.separable import gaussian_taps, separable_filter
+from crf_rnn_3d.lattice_op.lattice import Lattice, LatticeTensors, permutohedral_filter
+from crf_rnn_3d.lattice_op.separable import gaussian_taps, separable_filter
 
 __all__ = [
     "Lattice",

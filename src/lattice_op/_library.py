@@ -1,7 +1,8 @@
-"""Loads the compiled lattice ops (build/libcrf3d_lattice.so, made by `make build`)."""
+"""Loads the compiled lattice ops, which `pip install` (setup.py) builds into this package."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 from functools import cache
 from pathlib import Path
@@ -9,13 +10,20 @@ from types import ModuleType
 
 import tensorflow as tf
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_LIBRARY = REPO_ROOT / "build" / "libcrf3d_lattice.so"
+HERE = Path(__file__).resolve().parent
+LIBRARY_NAME = "_lattice_ops"
 
 
 def library_path() -> Path:
-    """Path of the compiled op library: $CRF3D_LATTICE_LIB, else build/libcrf3d_lattice.so."""
-    return Path(os.environ.get("CRF3D_LATTICE_LIB", DEFAULT_LIBRARY))
+    """Path of the compiled op library: $CRF3D_LATTICE_LIB, else the one inside this package."""
+    override = os.environ.get("CRF3D_LATTICE_LIB")
+    if override:
+        return Path(override)
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = HERE / f"{LIBRARY_NAME}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return HERE / f"{LIBRARY_NAME}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
 
 
 @cache
@@ -24,7 +32,15 @@ def load() -> ModuleType:
     path = library_path()
     if not path.is_file():
         raise FileNotFoundError(
-            f"the lattice op library {path} does not exist: run `make build` in {REPO_ROOT} "
-            "(or set CRF3D_LATTICE_LIB to a compiled copy)"
+            f"the compiled lattice op library {path} does not exist: install the package with "
+            "`pip install .` (or `make build` in a clone), or set CRF3D_LATTICE_LIB to a "
+            "compiled copy"
         )
-    return tf.load_op_library(str(path))
+    try:
+        return tf.load_op_library(str(path))
+    except tf.errors.NotFoundError as exc:
+        raise ImportError(
+            f"the lattice op library {path} does not load into TensorFlow {tf.__version__}: it "
+            "is built for TensorFlow 2.21; reinstall crf-rnn-3d against the TensorFlow you use "
+            f"({exc.message.splitlines()[0]})"
+        ) from exc

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from src.lattice_op import _library
+from crf_rnn_3d.lattice_op import _library
 
 
 def _ops():

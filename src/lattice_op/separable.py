@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from src.lattice_op import _library
+from crf_rnn_3d.lattice_op import _library
 
 
 def gaussian_taps(sigma: float, truncate: float, length: int | None = None) -> list[float]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import keras
 
-from src.crf import CrfRnn
+from crf_rnn_3d.crf import CrfRnn
 
 ACTIVATIONS = ("prelu", "relu")
 
