@@ -142,7 +142,7 @@ def test_truncated_raw(tmp_path: Path) -> None:
     )
     raw = tmp_path / "Case02.raw"
     raw.write_bytes(raw.read_bytes()[:100])
-    with pytest.raises(DataError, match="read failed") as info:
+    with pytest.raises(DataError, match=r"truncated") as info:
         read_volume(path)
     assert str(path) in str(info.value)
 
@@ -158,7 +158,7 @@ def test_missing_raw(tmp_path: Path) -> None:
 def test_truncated_mha(tmp_path: Path) -> None:
     path = write_sitk_file(tmp_path / "x.mha", np.ones((4, 5, 6), np.float32), (1, 1, 2))
     path.write_bytes(path.read_bytes()[:-40])
-    with pytest.raises(DataError, match="read failed") as info:
+    with pytest.raises(DataError, match=r"truncated") as info:
         read_volume(path)
     assert str(path) in str(info.value)
 
@@ -186,3 +186,115 @@ def test_2d_image_rejected(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="3D single-component") as info:
         read_volume(path)
     assert str(path) in str(info.value)
+
+
+# ---- MetaImage headers that do not describe their data, and geometry no scanner writes
+# (each was read as garbage, as half a volume, or as an empty case, without a word)
+
+
+def _mhd_with(tmp_path: Path, name: str, replace: dict[str, str]) -> Path:
+    """Case.mhd/.raw (int16 [4, 6, 5], spacing (1, 1, 2)) with header lines replaced."""
+    path = write_sitk_file(tmp_path / f"{name}.mhd", ramp((4, 6, 5), 0.01).astype(np.int16),
+                           (1.0, 1.0, 2.0))  # fmt: skip
+    lines = []
+    for line in path.read_text().splitlines():
+        key = line.split("=")[0].strip()
+        lines.append(f"{key} = {replace[key]}" if key in replace else line)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_raw_longer_than_the_header_says(tmp_path: Path) -> None:
+    path = _mhd_with(tmp_path, "Long", {"DimSize": "5 6 2"})  # half the slices
+    with pytest.raises(DataError, match="longer than the header says") as info:
+        read_volume(path)
+    assert str(path) in str(info.value)
+
+
+def test_element_type_that_does_not_match_the_raw(tmp_path: Path) -> None:
+    path = _mhd_with(tmp_path, "Type", {"ElementType": "MET_FLOAT"})  # the data are int16
+    with pytest.raises(DataError, match=r"480 bytes .*MET_FLOAT.*found 240 bytes"):
+        read_volume(path)
+
+
+def test_zero_dimension_is_refused(tmp_path: Path) -> None:
+    path = _mhd_with(tmp_path, "Zero", {"DimSize": "5 6 0"})
+    with pytest.raises(DataError, match="at least 1 voxel") as info:
+        read_volume(path)
+    assert str(path) in str(info.value)
+
+
+def test_nan_offset_is_refused(tmp_path: Path) -> None:
+    path = _mhd_with(tmp_path, "NanOffset", {"Offset": "nan 0 0"})
+    with pytest.raises(DataError, match="finite numbers in Offset"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("spacing", ["1e-06 1 2", "1 1e6 2"])
+def test_absurd_spacing_is_refused(tmp_path: Path, spacing: str) -> None:
+    path = _mhd_with(tmp_path, "Spacing", {"ElementSpacing": spacing})
+    with pytest.raises(DataError, match=r"spacing between 0.001 and 1000 mm") as info:
+        read_volume(path)
+    assert str(path) in str(info.value)
+
+
+def test_zero_spacing_and_singular_direction_are_refused(tmp_path: Path) -> None:
+    """SimpleITK itself refuses these; the error still names the file."""
+    for name, change in (("Zero", {"ElementSpacing": "0 1 2"}),
+                         ("Dir", {"TransformMatrix": "1 0 0 1 0 0 0 0 1"})):  # fmt: skip
+        path = _mhd_with(tmp_path, name, change)
+        with pytest.raises(DataError) as info:
+            read_volume(path)
+        assert str(path) in str(info.value)
+
+
+def test_sheared_direction_is_refused(tmp_path: Path) -> None:
+    path = _mhd_with(tmp_path, "Shear", {"TransformMatrix": "1 0 0 0.5 1 0 0 0 1"})
+    with pytest.raises(DataError, match="direction cosines") as info:
+        read_volume(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["nan", "zero"])
+def test_nifti_affine_nan_or_zero_is_refused(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / f"{bad}.nii"
+    image = nib.Nifti1Image(np.ones((5, 6, 4), np.int16), np.diag([1.0, 1.0, 2.0, 1.0]))
+    image.header.set_zooms((1.0, 1.0, 2.0))
+    nib.save(image, str(path))
+    # the sform rows written straight into the header (nibabel will not build such an affine)
+    header = nib.Nifti1Header.from_fileobj(open(path, "rb"))
+    for row in ("srow_x", "srow_y", "srow_z"):
+        header[row] = np.nan if bad == "nan" else 0.0
+    header["sform_code"], header["qform_code"] = 1, 0
+    data = path.read_bytes()
+    path.write_bytes(header.binaryblock + data[len(header.binaryblock) :])
+    with pytest.raises(DataError) as info:
+        read_volume(path)
+    assert str(path) in str(info.value)
+    assert "origin" in str(info.value) or "direction" in str(info.value)
+
+
+def test_nifti_nan_pixdim_is_refused(tmp_path: Path) -> None:
+    path = write_nifti_file(tmp_path / "p.nii.gz", ramp((4, 6, 5)), (1, 1, 2))
+    image = nib.load(str(path))
+    header = image.header.copy()
+    header["pixdim"][1] = np.nan
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine, header), str(path))
+    with pytest.raises(DataError, match="spacing") as info:
+        read_volume(path)
+    assert str(path) in str(info.value)
+
+
+def test_metaimage_header_checks_accept_real_layouts(tmp_path: Path) -> None:
+    """The checks do not refuse good files: .mhd with a raw, inline .mha, compressed .mha,
+    and a two-channel .mha (refused later, for its channels, by the 3D-scalar check)."""
+    good = ramp((4, 6, 5), 0.01).astype(np.int16)
+    for name, compress in (("a.mhd", False), ("b.mha", False), ("c.mha", True)):
+        image = sitk.GetImageFromArray(good)
+        image.SetSpacing((0.5, 0.7, 3.0))
+        sitk.WriteImage(image, str(tmp_path / name), useCompression=compress)
+        np.testing.assert_array_equal(read_volume(tmp_path / name).array, good)
+    vector = sitk.GetImageFromArray(np.zeros((4, 6, 5, 2), np.float32), isVector=True)
+    sitk.WriteImage(vector, str(tmp_path / "v.mha"))
+    with pytest.raises(DataError, match="single-component"):
+        read_volume(tmp_path / "v.mha")

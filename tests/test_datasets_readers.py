@@ -144,7 +144,7 @@ def test_promise_truncated_image(tmp_path: Path) -> None:
     raw = tmp_path / "Case12.raw"
     raw.write_bytes(raw.read_bytes()[:50])
     (case,) = find_cases(promise_cfg(tmp_path))
-    with pytest.raises(DataError, match="read failed") as info:
+    with pytest.raises(DataError, match=r"truncated") as info:
         read_case(case, [0, 1], 1e-3)
     assert str(img) in str(info.value)
 
@@ -284,3 +284,71 @@ def test_brats_2023_names_with_a_dash(tmp_path: Path) -> None:
     assert case.case_id == "BraTS-GLI-00000-000"
     raw = read_case(case, [0, 1, 2, 3], 1e-3)
     np.testing.assert_array_equal(raw.image[..., 3], brats2015_channel((6, 8, 7), 3))
+
+
+# ---- geometry beyond shape and spacing: origin and direction (each failed silently before)
+
+
+def _rewrite_sitk(path: Path, origin=None, direction=None) -> None:
+    """Rewrites a SimpleITK-readable file with another origin or direction (x, y, z order)."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    if origin is not None:
+        image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    sitk.WriteImage(image, str(path))
+
+
+def test_promise_label_shifted_50mm_is_refused(tmp_path: Path) -> None:
+    _, seg = write_promise_case(tmp_path, "Case20")
+    _rewrite_sitk(seg, origin=(40.0, 20.0, 5.0))  # the image's origin is (-10, 20, 5)
+    (case,) = find_cases(promise_cfg(tmp_path))
+    with pytest.raises(DataError, match=r"origin .*apart by \(0, 0, 50\) mm") as info:
+        read_case(case, [0, 1], 1e-3)
+    assert str(seg) in str(info.value)
+
+
+def test_promise_label_flipped_in_x_is_refused(tmp_path: Path) -> None:
+    _, seg = write_promise_case(tmp_path, "Case21")
+    _rewrite_sitk(seg, direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    (case,) = find_cases(promise_cfg(tmp_path))
+    with pytest.raises(DataError, match="direction") as info:
+        read_case(case, [0, 1], 1e-3)
+    assert str(seg) in str(info.value)
+
+
+def test_origin_within_a_tenth_of_a_voxel_is_the_same_grid(tmp_path: Path) -> None:
+    """Rounding of a stored origin (float32 in NIfTI) must not reject a case: 0.05 of the
+    smallest voxel (0.625 mm) is accepted, 0.2 of it is not."""
+    _, seg = write_promise_case(tmp_path, "Case22")
+    (case,) = find_cases(promise_cfg(tmp_path))
+    _rewrite_sitk(seg, origin=(-10.0 + 0.05 * 0.625, 20.0, 5.0))
+    read_case(case, [0, 1], 1e-3)
+    _rewrite_sitk(seg, origin=(-10.0 + 0.2 * 0.625, 20.0, 5.0))
+    with pytest.raises(DataError, match="origin"):
+        read_case(case, [0, 1], 1e-3)
+
+
+def test_brats_nifti_seg_affine_off_by_30mm_is_refused(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    files = write_brats_nifti_case(tmp_path, "C7")
+    seg = nib.load(str(files["label"]))
+    affine = seg.affine.copy()
+    affine[1, 3] += 30.0
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj), affine), str(files["label"]))
+    (case,) = find_cases(nifti_cfg(tmp_path))
+    with pytest.raises(DataError, match=r"origin .*apart by \(0, 30, 0\) mm") as info:
+        read_case(case, [0, 1, 2, 4], 1e-3)
+    assert str(files["label"]) in str(info.value)
+
+
+def test_brats2015_modality_flipped_is_refused(tmp_path: Path) -> None:
+    files = write_brats2015_case(tmp_path, "brats_2013_pat0001_1")
+    _rewrite_sitk(files["T2"], direction=(1, 0, 0, 0, -1, 0, 0, 0, 1))
+    (case,) = find_cases(brats_cfg(tmp_path))
+    with pytest.raises(DataError, match="direction") as info:
+        read_case(case, [0, 1, 2, 3, 4], 1e-3)
+    assert str(files["T2"]) in str(info.value)

@@ -46,6 +46,41 @@ class Volume:
     path: str
 
 
+# Geometry every volume must have (checked for every format in _volume_from_xyz_geometry):
+# a voxel size within this range in mm (1 micrometre to 1 metre), finite origin, and direction
+# cosines that form a rotation: columns of unit length and at right angles within this tolerance.
+SPACING_RANGE_MM = (1e-3, 1e3)
+DIRECTION_TOL = 1e-3
+
+
+def _check_geometry(
+    shape: tuple[int, ...],
+    spacing: np.ndarray,
+    origin: np.ndarray,
+    direction: np.ndarray,
+    path: str,
+) -> None:
+    """DataError naming ``path`` for an empty grid or a spacing, origin or direction that no
+    scanner writes (zero, NaN, absurd sizes, a singular direction matrix)."""
+    if any(int(n) < 1 for n in shape):
+        raise DataError(path, "at least one voxel along every axis", f"a grid of shape {shape}")
+    low, high = SPACING_RANGE_MM
+    if not np.all(np.isfinite(spacing)) or np.any(spacing < low) or np.any(spacing > high):
+        raise DataError(
+            path, f"a voxel spacing between {low:g} and {high:g} mm", f"{tuple(spacing)} mm"
+        )
+    if not np.all(np.isfinite(origin)):
+        raise DataError(path, "a finite origin", f"{tuple(origin)}")
+    if not np.all(np.isfinite(direction)) or not np.allclose(
+        direction.T @ direction, np.eye(3), atol=DIRECTION_TOL
+    ):
+        raise DataError(
+            path,
+            "direction cosines that form a rotation (orthonormal columns)",
+            f"{np.round(direction, 4).tolist()}",
+        )
+
+
 def _volume_from_xyz_geometry(
     array_zyx: np.ndarray,
     spacing_xyz: tuple[float, ...],
@@ -53,8 +88,16 @@ def _volume_from_xyz_geometry(
     direction_xyz: np.ndarray,
     path: str,
 ) -> Volume:
-    """The axis reversal: geometry given in (x, y, z) order -> a (z, y, x) Volume."""
+    """The axis reversal: geometry given in (x, y, z) order -> a (z, y, x) Volume, after
+    :func:`_check_geometry`."""
     d = np.asarray(direction_xyz, dtype=float).reshape(3, 3)[::-1, ::-1]
+    _check_geometry(
+        array_zyx.shape,
+        np.asarray(spacing_xyz, dtype=float),
+        np.asarray(origin_xyz, dtype=float),
+        d,
+        path,
+    )
     return Volume(
         array=array_zyx,
         spacing=tuple(float(s) for s in spacing_xyz[::-1]),
@@ -86,6 +129,87 @@ def _first_line(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
+# Bytes per element of the MetaImage element types (MET_*); others are left to SimpleITK.
+METAIMAGE_ELEMENT_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}  # fmt: skip
+
+
+def _metaimage_header(path: str) -> tuple[dict[str, str], int]:
+    """The ``key = value`` lines of a MetaImage header up to ElementDataFile, and the header's
+    length in bytes (where an .mha's inline data starts)."""
+    fields: dict[str, str] = {}
+    length = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            length += len(raw)
+            key, sep, value = raw.decode("latin-1").partition("=")
+            if not sep:
+                continue
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break
+            if length > 1 << 16:  # no header is that long: not a MetaImage, SimpleITK will say
+                break
+    return fields, length
+
+
+def _check_metaimage_header(path: str) -> None:
+    """DataError naming the file when a MetaImage header does not describe its data: a zero or
+    negative size, a position that is not a finite number, or uncompressed pixel data whose
+    byte count differs from DimSize x channels x the size of ElementType (SimpleITK would read
+    a truncated file's missing part, or a longer file's first part, without a word)."""
+    try:
+        fields, header_bytes = _metaimage_header(path)
+    except OSError as exc:
+        raise DataError(path, "a readable MetaImage header", f"read failed: {exc}") from exc
+    if "DimSize" not in fields:
+        return  # not a MetaImage header SimpleITK understands either: it will say so
+    try:
+        dims = [int(v) for v in fields["DimSize"].split()]
+    except ValueError:
+        raise DataError(path, "whole numbers in DimSize", fields["DimSize"]) from None
+    if not dims or any(n < 1 for n in dims):
+        raise DataError(path, "DimSize of at least 1 voxel along every axis", fields["DimSize"])
+    for key in ("Offset", "Position", "Origin", "ElementSpacing", "TransformMatrix"):
+        if key in fields:
+            try:
+                values = [float(v) for v in fields[key].split()]
+            except ValueError:
+                values = [float("nan")]
+            if not np.all(np.isfinite(values)):
+                raise DataError(path, f"finite numbers in {key}", fields[key])
+    element = fields.get("ElementType", "")
+    data_file = fields.get("ElementDataFile", "")
+    compressed = fields.get("CompressedData", "False").lower() == "true"
+    if compressed or element not in METAIMAGE_ELEMENT_BYTES or not data_file:
+        return
+    if data_file.upper() == "LOCAL":
+        data_path, offset = path, header_bytes
+    elif data_file.upper().startswith("LIST") or "%" in data_file:
+        return  # slice lists and file patterns: SimpleITK checks those
+    else:
+        data_path = os.path.join(os.path.dirname(path), data_file)
+        offset = int(fields.get("HeaderSize", "0") or 0)
+        if offset < 0:
+            return  # HeaderSize = -1: the data are the file's last bytes, any header before
+    if not os.path.isfile(data_path):
+        raise DataError(path, f"its pixel data file {data_path}", "no such file")
+    channels = int(fields.get("ElementNumberOfChannels", "1") or 1)
+    expected = int(np.prod(dims)) * channels * METAIMAGE_ELEMENT_BYTES[element]
+    found = os.path.getsize(data_path) - offset
+    if found != expected:
+        what = "truncated" if found < expected else "longer than the header says"
+        raise DataError(
+            path,
+            f"{expected} bytes of pixel data (DimSize {fields['DimSize']} x {channels} channel(s)"
+            f" x {METAIMAGE_ELEMENT_BYTES[element]} bytes of {element})",
+            f"{found} bytes in {data_path}: {what}",
+        )
+
+
 def read_sitk(path: str | os.PathLike) -> Volume:
     """Reads a 3D image with SimpleITK (MetaImage .mhd/.mha, NRRD, ...).
 
@@ -95,6 +219,8 @@ def read_sitk(path: str | os.PathLike) -> Volume:
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(path, "an image file", "no such file")
+    if path.lower().endswith((".mhd", ".mha")):
+        _check_metaimage_header(path)
     try:
         image = sitk.ReadImage(path)
         array = sitk.GetArrayFromImage(image)  # SimpleITK already returns [z, y, x]

@@ -239,14 +239,40 @@ def find_cases(data_cfg: Mapping) -> list[CaseFiles]:
 # --------------------------------------------------------------------------- reading
 
 
+# The files of one case must share their grid: shape equal, spacing within the caller's relative
+# tolerance, origins within this fraction of the smallest voxel size, and direction cosines
+# within DIRECTION_TOL of each other (a label shifted, flipped or rotated against its image is
+# refused, not trained on).
+ORIGIN_TOL_VOXELS = 0.1
+DIRECTION_TOL = 1e-3
+
+
 def _same_geometry(ref: Volume, other: Volume, tol: float) -> str | None:
-    """None if other matches ref in shape and spacing (relative tol), else what differs."""
+    """None if other matches ref in shape, spacing (relative tol), origin (ORIGIN_TOL_VOXELS of
+    the smallest voxel size) and direction (DIRECTION_TOL), else what differs."""
     if ref.array.shape != other.array.shape:
         return f"shape {other.array.shape} (z, y, x) where {ref.path} has {ref.array.shape}"
     a, b = np.array(ref.spacing), np.array(other.spacing)
     if np.any(np.abs(a - b) > tol * np.maximum(np.abs(a), 1e-12)):
         return f"spacing {other.spacing} mm (z, y, x) where {ref.path} has {ref.spacing}"
+    origin_tol = ORIGIN_TOL_VOXELS * float(np.min(a))
+    shift = np.abs(np.array(ref.origin) - np.array(other.origin))
+    if np.any(shift > origin_tol):
+        return (
+            f"origin {_mm(other.origin)} mm (z, y, x) where {ref.path} has {_mm(ref.origin)} "
+            f"(apart by {_mm(shift)} mm; tolerance {origin_tol:.3g} mm)"
+        )
+    turn = np.abs(np.array(ref.direction) - np.array(other.direction))
+    if np.any(turn > DIRECTION_TOL):
+        return (
+            f"direction {_mm(np.ravel(other.direction))} (z, y, x) where {ref.path} has "
+            f"{_mm(np.ravel(ref.direction))} (tolerance {DIRECTION_TOL:g} per cosine)"
+        )
     return None
+
+
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
 def check_labels(label: np.ndarray, allowed: Sequence[int], path: str) -> np.ndarray:
@@ -271,8 +297,9 @@ def read_case(case: CaseFiles, allowed_labels: Sequence[int], spacing_tol: float
 
     Returns a RawCase with image [z, y, x, c] float32 (channels in ``case.images`` order) and
     label [z, y, x] uint8. Raises DataError naming the file when a modality or the label is
-    missing, a file cannot be read, shapes or spacings differ between the case's files (relative
-    tolerance ``spacing_tol``), or a label value is outside ``allowed_labels``.
+    missing, a file cannot be read, the case's files are not on one grid (shape; spacing within
+    the relative tolerance ``spacing_tol``; origin and direction, see
+    :func:`_same_geometry`), or a label value is outside ``allowed_labels``.
     """
     missing = [m for m, p in case.images.items() if p is None]
     if missing:
