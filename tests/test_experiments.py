@@ -11,10 +11,10 @@ from experiments_fixtures import compose_config, smoke_config
 from crf_rnn_3d.datasets.errors import ConfigError
 from crf_rnn_3d.experiments import common
 from crf_rnn_3d.experiments.evaluate import dice_score, region_dice
+from crf_rnn_3d.experiments.model_io import build_model
 from crf_rnn_3d.experiments.prepare import prepare
 from crf_rnn_3d.experiments.report import paired_tests
 from crf_rnn_3d.experiments.train import (
-    build_model,
     hard_dice,
     learning_rate,
     make_optimizer,

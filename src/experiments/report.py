@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from crf_rnn_3d import CONFIG_PATH
 from crf_rnn_3d.datasets import cache
 from crf_rnn_3d.datasets.errors import DataError
 from crf_rnn_3d.experiments import common
+from crf_rnn_3d.experiments.cli import run_stage
 
 
 @dataclass
@@ -329,13 +329,7 @@ def report(cfg: DictConfig | Mapping) -> ReportResult:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from crf_rnn_3d.experiments.train import CLI_ERRORS
-
-    try:
-        result = report(cfg)
-    except CLI_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    result = run_stage(report, cfg)
     print((result.folder / "report.md").read_text())
     print(f"report: {result.folder}")
 
