@@ -24,7 +24,7 @@ def test_joblib_multirun_then_report(tmp_path):
     command = [
         sys.executable, "-m", "crf_rnn_3d.experiments.train", "-m", "experiment=smoke",
         f"data.root={tmp_path}/raw", f"data.processed={tmp_path}/processed",
-        f"runs_dir={tmp_path}/runs", f"results_dir={tmp_path}/results", "progress=false",
+        f"runs_dir={tmp_path}/runs", f"reports_dir={tmp_path}/results", "progress=false",
         "fold=0,1", "variant=vnet,vnet_crf", "hydra/launcher=local_parallel",
         f"hydra.sweep.dir={tmp_path}/sweep",
     ]  # fmt: skip
