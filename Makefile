@@ -77,7 +77,7 @@ demo-lattice: $(LIB) ## filter a synthetic 3D volume with the lattice op and che
 	$(PY) scripts/demo_lattice.py
 
 # The main job (docs/experiments.md): phantoms -> 5-fold CV with and without the CRF -> report.
-demo: $(LIB) ## 5-fold CV of V-Net with/without the CRF on phantoms -> report (results/demo)
+demo: $(LIB) ## 5-fold CV of V-Net with/without the CRF on phantoms -> results/reports/demo
 	$(PY) -m crf_rnn_3d.experiments.cross_validate experiment=demo $(ARGS)
 
 # The paper's protocols at full size on the real data (stops at once if it is missing).
@@ -87,9 +87,9 @@ reproduce-promise: $(LIB) ## the paper's PROMISE12 protocol (data/raw/promise12;
 reproduce-brats: $(LIB) ## the paper's BraTS 2015 protocol (BRATS_DATA=brats_nifti for NIfTI)
 	$(PY) -m crf_rnn_3d.experiments.cross_validate experiment=brats_holdout data=$(BRATS_DATA) $(ARGS)
 
-smoke: $(LIB) ## the CI smoke chain: 4 tiny phantoms, 2 folds, 4 steps, report
-	$(PY) -m crf_rnn_3d.experiments.cross_validate experiment=smoke data.root=runs/smoke_data/raw \
-	  data.processed=runs/smoke_data/processed $(ARGS)
+# Everything it writes (phantoms, cache, runs, report) goes under output_root (results/).
+smoke: $(LIB) ## the CI smoke chain: 4 tiny phantoms, 2 folds, 4 steps, report (results/)
+	$(PY) -m crf_rnn_3d.experiments.cross_validate experiment=smoke $(ARGS)
 
 # Data sets: raw files under data/raw/, preprocessed cache under data/processed/ (data/README.md).
 BRATS_DATA ?= brats2015

@@ -21,10 +21,11 @@ def smoke_config(root: Path, *extra: str) -> DictConfig:
     return compose_config(
         [
             "experiment=smoke",
+            f"output_root={root}",
             f"data.root={root}/raw",
             f"data.processed={root}/processed",
             f"runs_dir={root}/runs",
-            f"results_dir={root}/results",
+            f"reports_dir={root}/results",
             "progress=false",
             *extra,
         ]

@@ -12,12 +12,14 @@ from datasets_fixtures import write_promise_case
 
 from crf_rnn_3d.datasets import cache
 from crf_rnn_3d.datasets.errors import ConfigError, DataError
+from crf_rnn_3d.datasets.io import atomic_folder, atomic_output, atomic_write_json
 from crf_rnn_3d.datasets.preprocess import Geometry
 from crf_rnn_3d.datasets.splits import (
     holdout_split,
     kfold_splits,
     load_or_create_splits,
     make_splits,
+    read_splits,
 )
 
 GEO = Geometry(
@@ -97,6 +99,46 @@ def test_settings_hash_and_manifest(tmp_path: Path) -> None:
     assert cache.load_manifest(tmp_path) == {"version": cache.MANIFEST_VERSION}
 
 
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_json_format_and_old_home(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "state.json"
+    atomic_write_json(path, {"b": [1, 2], "a": None})
+    assert path.read_text() == '{\n "a": null,\n "b": [\n  1,\n  2\n ]\n}\n'
+    assert os.listdir(path.parent) == ["state.json"]
+    assert cache.atomic_write_json is atomic_write_json  # still importable from the cache
+
+
+def test_atomic_output_keeps_the_extension_last(tmp_path: Path) -> None:
+    with atomic_output(tmp_path / "model.keras") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith("model.keras") and tmp != tmp_path
+        tmp.write_text("x")
+        assert not (tmp_path / "model.keras").exists()
+    assert os.listdir(tmp_path) == ["model.keras"]
+
+
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "reports" / "2026-01-01T00-00-00Z"
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("a")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("b")
+        assert not target.exists()
+    assert (target / "a.txt").read_text() == "a" and (target / "sub" / "b.txt").read_text() == "b"
+    assert os.listdir(target.parent) == [target.name]
+    # never overwritten: an existing folder is refused before anything is written
+    with pytest.raises(FileExistsError, match=str(target)), atomic_folder(target) as tmp:
+        raise AssertionError("the body must not run")
+    assert sorted(os.listdir(target)) == ["a.txt", "sub"]
+    # a failing body leaves nothing behind
+    other = tmp_path / "reports" / "second"
+    with pytest.raises(KeyboardInterrupt), atomic_folder(other) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise KeyboardInterrupt
+    assert os.listdir(target.parent) == [target.name]
+
+
 # --------------------------------------------------------------------------- splits
 
 IDS = [f"Case{i:02d}" for i in range(50)]
@@ -150,3 +192,26 @@ def test_split_file_created_then_reused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="JSON list") as info:
         load_or_create_splits(tmp_path, IDS, cfg)
     assert "splits.json" in str(info.value)
+
+
+def test_read_splits_is_the_one_reader(tmp_path: Path) -> None:
+    path = tmp_path / "splits.json"
+    folds = [{"train": ["a", "b"], "val": ["c"]}, {"train": ["c"], "val": ["a", "b"]}]
+    path.write_text(json.dumps(folds))
+    assert read_splits(path) == folds
+    for bad, why in [
+        (None, "No such file"),
+        ("[{", "JSONDecodeError"),
+        ("[]", "non-empty list"),
+        ('{"train": []}', "non-empty list"),
+        ('[{"train": ["a"]}]', "KeyError"),
+        ("[3]", "TypeError"),
+    ]:
+        if bad is None:
+            path.unlink()
+        else:
+            path.write_text(bad)
+        with pytest.raises(DataError, match=r"JSON list of \{train, val\} folds") as info:
+            read_splits(path)
+        assert str(path) in str(info.value) and why in str(info.value)
+        assert "crf_rnn_3d.experiments.prepare" in str(info.value)

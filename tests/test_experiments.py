@@ -11,10 +11,10 @@ from experiments_fixtures import compose_config, smoke_config
 from crf_rnn_3d.datasets.errors import ConfigError
 from crf_rnn_3d.experiments import common
 from crf_rnn_3d.experiments.evaluate import dice_score, region_dice
+from crf_rnn_3d.experiments.model_io import build_model
 from crf_rnn_3d.experiments.prepare import prepare
-from crf_rnn_3d.experiments.report import paired_tests
+from crf_rnn_3d.experiments.report_stats import paired_tests
 from crf_rnn_3d.experiments.train import (
-    build_model,
     hard_dice,
     learning_rate,
     make_optimizer,
@@ -141,6 +141,35 @@ def test_presets_compose_with_the_papers_settings():
     assert demo.data.split.folds == 5 and demo.name == "demo"
 
 
+def test_one_output_root_for_runs_reports_and_hydra():
+    from experiments_fixtures import CONFIGS
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    def composed(*overrides: str):
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # as a running app has it (resolves hydra:)
+        return cfg
+
+    cfg = composed("experiment=smoke")
+    assert cfg.output_root == "results"
+    assert (cfg.runs_dir, cfg.reports_dir) == ("results/runs", "results/reports")
+    assert cfg.hydra.run.dir.startswith("results/hydra/")
+    assert cfg.hydra.sweep.dir.startswith("results/hydra/multirun/smoke/")
+    assert (cfg.data.root, cfg.data.processed) == ("results/smoke_data/raw",
+                                                   "results/smoke_data/processed")  # fmt: skip
+    assert str(common.run_dir(cfg, 0, "vnet")).startswith("results/runs/smoke/smoke_promise/fold0-")
+    moved = composed("experiment=smoke", "output_root=/scratch/x")
+    assert (moved.runs_dir, moved.reports_dir) == ("/scratch/x/runs", "/scratch/x/reports")
+    assert moved.hydra.run.dir.startswith("/scratch/x/hydra/")
+    assert moved.data.processed == "/scratch/x/smoke_data/processed"
+    assert common.run_dir(moved, 0, "vnet").name == common.run_dir(cfg, 0, "vnet").name
+    one = composed("output_root=/a", "reports_dir=/b/reports")  # each part on its own
+    assert (one.runs_dir, one.reports_dir) == ("/a/runs", "/b/reports")
+    HydraConfig.instance().cfg = None
+
+
 def test_run_dir_identity():
     cfg = compose_config(["experiment=demo"])
     a = common.run_dir(cfg, 0, "vnet")
@@ -228,7 +257,7 @@ def test_missing_data_set_stops_at_once_with_where_to_get_it(tmp_path):
             f"data.root={tmp_path}/none",
             f"data.processed={tmp_path}/p",
             f"runs_dir={tmp_path}/runs",
-            f"results_dir={tmp_path}/results",
+            f"reports_dir={tmp_path}/results",
         ]
     )
     with pytest.raises(DatasetNotFoundError, match=r"promise12\.grand-challenge\.org"):

@@ -18,7 +18,7 @@ def test_demo_vnet_reaches_dice_0_7(tmp_path):
             f"data.root={tmp_path}/raw",
             f"data.processed={tmp_path}/processed",
             f"runs_dir={tmp_path}/runs",
-            f"results_dir={tmp_path}/results",
+            f"reports_dir={tmp_path}/results",
             "progress=false",
             "train.progress=false",
         ]

@@ -35,7 +35,7 @@ def _command(root: Path, runs: str) -> list[str]:
     return [
         sys.executable, "-m", "crf_rnn_3d.experiments.train", "experiment=smoke",
         f"data.root={root}/raw", f"data.processed={root}/processed", f"runs_dir={root}/{runs}",
-        f"results_dir={root}/results", "progress=false", "train.progress=false",
+        f"reports_dir={root}/results", "progress=false", "train.progress=false",
         f"hydra.run.dir={root}/hydra/{runs}", *TRAIN,
     ]  # fmt: skip
 

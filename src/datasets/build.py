@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from crf_rnn_3d.datasets import cache
 from crf_rnn_3d.datasets.errors import ConfigError, DataError
+from crf_rnn_3d.datasets.io import atomic_write_json
 from crf_rnn_3d.datasets.phantoms import write_phantoms
 from crf_rnn_3d.datasets.preprocess import PreprocessSettings, preprocess_case
 from crf_rnn_3d.datasets.readers import find_cases, read_case
@@ -143,7 +144,7 @@ def build_cache(data_cfg: Mapping, progress: bool = True) -> BuildReport:
             stale = processed / f"{case.case_id}.npz"
             if stale.is_file():
                 stale.unlink()
-            cache.atomic_write_json(processed / cache.MANIFEST, manifest)
+            atomic_write_json(processed / cache.MANIFEST, manifest)
             continue
         image, label, geometry = preprocess_case(
             raw.image, raw.label, raw.spacing, settings, raw.origin, raw.direction
@@ -162,9 +163,9 @@ def build_cache(data_cfg: Mapping, progress: bool = True) -> BuildReport:
             "label_values": [int(v) for v in np.unique(label)],
         }
         report.written.append(case.case_id)
-        cache.atomic_write_json(processed / cache.MANIFEST, manifest)
+        atomic_write_json(processed / cache.MANIFEST, manifest)
 
-    cache.atomic_write_json(processed / cache.MANIFEST, manifest)
+    atomic_write_json(processed / cache.MANIFEST, manifest)
     report.cases = sorted(manifest["cases"])
     if report.cases:
         load_or_create_splits(processed, report.cases, data_cfg["split"])

@@ -9,7 +9,8 @@ plain (by default uncompressed) ``.npz``, so ``np.load`` reads it without this c
 (``mtime_ns``), the settings hash, the original and preprocessed shape and spacing, and the
 label values present; cases that were skipped, with the reason. A case is up to date when its
 file exists and its sources and settings hash are unchanged. Every file is written under a
-temporary name in the same folder and renamed, so an interrupted run never leaves a half file.
+temporary name in the same folder and renamed (:mod:`crf_rnn_3d.datasets.io`'s atomic writes), so
+an interrupted run never leaves a half file.
 """
 
 from __future__ import annotations
@@ -23,17 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from crf_rnn_3d.datasets.io import atomic_output, write_sitk
+from crf_rnn_3d.datasets.io import atomic_write_json as atomic_write_json  # re-export (old home)
 from crf_rnn_3d.datasets.preprocess import Geometry, to_original_grid
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-
-
-def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
-    """Writes ``obj`` as indented JSON to ``path`` via a temporary file and a rename."""
-    with atomic_output(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
 
 
 def write_case(

@@ -9,10 +9,15 @@ Formats: MetaImage (``.mhd`` + ``.raw``, ``.mha``) and anything else SimpleITK r
 :func:`read_sitk`; NIfTI (``.nii``, ``.nii.gz``) through :func:`read_nifti` (nibabel). No format
 is parsed by hand. Read failures (missing, unreadable or truncated files) raise
 :class:`~crf_rnn_3d.datasets.errors.DataError` naming the file.
+
+It also owns the package's atomic writes (:func:`atomic_output` for a file,
+:func:`atomic_write_json`, :func:`atomic_folder` for a folder built in full before it appears):
+every file the package writes goes through them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -287,6 +292,17 @@ def read_volume(path: str | os.PathLike) -> Volume:
     return read_sitk(path)
 
 
+# ----------------------------------------------------------------------------- atomic writes
+# The one place that writes files and folders atomically: a temporary name beside the target
+# (``.tmp-<pid>-<name>``, the real extension(s) last), renamed over it on success, removed on
+# failure. Every writer of the package (cache, splits, runs, reports) goes through these.
+
+
+def _temporary_path(path: Path) -> Path:
+    """``.tmp-<pid>-<name>`` beside ``path``."""
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; on success it is renamed to ``path``.
@@ -298,13 +314,53 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = _temporary_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
+    """Writes ``obj`` as indented JSON (indent 1, sorted keys, final newline) to ``path`` via
+    :func:`atomic_output`."""
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+@contextmanager
+def staging_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a new empty temporary folder beside ``path`` and removes it (with whatever is
+    left in it) at the end, success or not. For writers that must move several files into
+    place themselves (:func:`write_sitk`'s header and data file); see :func:`atomic_folder`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed process with this pid
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary folder beside ``path``; on success it is renamed to ``path``.
+
+    ``path`` must not exist yet (FileExistsError otherwise, before the body runs): a finished
+    folder is never overwritten or merged into. If the body raises, the temporary folder and
+    everything in it are removed, so a half-written folder never appears under the final name.
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path}: exists already; an atomic folder is never overwritten")
+    with staging_folder(path) as tmp:
+        yield tmp
+        os.replace(tmp, path)
 
 
 def write_sitk(
@@ -329,14 +385,10 @@ def write_sitk(
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".mhd":
         # The header names its data file: write into a temp folder, then move both files.
-        tmp_dir = path.parent / f".tmp-{os.getpid()}-{path.stem}"
-        tmp_dir.mkdir(exist_ok=True)
-        try:
+        with staging_folder(path.parent / path.stem) as tmp_dir:
             sitk.WriteImage(image, str(tmp_dir / path.name), compress)
             for f in sorted(tmp_dir.iterdir(), key=lambda p: p.suffix.lower() == ".mhd"):
                 os.replace(f, path.parent / f.name)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
         return
     with atomic_output(path) as tmp:
         sitk.WriteImage(image, str(tmp), compress)

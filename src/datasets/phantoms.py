@@ -34,9 +34,9 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from crf_rnn_3d.datasets.cache import atomic_write_json, settings_hash
+from crf_rnn_3d.datasets.cache import settings_hash
 from crf_rnn_3d.datasets.errors import ConfigError
-from crf_rnn_3d.datasets.io import nifti_to_volume, write_sitk
+from crf_rnn_3d.datasets.io import atomic_write_json, nifti_to_volume, write_sitk
 from crf_rnn_3d.datasets.preprocess import centre_offsets, crop_or_pad, resample_image, xyz_to_zyx
 
 PHANTOM_MANIFEST = "phantoms.json"

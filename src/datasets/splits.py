@@ -5,6 +5,8 @@ The file is a JSON list with one ``{"train": [...], "val": [...]}`` entry per fo
 ``holdout`` there is one entry whose ``val`` list is the held-out test set (``round(n *
 holdout_fraction)`` cases, 33 of BraTS 2015's 220 HGG cases at 0.15). A split file that exists
 is reused as is (like nnU-Net), provided it covers exactly the cached cases.
+:func:`read_splits` is the one reader of the file (the cache builder, the tf.data loader and the
+experiment stages all use it).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crf_rnn_3d.datasets.cache import atomic_write_json
 from crf_rnn_3d.datasets.errors import ConfigError, DataError
+from crf_rnn_3d.datasets.io import atomic_write_json
 
 SCHEMES = ("kfold", "holdout")
 
@@ -70,6 +72,27 @@ def split_file(processed_dir: str | os.PathLike, split_cfg: Mapping) -> Path:
     return Path(processed_dir) / str(split_cfg["file"])
 
 
+def read_splits(path: str | os.PathLike) -> list[dict[str, list[str]]]:
+    """The folds stored in the split file ``path``: ``[{"train": [ids], "val": [ids]}, ...]``.
+
+    Raises DataError naming the file when it is missing, unreadable, or not a non-empty JSON
+    list of {train, val} folds (the prepare stage writes it).
+    """
+    path = Path(path)
+    try:
+        splits = json.loads(path.read_text())
+        if not isinstance(splits, list) or not splits:
+            raise ValueError(f"not a non-empty list: {str(splits)[:60]}")
+        splits = [{"train": list(s["train"]), "val": list(s["val"])} for s in splits]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(
+            str(path),
+            "a JSON list of {train, val} folds (run `python -m crf_rnn_3d.experiments.prepare`)",
+            repr(exc),
+        ) from exc
+    return splits
+
+
 def load_or_create_splits(
     processed_dir: str | os.PathLike, case_ids: Sequence[str], split_cfg: Mapping
 ) -> list[dict[str, list[str]]]:
@@ -79,12 +102,8 @@ def load_or_create_splits(
     """
     path = split_file(processed_dir, split_cfg)
     if path.is_file():
-        try:
-            with open(path) as f:
-                splits = json.load(f)
-            covered = {c for s in splits for c in (*s["train"], *s["val"])}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(str(path), "a JSON list of {train, val} folds", repr(exc)) from exc
+        splits = read_splits(path)
+        covered = {c for s in splits for c in (*s["train"], *s["val"])}
         if covered != set(case_ids):
             extra = sorted(covered - set(case_ids))[:5]
             missing = sorted(set(case_ids) - covered)[:5]

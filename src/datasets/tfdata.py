@@ -17,7 +17,6 @@ Training-only augmentation (``loader.augment``), drawn per element from a seeded
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import tensorflow as tf
 from crf_rnn_3d.datasets import cache
 from crf_rnn_3d.datasets.errors import ConfigError, DataError
 from crf_rnn_3d.datasets.preprocess import xyz_to_zyx
+from crf_rnn_3d.datasets.splits import read_splits
 
 
 def _load_npz(path: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -154,10 +154,7 @@ def fold_datasets(
 ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
     """(training, validation) datasets of fold ``fold`` of the splits file in the cache."""
     path = Path(processed_dir) / split_file
-    try:
-        splits = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(str(path), "a splits file (run the prepare step)", repr(exc)) from exc
+    splits = read_splits(path)
     if not 0 <= fold < len(splits):
         raise ConfigError("fold", f"0..{len(splits) - 1} (folds in {path})", fold)
     split = splits[fold]

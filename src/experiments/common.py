@@ -9,7 +9,6 @@ variant). Starting a run again with the same config therefore finds its checkpoi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from crf_rnn_3d.datasets import cache
 from crf_rnn_3d.datasets.errors import ConfigError, DataError
-from crf_rnn_3d.datasets.splits import split_file
+from crf_rnn_3d.datasets.splits import read_splits, split_file
 
 # train settings that steer the process but not the result: not part of a run's identity
 PROCESS_ONLY = ("checkpoint_every", "keep_checkpoints", "stop_after", "log_every", "image_every",
@@ -95,14 +94,7 @@ def processed_dir(cfg: Mapping) -> Path:
 
 def load_splits(cfg: Mapping) -> list[dict[str, list[str]]]:
     """The folds of the prepared cache (``splits.json``); DataError naming it when missing."""
-    path = split_file(processed_dir(cfg), cfg["data"]["split"])
-    try:
-        splits = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(
-            str(path), "a splits file (run `python -m crf_rnn_3d.experiments.prepare`)", repr(exc)
-        ) from exc
-    return splits
+    return read_splits(split_file(processed_dir(cfg), cfg["data"]["split"]))
 
 
 def fold_cases(cfg: Mapping, fold: int) -> dict[str, list[str]]:

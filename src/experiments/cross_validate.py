@@ -15,7 +15,6 @@ and ``python -m crf_rnn_3d.experiments.report`` then collects them.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,10 +23,13 @@ import keras
 from omegaconf import DictConfig
 
 from crf_rnn_3d import CONFIG_PATH
+from crf_rnn_3d.datasets.errors import ConfigError
 from crf_rnn_3d.experiments import common
+from crf_rnn_3d.experiments.cli import run_stage
 from crf_rnn_3d.experiments.evaluate import Evaluation, evaluate
+from crf_rnn_3d.experiments.prepare import prepare
 from crf_rnn_3d.experiments.report import ReportResult, report
-from crf_rnn_3d.experiments.train import CLI_ERRORS, train
+from crf_rnn_3d.experiments.train import train
 
 
 @dataclass
@@ -55,16 +57,12 @@ def _finished_evaluation(cfg: Mapping, fold: int, variant: str) -> Evaluation | 
 def cross_validate(cfg: DictConfig | Mapping, prepare_data: bool = True) -> ProtocolResult:
     """Runs the protocol of the config (see the module docstring) and returns its result."""
     if prepare_data:
-        from crf_rnn_3d.experiments.prepare import prepare
-
         prepare(cfg)
     n_folds = len(common.load_splits(cfg))
     folds = cfg.get("folds")
     folds = list(range(n_folds)) if folds is None else [int(f) for f in folds]
     for f in folds:
         if not 0 <= f < n_folds:
-            from crf_rnn_3d.datasets.errors import ConfigError
-
             raise ConfigError("folds", f"fold numbers in 0..{n_folds - 1}", folds)
     result = ProtocolResult()
     for fold in folds:
@@ -84,11 +82,7 @@ def cross_validate(cfg: DictConfig | Mapping, prepare_data: bool = True) -> Prot
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        result = cross_validate(cfg)
-    except CLI_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    result = run_stage(cross_validate, cfg)
     for e in result.evaluations:
         print(f"fold {e.fold} {e.variant}: mean Dice {e.mean_dice()}")
     if result.report is not None:

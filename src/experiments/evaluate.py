@@ -13,7 +13,6 @@ preprocessed grid) and ``evaluation.json``; with ``evaluate.export`` also
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,11 @@ from omegaconf import DictConfig
 
 from crf_rnn_3d import CONFIG_PATH
 from crf_rnn_3d.datasets import cache
-from crf_rnn_3d.datasets.cache import atomic_write_json, export_prediction
-from crf_rnn_3d.datasets.io import atomic_output
+from crf_rnn_3d.datasets.cache import export_prediction
+from crf_rnn_3d.datasets.io import atomic_output, atomic_write_json
 from crf_rnn_3d.experiments import common
+from crf_rnn_3d.experiments.cli import run_stage
+from crf_rnn_3d.experiments.model_io import restore_model
 
 
 @dataclass
@@ -71,8 +72,6 @@ def evaluate(
 ) -> Evaluation:
     """Evaluates the (fold, variant) run (defaults ``cfg.fold``, ``cfg.variant``); returns an
     :class:`Evaluation` and writes predictions and ``evaluation.json`` into the run folder."""
-    from crf_rnn_3d.experiments.train import restore_model  # train imports the model stack
-
     fold = int(cfg["fold"] if fold is None else fold)
     variant = str(cfg["variant"] if variant is None else variant)
     out = common.run_dir(cfg, fold, variant)
@@ -99,13 +98,7 @@ def evaluate(
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from crf_rnn_3d.experiments.train import CLI_ERRORS
-
-    try:
-        result = evaluate(cfg)
-    except CLI_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    result = run_stage(evaluate, cfg)
     for case, d in result.dice.items():
         print(case, " ".join(f"{r}={v:.3f}" for r, v in d.items()))
     print("mean", result.mean_dice())

@@ -7,15 +7,13 @@ Any Hydra override works, e.g. ``data.root=/mnt/PROMISE12 data.on_error=skip``.
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from crf_rnn_3d import CONFIG_PATH
 from crf_rnn_3d.datasets.build import BuildReport, build_cache
-from crf_rnn_3d.datasets.cache import atomic_write_json
-from crf_rnn_3d.datasets.errors import ConfigError, DataError, DatasetNotFoundError
+from crf_rnn_3d.datasets.io import atomic_write_json
+from crf_rnn_3d.experiments.cli import run_stage
 
 
 def prepare(cfg: DictConfig) -> BuildReport:
@@ -44,12 +42,7 @@ def summary(report: BuildReport) -> str:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        report = prepare(cfg)
-    except (DataError, DatasetNotFoundError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print(summary(report))
+    run_stage(prepare, cfg, show=lambda report: print(summary(report)))
 
 
 if __name__ == "__main__":

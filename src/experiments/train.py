@@ -8,21 +8,27 @@ schedule of ``train``. Seeds: ``train.seed + fold`` seeds the initialisation (th
 layers are made before the head, so both variants of a fold start from the same V-Net weights)
 and the data loader (same batch order and augmentation for both variants).
 
-The run's folder (:func:`crf_rnn_3d.experiments.common.run_dir`) holds ``checkpoints/`` (every
-``train.checkpoint_every`` steps and at the end: model, optimiser, step), ``tensorboard/``
-(loss, Dice, learning rate; a slice of image | label | prediction), ``state.json`` (progress and
-the steps each invocation started from) and ``model.keras``. A run started again with the same
-config resumes from its last checkpoint and sees the batches it has not seen yet; a finished
-run is not trained again. With more than one GPU visible, training is mirrored over them
-(tf.distribute.MirroredStrategy; the batch is split between the replicas).
+The run's folder (:func:`crf_rnn_3d.experiments.common.run_dir`) holds ``run.json`` (the run's
+identity), ``checkpoints/`` (every ``train.checkpoint_every`` steps and at the end: model,
+optimiser, step), ``tensorboard/`` (loss, Dice, learning rate; a slice of image | label |
+prediction), ``state.json`` (progress and the steps each invocation started from),
+``model.keras`` and ``config.yaml``; :class:`RunRecord` is their one writer. A run started
+again with the same config resumes from its last checkpoint and sees the batches it has not
+seen yet; a finished run is not trained again. With more than one GPU visible, training is
+mirrored over them (tf.distribute.MirroredStrategy; the batch is split between the replicas).
+
+:func:`train` reads as its steps: :func:`check_settings`, :class:`RunRecord` (open the folder,
+read the state), :func:`set_up` (cases, seeded model, optimiser), ``RunRecord.resume`` (the
+last checkpoint), :func:`run_steps` (the step loop, logging and checkpoints) and
+``RunRecord.finish`` (``model.keras``, the final state). The model itself comes from
+:mod:`crf_rnn_3d.experiments.model_io`.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,12 +40,13 @@ from tqdm import tqdm
 
 from crf_rnn_3d import CONFIG_PATH
 from crf_rnn_3d.crf.callbacks import log_theta_summaries
-from crf_rnn_3d.datasets.cache import atomic_write_json
-from crf_rnn_3d.datasets.errors import ConfigError, DataError, DatasetNotFoundError
-from crf_rnn_3d.datasets.io import atomic_output
+from crf_rnn_3d.datasets.errors import ConfigError, DataError
+from crf_rnn_3d.datasets.io import atomic_output, atomic_write_json
 from crf_rnn_3d.datasets.tfdata import make_dataset
 from crf_rnn_3d.experiments import common
-from crf_rnn_3d.models.vnet import VNetConfigError, build_vnet
+from crf_rnn_3d.experiments.cli import run_stage
+from crf_rnn_3d.experiments.evaluate import Evaluation, evaluate
+from crf_rnn_3d.experiments.model_io import CHECKPOINTS, build_model, restore_checkpoint
 
 LOSSES = ("dice", "ce", "dice_ce")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -150,21 +157,6 @@ def make_optimizer(train_cfg: Mapping) -> keras.optimizers.Optimizer:
     raise ConfigError("train.optimizer.name", f"one of {OPTIMIZERS}", name)
 
 
-# ---------------------------------------------------------------------------- model
-
-
-def build_model(cfg: Mapping, variant: str, input_shape: tuple, spacing: tuple) -> keras.Model:
-    """The variant's model for cases of ``input_shape`` (Z, Y, X, C) and ``spacing`` (mm)."""
-    return build_vnet(
-        input_shape,
-        len(common.label_values(cfg)),
-        common.plain(cfg["model"]),
-        crf=common.variant_crf(cfg, variant),
-        spacing=spacing,
-        name=variant,
-    )
-
-
 def seed_for(cfg: Mapping, fold: int) -> int:
     """The seed of a fold's runs (both variants): ``train.seed + fold``."""
     return int(cfg["train"]["seed"]) + int(fold)
@@ -193,6 +185,9 @@ def _slice_image(image: tf.Tensor, label: tf.Tensor, logits: tf.Tensor) -> tf.Te
     return tf.concat([im, lab, pred], axis=1)[None, :, :, None]
 
 
+# ---------------------------------------------------------------------- the run's folder
+
+
 def _read_state(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -202,71 +197,150 @@ def _read_state(path: Path) -> dict:
         raise DataError(str(path), "the run's state (JSON)", repr(exc)) from exc
 
 
-def train(
-    cfg: DictConfig | Mapping, fold: int | None = None, variant: str | None = None
-) -> TrainResult:
-    """Trains (or resumes, or finds finished) the (fold, variant) run; defaults: ``cfg.fold``,
-    ``cfg.variant``. Returns a :class:`TrainResult`. Raises ConfigError / VNetConfigError for
-    a bad setting, DataError when the cache or splits are missing."""
-    fold = int(cfg["fold"] if fold is None else fold)
-    variant = str(cfg["variant"] if variant is None else variant)
-    tcfg = cfg["train"]
-    steps = int(tcfg["steps"])
-    every = int(tcfg["checkpoint_every"])
+class RunRecord:
+    """The one writer of a run's folder: ``run.json`` (identity), ``state.json`` (steps done,
+    complete, the step each invocation started from, last logged loss, the logged history),
+    ``checkpoints/`` (with its index), ``model.keras`` and ``config.yaml``.
+
+    Opening it makes the folder, writes ``run.json`` and reads the state an earlier invocation
+    left (``finished`` when that one completed the run's ``steps``).
+    """
+
+    STATE = "state.json"
+
+    def __init__(self, cfg: Mapping, fold: int, variant: str, steps: int) -> None:
+        self.folder = common.run_dir(cfg, fold, variant)
+        self.steps = steps
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.folder / "run.json", common.run_identity(cfg, fold, variant))
+        prior = _read_state(self.folder / self.STATE)
+        self.finished = bool(prior.get("complete")) and prior.get("steps_done") == steps
+        self.started_from: list[int] = list(prior.get("started_from", []))
+        self.last_loss: float | None = prior.get("last_loss")
+        self.history: list[dict] = prior.get("history", [])
+        self._manager: tf.train.CheckpointManager | None = None
+
+    def resume(self, session: Session, keep: int) -> int:
+        """Restores the run's last checkpoint (if any) into the session's model, optimiser and
+        step counter, keeping ``keep`` checkpoints from now on; returns the step resumed from."""
+        checkpoint = tf.train.Checkpoint(
+            model=session.model, optimizer=session.optimizer, step=session.step
+        )
+        self._manager = tf.train.CheckpointManager(
+            checkpoint, str(self.folder / CHECKPOINTS), max_to_keep=keep
+        )
+        if self._manager.latest_checkpoint:
+            restore_checkpoint(checkpoint, self._manager.latest_checkpoint)
+        start = int(session.step.numpy())
+        self.started_from.append(start)
+        return start
+
+    def log(self, step: int, loss: float, dice: float) -> None:
+        """Records a logged step (loss in the loss's units, Dice in [0, 1])."""
+        self.last_loss = loss
+        self.history.append({"step": step, "loss": loss, "dice": dice})
+
+    def checkpoint(self, step: int) -> None:
+        """A checkpoint of ``step`` and the state that goes with it."""
+        assert self._manager is not None, "RunRecord.resume comes first"
+        self._manager.save(checkpoint_number=step)
+        self._write_state(step)
+
+    def finish(self, model: keras.Model, step: int, save_model: bool) -> None:
+        """At the run's last step: ``model.keras`` (when ``save_model``) and the final state."""
+        if step != self.steps:
+            return
+        if save_model:
+            with atomic_output(self.folder / "model.keras") as tmp:
+                model.save(tmp)
+        self._write_state(step)
+
+    @staticmethod
+    def write_config(folder: Path, cfg: DictConfig) -> None:
+        """The resolved config the run was started with (``config.yaml``)."""
+        with atomic_output(folder / "config.yaml") as tmp:
+            OmegaConf.save(cfg, tmp, resolve=True)
+
+    def _write_state(self, step: int) -> None:
+        atomic_write_json(
+            self.folder / self.STATE,
+            {"steps_done": step, "steps": self.steps, "complete": step == self.steps,
+             "started_from": self.started_from, "last_loss": self.last_loss,
+             "history": self.history},
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class Session:
+    """What one invocation trains with: the distribution strategy (mirrored over the GPUs when
+    there are several), the model, its optimiser, the step counter (checkpointed), the fold's
+    cases, the seed, and the label value -> class index table."""
+
+    strategy: tf.distribute.Strategy
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    step: tf.Variable
+    cases: dict[str, list[str]]
+    seed: int
+    lut: tf.Tensor
+
+
+def check_settings(train_cfg: Mapping) -> int:
+    """``train.steps`` after checking it and ``train.checkpoint_every`` (ConfigError)."""
+    steps = int(train_cfg["steps"])
+    every = int(train_cfg["checkpoint_every"])
     if steps < 1:
         raise ConfigError("train.steps", "a positive integer", steps)
     if every < 1:
         raise ConfigError("train.checkpoint_every", "a positive integer", every)
-    out = common.run_dir(cfg, fold, variant)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "run.json", common.run_identity(cfg, fold, variant))
-    state_path = out / "state.json"
-    state = _read_state(state_path)
-    if state.get("complete") and state.get("steps_done") == steps:
-        return TrainResult(out, steps, steps, True, state.get("last_loss"))
+    return steps
 
-    if bool(tcfg.get("deterministic", False)):
+
+def set_up(cfg: Mapping, fold: int, variant: str) -> Session:
+    """The fold's cases and geometry, the seeded model and its (built) optimiser."""
+    if bool(cfg["train"].get("deterministic", False)):
         tf.config.experimental.enable_op_determinism()
     cases = common.fold_cases(cfg, fold)
     input_shape, spacing = common.manifest_shape_and_spacing(cfg, cases["train"])
     lut = tf.constant(common.label_lut(common.label_values(cfg)))
     seed = seed_for(cfg, fold)
-
     gpus = tf.config.list_logical_devices("GPU")
     strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
     with strategy.scope():
         keras.utils.set_random_seed(seed)
         model = build_model(cfg, variant, input_shape, spacing)
-        optimizer = make_optimizer(tcfg)
+        optimizer = make_optimizer(cfg["train"])
         optimizer.build(model.trainable_variables)
-        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
-    manager = tf.train.CheckpointManager(
-        ckpt, str(out / "checkpoints"), max_to_keep=int(tcfg["keep_checkpoints"])
-    )
-    if manager.latest_checkpoint:
-        try:
-            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        except (AssertionError, IndexError, ValueError, tf.errors.OpError) as exc:
-            raise DataError(
-                manager.latest_checkpoint,
-                "a checkpoint of this run's model and optimiser (delete the run folder to "
-                "start it over)",
-                f"{type(exc).__name__}: {str(exc)[:200]}",
-            ) from exc
-    start = int(step_var.numpy())
-    stop_after = tcfg.get("stop_after")
-    end = steps if stop_after is None else min(steps, start + int(stop_after))
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    return Session(strategy, model, optimizer, step, cases, seed, lut)
 
-    stream = training_stream(cfg, cases["train"], seed, start)
-    stream = strategy.experimental_distribute_dataset(stream)
-    loss_weights_cfg = common.plain(tcfg)
+
+def last_step(train_cfg: Mapping, start: int) -> int:
+    """The step this invocation stops at: ``train.steps``, or earlier with ``train.stop_after``."""
+    steps = int(train_cfg["steps"])
+    stop_after = train_cfg.get("stop_after")
+    return steps if stop_after is None else min(steps, start + int(stop_after))
+
+
+def make_train_step(session: Session, train_cfg: Mapping) -> Callable:
+    """The compiled step: (image [B, Z, Y, X, C], label values [B, Z, Y, X]) -> mean loss,
+    mean hard Dice over the replicas, and the first replica's picture (:func:`_slice_image`)."""
+    strategy, model, optimizer, lut = (
+        session.strategy,
+        session.model,
+        session.optimizer,
+        session.lut,
+    )
+    loss_cfg = common.plain(train_cfg)
 
     def replica_step(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         classes = tf.gather(lut, tf.cast(label, tf.int32))
         with tf.GradientTape() as tape:
             logits = model(image, training=True)
-            loss = segmentation_loss(classes, logits, loss_weights_cfg)
+            loss = segmentation_loss(classes, logits, loss_cfg)
             scaled = loss / strategy.num_replicas_in_sync
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
@@ -279,92 +353,95 @@ def train(
         picture = strategy.experimental_local_results(picture)[0]
         return strategy.reduce(mean, loss, None), strategy.reduce(mean, dice, None), picture
 
-    writer = tf.summary.create_file_writer(str(out / "tensorboard"))
-    history = state.get("history", [])
-    started = [*state.get("started_from", []), start]
-    t0 = time.perf_counter()
-    last_loss = state.get("last_loss")
+    return train_step
+
+
+def _log_scalars(session: Session, step: int, loss: tf.Tensor, dice: tf.Tensor) -> None:
+    """TensorBoard: loss, Dice, the learning rate of ``step``, a CRF head's kernel widths."""
+    lr = session.optimizer.learning_rate
+    lr_now = float(lr(step) if callable(lr) else lr)
+    tf.summary.scalar("train/loss", loss, step=step)
+    tf.summary.scalar("train/dice", dice, step=step)
+    tf.summary.scalar("train/learning_rate", lr_now, step=step)
+    log_theta_summaries(session.model, step)  # kernel widths of a CRF head, if any
+
+
+def run_steps(
+    cfg: Mapping, session: Session, record: RunRecord, start: int, end: int, desc: str
+) -> None:
+    """Steps ``start + 1 .. end`` on the batches from ``start`` on: TensorBoard every
+    ``log_every`` / ``image_every`` steps, a checkpoint every ``checkpoint_every`` steps, and
+    all three at ``end``."""
+    tcfg = cfg["train"]
+    every, log_every, image_every = (
+        int(tcfg["checkpoint_every"]), int(tcfg["log_every"]), int(tcfg["image_every"])
+    )  # fmt: skip
+    stream = training_stream(cfg, session.cases["train"], session.seed, start)
+    stream = session.strategy.experimental_distribute_dataset(stream)
+    train_step = make_train_step(session, tcfg)
+    writer = tf.summary.create_file_writer(str(record.folder / "tensorboard"))
     bar = tqdm(
-        total=steps, initial=start, desc=f"fold {fold} {variant}",
-        disable=not bool(tcfg["progress"]), dynamic_ncols=True,
+        total=int(tcfg["steps"]), initial=start, desc=desc, disable=not bool(tcfg["progress"]),
+        dynamic_ncols=True,
     )  # fmt: skip
     iterator = iter(stream)
     with writer.as_default():
         for step in range(start + 1, end + 1):
             image, label = next(iterator)
             loss, dice, picture = train_step(image, label)
-            step_var.assign(step)
+            session.step.assign(step)
             bar.update(1)
-            if step % int(tcfg["log_every"]) == 0 or step == end:
-                last_loss = float(loss)
-                lr = optimizer.learning_rate
-                lr_now = float(lr(step) if callable(lr) else lr)
-                tf.summary.scalar("train/loss", loss, step=step)
-                tf.summary.scalar("train/dice", dice, step=step)
-                tf.summary.scalar("train/learning_rate", lr_now, step=step)
-                log_theta_summaries(model, step)  # kernel widths of a CRF head, if any
-                history.append({"step": step, "loss": last_loss, "dice": float(dice)})
-                bar.set_postfix(loss=f"{last_loss:.3f}", dice=f"{float(dice):.3f}")
-            if step % int(tcfg["image_every"]) == 0 or step == end:
+            if step % log_every == 0 or step == end:
+                _log_scalars(session, step, loss, dice)
+                record.log(step, float(loss), float(dice))
+                bar.set_postfix(loss=f"{float(loss):.3f}", dice=f"{float(dice):.3f}")
+            if step % image_every == 0 or step == end:
                 tf.summary.image("train/image_label_prediction", picture, step=step)
             if step % every == 0 or step == end:
-                manager.save(checkpoint_number=step)
-                atomic_write_json(
-                    state_path,
-                    {"steps_done": step, "steps": steps, "complete": step == steps,
-                     "started_from": started, "last_loss": last_loss, "history": history},
-                )  # fmt: skip
+                record.checkpoint(step)
     bar.close()
     writer.flush()
-    done = int(step_var.numpy())
-    if done == steps and bool(tcfg["save_model"]):
-        tmp = out / f".tmp-model-{id(model)}.keras"
-        model.save(tmp)
-        tmp.replace(out / "model.keras")
-    if done == steps:
-        atomic_write_json(
-            state_path,
-            {"steps_done": done, "steps": steps, "complete": True, "started_from": started,
-             "last_loss": last_loss, "history": history},
-        )  # fmt: skip
+
+
+def train(
+    cfg: DictConfig | Mapping, fold: int | None = None, variant: str | None = None
+) -> TrainResult:
+    """Trains (or resumes, or finds finished) the (fold, variant) run; defaults: ``cfg.fold``,
+    ``cfg.variant``. Returns a :class:`TrainResult`. Raises ConfigError / VNetConfigError for
+    a bad setting, DataError when the cache or splits are missing."""
+    fold = int(cfg["fold"] if fold is None else fold)
+    variant = str(cfg["variant"] if variant is None else variant)
+    steps = check_settings(cfg["train"])
+    record = RunRecord(cfg, fold, variant, steps)
+    if record.finished:
+        return TrainResult(record.folder, steps, steps, True, record.last_loss)
+    session = set_up(cfg, fold, variant)
+    start = record.resume(session, int(cfg["train"]["keep_checkpoints"]))
+    t0 = time.perf_counter()
+    run_steps(cfg, session, record, start, last_step(cfg["train"], start), f"fold {fold} {variant}")
+    done = int(session.step.numpy())
+    record.finish(session.model, done, bool(cfg["train"]["save_model"]))
     return TrainResult(
-        out, done, start, done == steps, last_loss, time.perf_counter() - t0, history
-    )
+        record.folder, done, start, done == steps, record.last_loss, time.perf_counter() - t0,
+        record.history,
+    )  # fmt: skip
 
 
-def restore_model(cfg: Mapping, fold: int, variant: str) -> keras.Model:
-    """The (fold, variant) run's model with the weights of its last checkpoint (DataError when
-    it has none)."""
-    out = common.run_dir(cfg, fold, variant)
-    cases = common.fold_cases(cfg, fold)
-    input_shape, spacing = common.manifest_shape_and_spacing(cfg, cases["train"])
-    model = build_model(cfg, variant, input_shape, spacing)
-    latest = tf.train.latest_checkpoint(str(out / "checkpoints"))
-    if latest is None:
-        raise DataError(str(out / "checkpoints"), "a checkpoint of a trained run", "none")
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-    return model
-
-
-CLI_ERRORS = (ConfigError, DataError, DatasetNotFoundError, VNetConfigError)
+def train_and_evaluate(cfg: DictConfig) -> tuple[TrainResult, Evaluation | None]:
+    """The train command: trains ``cfg.fold``, ``cfg.variant`` and, once the run is complete,
+    evaluates it on the fold's held-out cases."""
+    result = train(cfg)
+    return result, (evaluate(cfg) if result.complete else None)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        result = train(cfg)
-        from crf_rnn_3d.experiments.evaluate import evaluate
-
-        if result.complete:
-            evaluation = evaluate(cfg)
-            print(f"{result.run_dir}: mean Dice {evaluation.mean_dice()}")
-    except CLI_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    result, evaluation = run_stage(train_and_evaluate, cfg)
+    if evaluation is not None:
+        print(f"{result.run_dir}: mean Dice {evaluation.mean_dice()}")
     resumed = f", resumed from step {result.started_from}" if result.started_from else ""
     print(f"{result.run_dir}: {result.steps_done}/{cfg.train.steps} steps{resumed}")
-    with atomic_output(result.run_dir / "config.yaml") as tmp:
-        OmegaConf.save(cfg, tmp, resolve=True)
+    RunRecord.write_config(result.run_dir, cfg)
 
 
 if __name__ == "__main__":

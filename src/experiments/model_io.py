@@ -1,0 +1,60 @@
+"""A run's model: built from the config (V-Net, with the CRF head when the variant says so) and
+restored from the run's checkpoints. The training stage (:mod:`crf_rnn_3d.experiments.train`)
+and the evaluation stage (:mod:`crf_rnn_3d.experiments.evaluate`) both take their model from
+here, so neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import keras
+import tensorflow as tf
+
+from crf_rnn_3d.datasets.errors import DataError
+from crf_rnn_3d.experiments import common
+from crf_rnn_3d.models.vnet import build_vnet
+
+CHECKPOINTS = "checkpoints"  # the checkpoint folder inside a run folder
+
+
+def build_model(cfg: Mapping, variant: str, input_shape: tuple, spacing: tuple) -> keras.Model:
+    """The variant's model for cases of ``input_shape`` (Z, Y, X, C) and ``spacing`` (z, y, x)
+    in mm: logits [B, Z, Y, X, K] with K = len(data.labels)."""
+    return build_vnet(
+        input_shape,
+        len(common.label_values(cfg)),
+        common.plain(cfg["model"]),
+        crf=common.variant_crf(cfg, variant),
+        spacing=spacing,
+        name=variant,
+    )
+
+
+def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str) -> None:
+    """Restores every object of ``checkpoint`` (model, optimiser, step) from the checkpoint
+    ``path`` of a run being resumed; DataError naming it when it is unreadable or holds
+    another model."""
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, IndexError, ValueError, tf.errors.OpError) as exc:
+        raise DataError(
+            path,
+            "a checkpoint of this run's model and optimiser (delete the run folder to "
+            "start it over)",
+            f"{type(exc).__name__}: {str(exc)[:200]}",
+        ) from exc
+
+
+def restore_model(cfg: Mapping, fold: int, variant: str) -> keras.Model:
+    """The (fold, variant) run's model with the weights of its last checkpoint (DataError when
+    it has none)."""
+    out = common.run_dir(cfg, fold, variant)
+    cases = common.fold_cases(cfg, fold)
+    input_shape, spacing = common.manifest_shape_and_spacing(cfg, cases["train"])
+    model = build_model(cfg, variant, input_shape, spacing)
+    latest = tf.train.latest_checkpoint(str(out / CHECKPOINTS))
+    if latest is None:
+        raise DataError(str(out / CHECKPOINTS), "a checkpoint of a trained run", "none")
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return model
