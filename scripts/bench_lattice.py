@@ -1,7 +1,8 @@
 """Benchmark of the permutohedral lattice op against pydensecrf2 (run with `make bench-lattice`).
 
 Two references of realistic size, made deterministically (smooth anatomy, bias field, noise;
-never uniform random features, which would explode the lattice):
+never uniform random features, which would explode the lattice; src/datasets/phantoms.py,
+lattice_bench_reference):
 
   promise  one T2-like channel, 63 x 200 x 200 voxels at (z, y, x) = (2, 1, 1) mm, F = 4
            (three positions in mm / theta_alpha, intensity / theta_beta), 2 labels;
@@ -25,7 +26,8 @@ Every timing and memory figure comes from a fresh subprocess (the script re-invo
 configuration. All subprocesses read the same arrays, written once to a temporary folder.
 
 Results go to stdout (a table, then the Markdown for docs/benchmarks.md) and, as JSON, to
-results/bench_lattice/<timestamp>.json.
+results/bench_lattice/<timestamp>.json. The memory probe, the pydensecrf2 driver and the Markdown
+writer are in src/benchmarks/.
 
 Examples:
   make bench-lattice                                  # the full benchmark (about 10 minutes)
