@@ -12,8 +12,10 @@
               + spatial kernel: total time (setup + inference), peak memory above the state
               before the call, and the fraction of voxels whose argmax label agrees.
 
-Usage: .venv/bin/python scripts/bench_crf.py {spatial,pydensecrf} [options]
-(`make bench-crf` runs the pydensecrf comparison; it needs requirements-bench.txt.)
+Usage: .venv/bin/python scripts/bench_crf.py {spatial,pydensecrf,profile,layer} [options]
+(`make bench-crf` runs the pydensecrf comparison; it needs requirements-bench.txt.) The phantoms
+come from src/datasets/phantoms.py (crf_bench_case), the pydensecrf2 driver and the memory
+probe from src/benchmarks/.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from crf_rnn_3d.benchmarks.memory import measure
+from crf_rnn_3d.benchmarks.pydensecrf import dense_crf_pydensecrf
 from crf_rnn_3d.crf.functional import lattice_filter, positions, separable_spatial_filter
-
-ROOT = Path(__file__).resolve().parents[1]
+from crf_rnn_3d.datasets.phantoms import crf_bench_case as benchmark_case
+from crf_rnn_3d.experiments.cli import fail
 
 
 def exact_spatial(values: np.ndarray, spacing: tuple[float, ...], theta: float) -> np.ndarray:
@@ -77,126 +80,6 @@ def bench_spatial(args: argparse.Namespace) -> None:
             f"applications {total:.3f}s; |error| vs exact max {err.max():.2e} "
             f"RMS {np.sqrt(np.mean(err**2)):.2e} (values in [0, 1])"
         )
-
-
-def _reset_peak() -> int:
-    """Resets the kernel's peak-RSS counter (Linux clear_refs) and returns the RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _measure(fn):
-    """(result, seconds, peak RSS above the RSS before the call, in MiB)."""
-    before = _reset_peak()
-    start = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM") * 1024
-    return result, seconds, max(peak - before, 0) / 2**20
-
-
-def poor_network_probabilities(
-    labels: np.ndarray, spacing: tuple[float, ...], classes: int, rng: np.random.Generator
-) -> np.ndarray:
-    """What a poor network would give: one-hot labels blurred (sigma 2 mm), plus a smooth
-    random field (correlation ~4 mm) and voxel noise on the logits, softmaxed. float32
-    [*spatial, K]."""
-    from scipy import ndimage
-
-    sigma = [2.0 / s for s in spacing]
-    logits = np.empty((*labels.shape, classes), dtype=np.float32)
-    for k in range(classes):
-        onehot = (labels == k).astype(np.float32)
-        smooth_noise = ndimage.gaussian_filter(
-            rng.normal(size=labels.shape).astype(np.float32), [4.0 / s for s in spacing]
-        )
-        smooth_noise /= smooth_noise.std() + 1e-12
-        logits[..., k] = (
-            4.0 * ndimage.gaussian_filter(onehot, sigma)
-            + 0.8 * smooth_noise
-            + 1.2 * rng.normal(size=labels.shape)
-        )
-    logits -= logits.max(-1, keepdims=True)
-    probs = np.exp(logits)
-    return probs / probs.sum(-1, keepdims=True)
-
-
-def promise_case(rng: np.random.Generator):
-    """A PROMISE12-like phantom (src/datasets/phantoms.py) at 2 x 1 x 1 mm: 63 x 200 x 200."""
-    from omegaconf import OmegaConf
-
-    from crf_rnn_3d.datasets.phantoms import promise_phantom
-
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/data/synthetic_promise.yaml"))
-    phantom = dict(cfg["phantom"])
-    phantom.update(fov_xyz=[200.0, 200.0, 126.0], inplane_spacings=[1.0], slice_spacings=[2.0])
-    image, label, spacing = promise_phantom(rng, phantom)
-    image = image.astype(np.float32)[..., None]
-    return image, label.astype(np.int64), spacing, 2
-
-
-def brats_case(rng: np.random.Generator):
-    """A BraTS-2015-like phantom (MNI152 brain, 4 modalities, labels 0..4): 155 x 240 x 240."""
-    from omegaconf import OmegaConf
-
-    from crf_rnn_3d.datasets.phantoms import brats_phantom, mni152_tissues
-
-    base = OmegaConf.load(ROOT / "configs/data/brats2015.yaml")
-    cfg = OmegaConf.merge(
-        {"data": base}, {"data": OmegaConf.load(ROOT / "configs/data/synthetic_brats.yaml")}
-    )
-    phantom = OmegaConf.to_container(cfg.data.phantom, resolve=True)
-    spacing = (1.0, 1.0, 1.0)
-    shape = tuple(phantom["shape_xyz"][::-1])
-    tissues = mni152_tissues(int(phantom["template_resolution_mm"]), spacing, shape)
-    images, label = brats_phantom(rng, tissues, spacing, phantom)
-    image = np.stack([images[m].astype(np.float32) for m in phantom["modalities"]], axis=-1)
-    return image, label.astype(np.int64), spacing, 5
-
-
-def benchmark_case(name: str, seed: int):
-    """One benchmark phantom ("promise" or "brats"): (image [*spatial, M] with each channel
-    scaled to unit standard deviation, so that one theta_beta suits all; labels; spacing;
-    number of classes; a poor network's probabilities [*spatial, K]), all float32."""
-    makers = {"promise": promise_case, "brats": brats_case}
-    rng = np.random.default_rng(seed)
-    image, labels, spacing, classes = makers[name](rng)
-    probs = poor_network_probabilities(labels, spacing, classes, rng).astype(np.float32)
-    std = image.reshape(-1, image.shape[-1]).std(0)
-    image = np.ascontiguousarray(image / np.where(std > 0, std, 1.0), dtype=np.float32)
-    return image, labels, spacing, classes, probs
-
-
-def run_pydensecrf(probs, image, spacing, settings):
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import (
-        create_pairwise_bilateral,
-        create_pairwise_gaussian,
-        unary_from_softmax,
-    )
-
-    shape, classes = probs.shape[:-1], probs.shape[-1]
-    crf = dcrf.DenseCRF(int(np.prod(shape)), classes)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.moveaxis(probs, -1, 0))))
-    # pydensecrf works in voxels: per-axis widths theta / spacing give kernels in mm
-    gamma = [settings["theta_gamma"] / s for s in spacing]
-    alpha = [settings["theta_alpha"] / s for s in spacing]
-    crf.addPairwiseEnergy(create_pairwise_gaussian(gamma, shape), compat=settings["w_spatial"])
-    crf.addPairwiseEnergy(
-        create_pairwise_bilateral(alpha, settings["theta_beta"], image, chdim=image.ndim - 1),
-        compat=settings["w_bilateral"],
-    )
-    q = np.array(crf.inference(settings["iterations"]))
-    return np.moveaxis(q.reshape((classes, *shape)), 0, -1)
 
 
 def bench_profile(args: argparse.Namespace) -> None:
@@ -348,7 +231,7 @@ def run_one(args: argparse.Namespace) -> None:
     probs, image, spacing = data["probs"], data["image"], tuple(data["spacing"])
     settings = json.loads(args.settings)
     if args.method == "pydensecrf2":
-        fn = lambda: run_pydensecrf(probs, image, spacing, settings)  # noqa: E731
+        fn = lambda: dense_crf_pydensecrf(probs, image, spacing, settings)[0]  # noqa: E731
     else:
         from crf_rnn_3d.crf.dense_crf import dense_crf
 
@@ -371,7 +254,7 @@ def run_one(args: argparse.Namespace) -> None:
 
     seconds, peaks = [], []
     for _ in range(args.repeats):
-        q, elapsed, peak = _measure(fn)
+        q, elapsed, peak = measure(fn)
         seconds.append(elapsed)
         peaks.append(peak)
     np.save(args.out, q.argmax(-1).astype(np.uint8))
@@ -486,16 +369,17 @@ def main() -> None:
     one.add_argument("--repeats", type=int, default=1)
     one.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
-    if args.command == "spatial":
-        bench_spatial(args)
-    elif args.command == "one":
-        run_one(args)
-    elif args.command == "profile":
-        bench_profile(args)
-    elif args.command == "layer":
-        bench_layer(args)
-    else:
-        bench_pydensecrf(args)
+    commands = {
+        "spatial": bench_spatial,
+        "one": run_one,
+        "profile": bench_profile,
+        "layer": bench_layer,
+        "pydensecrf": bench_pydensecrf,
+    }
+    try:
+        commands[args.command](args)
+    except (ImportError, RuntimeError, ValueError) as err:  # pydensecrf2 missing, a child failed
+        fail(f"bench_crf {args.command}: {err}")
 
 
 if __name__ == "__main__":

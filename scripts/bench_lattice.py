@@ -1,7 +1,8 @@
 """Benchmark of the permutohedral lattice op against pydensecrf2 (run with `make bench-lattice`).
 
 Two references of realistic size, made deterministically (smooth anatomy, bias field, noise;
-never uniform random features, which would explode the lattice):
+never uniform random features, which would explode the lattice; src/datasets/phantoms.py,
+lattice_bench_reference):
 
   promise  one T2-like channel, 63 x 200 x 200 voxels at (z, y, x) = (2, 1, 1) mm, F = 4
            (three positions in mm / theta_alpha, intensity / theta_beta), 2 labels;
@@ -25,7 +26,8 @@ Every timing and memory figure comes from a fresh subprocess (the script re-invo
 configuration. All subprocesses read the same arrays, written once to a temporary folder.
 
 Results go to stdout (a table, then the Markdown for docs/benchmarks.md) and, as JSON, to
-results/bench_lattice/<timestamp>.json.
+results/bench_lattice/<timestamp>.json. The memory probe, the pydensecrf2 driver and the Markdown
+writer are in src/benchmarks/.
 
 Examples:
   make bench-lattice                                  # the full benchmark (about 10 minutes)
@@ -38,12 +40,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -52,204 +51,37 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+
+from crf_rnn_3d.benchmarks.lattice_report import machine, markdown
+from crf_rnn_3d.benchmarks.memory import peak_mib, reset_peak
+from crf_rnn_3d.benchmarks.pydensecrf import features_of, run_densecrf, unary_from_probabilities
+from crf_rnn_3d.datasets.phantoms import (
+    LATTICE_BENCH_FULL_SHAPES,
+    LATTICE_BENCH_LABELS,
+    LATTICE_BENCH_QUICK_SHAPES,
+    LATTICE_BENCH_THETA,
+    lattice_bench_reference,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("ours", "threads", "dcrf", "error", "scaling", "tfops")
 
 # Kernel widths (documented in docs/benchmarks.md). Intensities are z-scored, so theta_beta is
-# in units of the image's standard deviation; positions are in mm.
-THETA_ALPHA_MM = 5.0  # bilateral kernel, positions
-THETA_BETA = 0.5  # bilateral kernel, intensities (z-score units)
-THETA_GAMMA_MM = 3.0  # spatial kernel
+# in units of the image's standard deviation; positions are in mm. The references themselves are
+# src/datasets/phantoms.py's lattice_bench_reference.
+THETA_ALPHA_MM = LATTICE_BENCH_THETA["alpha_mm"]  # bilateral kernel, positions
+THETA_BETA = LATTICE_BENCH_THETA["beta_zscore"]  # bilateral kernel, intensities (z-score units)
+THETA_GAMMA_MM = LATTICE_BENCH_THETA["gamma_mm"]  # spatial kernel
 W_BILATERAL, W_SPATIAL = 5.0, 3.0  # pydensecrf Potts weights (do not change the cost)
 
-FULL_SHAPES = {"promise": (63, 200, 200), "brats": (155, 240, 240)}
-QUICK_SHAPES = {"promise": (24, 80, 80), "brats": (40, 64, 64)}
-SPACING = {"promise": (2.0, 1.0, 1.0), "brats": (1.0, 1.0, 1.0)}
-LABELS = {"promise": 2, "brats": 5}
-
-
-# ---------------------------------------------------------------------------------------------
-# synthetic references
-# ---------------------------------------------------------------------------------------------
-
-
-def _grid_mm(shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[np.ndarray]:
-    """Broadcastable (z, y, x) coordinate arrays in mm, float32, centred on the volume."""
-    axes = []
-    for a, (n, s) in enumerate(zip(shape, spacing, strict=True)):
-        c = (np.arange(n, dtype=np.float32) - (n - 1) / 2) * s
-        view = [1, 1, 1]
-        view[a] = n
-        axes.append(c.reshape(view))
-    return axes
-
-
-def _soft_ellipsoid(
-    grid: list[np.ndarray], centre_mm, radii_mm, edge_mm: float = 2.0
-) -> np.ndarray:
-    """1 inside, 0 outside, a logistic border about edge_mm wide; float32."""
-    r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre_mm, radii_mm, strict=True))
-    dist = (np.sqrt(r2) - 1.0) * float(min(radii_mm))  # approximate distance in mm
-    return (1.0 / (1.0 + np.exp(np.clip(dist / edge_mm, -30, 30)))).astype(np.float32)
-
-
-def _smooth_field(shape: tuple[int, ...], scale_vox: float, rng: np.random.Generator) -> np.ndarray:
-    """Zero-mean, unit-variance random field, smooth over about scale_vox voxels (float32).
-
-    Made at low resolution and interpolated up, so it costs about one pass over the volume.
-    """
-    low = tuple(max(4, math.ceil(n / scale_vox) + 3) for n in shape)
-    field = ndimage.gaussian_filter(rng.standard_normal(low), sigma=1.0, mode="wrap")
-    zoom = [n / m for n, m in zip(shape, low, strict=True)]
-    up = ndimage.zoom(field.astype(np.float32), zoom, order=1, grid_mode=True, mode="grid-wrap")
-    up = up[tuple(slice(0, n) for n in shape)]
-    up -= up.mean()
-    up /= up.std() + 1e-12
-    return up
-
-
-def _zscore(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    ref = x if mask is None else x[mask]
-    return ((x - ref.mean()) / (ref.std() + 1e-12)).astype(np.float32)
-
-
-def _label_probabilities(
-    anatomy: list[np.ndarray], labels: int, shape, rng: np.random.Generator
-) -> np.ndarray:
-    """Smooth label-probability-like values: softmax of anatomy-driven smooth logits, [*S, L]."""
-    logits = []
-    for k in range(labels):
-        base = 4.0 * anatomy[k % len(anatomy)] if k > 0 else np.zeros(shape, np.float32)
-        logits.append(base + 1.5 * _smooth_field(shape, 12.0, rng))
-    z = np.stack(logits, -1)
-    z -= z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
-
-
-def make_promise(shape: tuple[int, int, int], seed: int = 0):
-    """PROMISE12-like T2 volume [*S, 1] (z-scored), its anatomy masks, spacing (2, 1, 1) mm."""
-    rng = np.random.default_rng(seed)
-    spacing = SPACING["promise"]
-    g = _grid_mm(shape, spacing)
-    ext = [n * s for n, s in zip(shape, spacing, strict=True)]
-    body = _soft_ellipsoid(g, (0, 0, 0), (ext[0] * 2, 0.42 * ext[1], 0.47 * ext[2]), 3.0)
-    prostate = _soft_ellipsoid(g, (0, 8, 0), (0.22 * ext[0], 18, 22), 2.0)
-    zone = _soft_ellipsoid(g, (0, 6, 0), (0.15 * ext[0], 9, 11), 2.0)  # central gland
-    bladder = _soft_ellipsoid(g, (0.3 * ext[0], -22, 0), (0.3 * ext[0], 25, 30), 2.0)
-    rectum = _soft_ellipsoid(g, (0, 36, 0), (0.5 * ext[0], 10, 12), 2.0)
-    bones = _soft_ellipsoid(g, (0, 10, -60), (ext[0], 14, 14), 2.0) + _soft_ellipsoid(
-        g, (0, 10, 60), (ext[0], 14, 14), 2.0
-    )
-    texture = _smooth_field(shape, 6.0, rng)
-    img = 0.05 + body * (0.45 + 0.06 * texture)
-    img += prostate * (0.25 - 0.45 * zone * 0.5) + bladder * 0.9 - rectum * 0.3 - bones * 0.25
-    bias = np.exp(0.25 * _smooth_field(shape, 60.0, rng)).astype(np.float32)
-    img = img * bias + rng.normal(0.0, 0.06, size=shape).astype(np.float32)
-    image = _zscore(np.abs(img))[..., None]
-    return image, [prostate, bladder, rectum], spacing
-
-
-def make_brats(shape: tuple[int, int, int], seed: int = 1):
-    """BraTS-like (T1, T1c, T2, FLAIR) volume [*S, 4], z-scored inside the brain, 1 mm."""
-    rng = np.random.default_rng(seed)
-    spacing = SPACING["brats"]
-    g = _grid_mm(shape, spacing)
-    ext = [n * s for n, s in zip(shape, spacing, strict=True)]
-    brain = _soft_ellipsoid(g, (0, 0, 0), (0.42 * ext[0], 0.36 * ext[1], 0.29 * ext[2]), 1.5)
-    vents = _soft_ellipsoid(g, (0.05 * ext[0], -0.02 * ext[1], 0), (12, 22, 8), 1.5)
-    folds = _smooth_field(shape, 5.0, rng)  # grey / white matter pattern
-    wm = brain * (1.0 / (1.0 + np.exp(-3.0 * folds)))
-    gm = brain - wm
-    tc = (0.1 * ext[0], 0.12 * ext[1], 0.1 * ext[2])
-    edema = _soft_ellipsoid(g, tc, (28, 32, 26), 4.0) * brain
-    core = _soft_ellipsoid(g, tc, (15, 17, 14), 1.5)
-    necrosis = _soft_ellipsoid(g, tc, (8, 9, 8), 1.5)
-    enhancing = np.clip(core - necrosis, 0, 1)
-    edema = np.clip(edema - core, 0, 1)
-    csf = np.clip(vents + brain * 0.3 * (1.0 / (1.0 + np.exp(-4.0 * (folds - 1.8)))), 0, 1)
-    tissues = [wm, gm, csf, edema, enhancing, necrosis]
-    # Intensity of each tissue in (T1, T1c, T2, FLAIR): correlated across modalities.
-    table = np.array(
-        [
-            [0.90, 0.85, 0.45, 0.55],  # white matter
-            [0.65, 0.62, 0.65, 0.70],  # grey matter
-            [0.20, 0.22, 1.00, 0.15],  # CSF
-            [0.55, 0.55, 0.90, 0.95],  # edema
-            [0.60, 1.10, 0.75, 0.80],  # enhancing tumour
-            [0.30, 0.35, 0.95, 0.50],  # necrosis
-        ],
-        np.float32,
-    )
-    inside = brain > 0.5
-    mods = []
-    for m in range(4):
-        img = sum(t * table[i, m] for i, t in enumerate(tissues))
-        img = img * (1.0 + 0.05 * _smooth_field(shape, 8.0, rng))
-        img = img * np.exp(0.15 * _smooth_field(shape, 70.0, rng))
-        img = img + brain * rng.normal(0.0, 0.04, size=shape).astype(np.float32)
-        z = _zscore(img, inside)
-        z[brain < 0.02] = 0.0  # skull-stripped background is constant, as in BraTS
-        mods.append(z)
-    anatomy = [edema + enhancing + necrosis, enhancing + necrosis, necrosis, enhancing]
-    return np.stack(mods, -1), anatomy, spacing
-
-
-def make_reference(name: str, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """Every array a worker needs for one reference, channels-last with a batch axis of 1."""
-    maker = make_promise if name == "promise" else make_brats
-    image, anatomy, spacing = maker(shape)
-    rng = np.random.default_rng(7)
-    g = _grid_mm(shape, spacing)
-    pos = np.stack(np.broadcast_arrays(*g), -1).astype(np.float32)
-    pos -= pos.min(axis=(0, 1, 2))
-    bilateral = np.concatenate([pos / THETA_ALPHA_MM, image / THETA_BETA], -1)
-    labels = LABELS[name]
-    probs = {c: _label_probabilities(anatomy, c, shape, rng) for c in sorted({2, 5, labels})}
-    return {
-        "image": image,
-        "bilateral": np.ascontiguousarray(bilateral[None], dtype=np.float32),
-        "spatial": np.ascontiguousarray((pos / THETA_GAMMA_MM)[None], dtype=np.float32),
-        "probs2": probs[2][None],
-        "probs5": probs[5][None],
-        "spacing": np.asarray(spacing, np.float64),
-    }
+FULL_SHAPES = LATTICE_BENCH_FULL_SHAPES
+QUICK_SHAPES = LATTICE_BENCH_QUICK_SHAPES
+LABELS = LATTICE_BENCH_LABELS
 
 
 # ---------------------------------------------------------------------------------------------
 # workers (each in a fresh process)
 # ---------------------------------------------------------------------------------------------
-
-
-def _status_mib(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024.0
-    raise KeyError(field)
-
-
-def _reset_peak() -> float:
-    """Resets the peak-RSS mark (Linux clear_refs 5) and returns the current RSS in MiB.
-
-    ru_maxrss would not do: Linux carries the parent's resident size over fork and exec, and
-    it cannot be reset; VmHWM belongs to this process's memory map and can.
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    return _status_mib("VmRSS")
-
-
-def _rss_mib() -> float:
-    """Peak resident set size since the last _reset_peak (or the start), MiB."""
-    try:
-        return _status_mib("VmHWM")
-    except (OSError, KeyError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _load(folder: Path) -> dict[str, np.ndarray]:
@@ -296,7 +128,7 @@ def worker_ours(folder: Path, threads: int, repeats: int, labels: int) -> dict:
     crf_vals = vals[labels]
     del data
     n = int(np.prod(feats.shape[1:-1]))
-    base = _reset_peak()
+    base = reset_peak()
 
     # Peak memory of one lattice and one C = 5 filter call, before anything else runs.
     t0 = time.perf_counter()
@@ -304,7 +136,7 @@ def worker_ours(folder: Path, threads: int, repeats: int, labels: int) -> dict:
     points = int(lat.num_points.numpy())
     first_build = time.perf_counter() - t0
     lat.filter(vals[5]).numpy()
-    peak_one = _rss_mib()
+    peak_one = peak_mib()
     lattice_bytes = _lattice_bytes(lat)
     out = {
         "threads": threads,
@@ -349,56 +181,36 @@ def worker_ours(folder: Path, threads: int, repeats: int, labels: int) -> dict:
     ls = Lattice(spatial)
     out["spatial_points"] = int(ls.num_points.numpy())
     out["spatial_filter_s"], _ = _timed(lambda: ls.filter(crf_vals).numpy(), 3)
-    out["rss_peak_end_mib"] = _rss_mib()
+    out["rss_peak_end_mib"] = peak_mib()
     return out
 
 
 def worker_dcrf(folder: Path, repeats: int, labels: int) -> dict:
     """pydensecrf2: setup (unary + bilateral + spatial kernel) and inference(5), peak memory."""
-    import pydensecrf.densecrf as dcrf
-
     data = _load(folder)
     probs = data[f"probs{labels}"][0]
     n = int(np.prod(probs.shape[:-1]))
-    unary = np.ascontiguousarray(-np.log(np.maximum(probs.reshape(n, labels).T, 1e-8)))
-    fb = np.ascontiguousarray(data["bilateral"].reshape(n, -1).T)
-    fs = np.ascontiguousarray(data["spatial"].reshape(n, -1).T)
+    unary = unary_from_probabilities(probs, clip=1e-8)
+    kernels = [
+        ("bilateral", features_of(data["bilateral"][0]), W_BILATERAL),
+        ("spatial", features_of(data["spatial"][0]), W_SPATIAL),
+    ]
     del data, probs
-    base = _reset_peak()
+    base = reset_peak()
     runs = []
     for r in range(repeats):
-        t0 = time.perf_counter()
-        crf = dcrf.DenseCRF(n, labels)
-        crf.setUnaryEnergy(unary)
-        t1 = time.perf_counter()
-        crf.addPairwiseEnergy(
-            fb,
-            compat=W_BILATERAL,
-            kernel=dcrf.DIAG_KERNEL,
-            normalization=dcrf.NORMALIZE_SYMMETRIC,
-        )
-        t2 = time.perf_counter()
-        crf.addPairwiseEnergy(
-            fs,
-            compat=W_SPATIAL,
-            kernel=dcrf.DIAG_KERNEL,
-            normalization=dcrf.NORMALIZE_SYMMETRIC,
-        )
-        t3 = time.perf_counter()
-        q = crf.inference(5)
-        t4 = time.perf_counter()
+        q, times = run_densecrf(unary, kernels, 5)
         if r == 0:
-            peak = _rss_mib()
-            q = np.asarray(q)
+            peak = peak_mib()
             check = bool(np.allclose(q.sum(0), 1.0, atol=1e-3))
-        del crf, q
+        del q
         runs.append(
             {
-                "setup_s": t3 - t0,
-                "setup_bilateral_s": t2 - t1,
-                "setup_spatial_s": t3 - t2,
-                "inference5_s": t4 - t3,
-                "total_s": t4 - t0,
+                "setup_s": times["setup_s"],
+                "setup_bilateral_s": times["setup_bilateral_s"],
+                "setup_spatial_s": times["setup_spatial_s"],
+                "inference5_s": times["inference_s"],
+                "total_s": times["total_s"],
             }
         )
     best = min(runs, key=lambda x: x["total_s"])
@@ -602,140 +414,6 @@ def call_worker(*args: str) -> dict:
     return res
 
 
-# ---------------------------------------------------------------------------------------------
-# report
-# ---------------------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "cores": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-        info["memory_gib"] = round(int(mem) / 2**20, 1)
-    except OSError:
-        pass
-    info["load_avg_at_start"] = os.getloadavg()
-    for dist in ("tensorflow-cpu", "tensorflow", "pydensecrf2"):
-        try:
-            info[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return info
-
-
-def _f(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def markdown(results: dict) -> str:
-    lines = []
-    refs = results["references"]
-    t = results["threads"]
-    lines.append(
-        f"#### Per reference (our op with {t} intra-op threads unless stated; "
-        "pydensecrf2 is single-threaded)\n"
-    )
-    head = (
-        "| reference | shape | F | voxels | lattice points (per voxel) | lattice MiB | build s "
-        "| filter C=2 s | filter C=5 s | peak RSS increase MiB | max err | RMS err |"
-    )
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, r in refs.items():
-        o = r.get("ours", {})
-        e = r.get("error", {})
-        lines.append(
-            f"| {name} | {' x '.join(map(str, r['shape']))} | {o.get('features', '-')} "
-            f"| {r['voxels']:,} | {o.get('lattice_points', 0):,} "
-            f"({_f(o.get('points_per_voxel'), '.2f')}) | {_f(o.get('lattice_mib'), '.0f')} "
-            f"| {_f(o.get('build_s'), '.2f')} | {_f(o.get('filter_c2_s'), '.2f')} "
-            f"| {_f(o.get('filter_c5_s'), '.2f')} | {_f(o.get('rss_increase_mib'), '.0f')} "
-            f"| {_f(e.get('max_error'), '.2e')} | {_f(e.get('rms_error'), '.2e')} |"
-        )
-    lines.append("")
-    lines.append("#### CRF-shaped comparison with pydensecrf2\n")
-    head = (
-        "| reference | labels | ours: build + 10 filters s | pydensecrf2: setup s | "
-        "inference(5) s | total s | peak RSS increase MiB (ours / theirs) | ratio ours/theirs "
-        "| goal <= 0.5 | ours, both kernels s | ratio, both kernels |"
-    )
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, r in refs.items():
-        o, d = r.get("ours"), r.get("dcrf")
-        if not o or not d:
-            continue
-        ratio = o["crf_s"] / d["total_s"]
-        ratio_both = o["crf_both_s"] / d["total_s"]
-        lines.append(
-            f"| {name} | {r['labels']} | {o['crf_s']:.2f} | {d['setup_s']:.2f} "
-            f"| {d['inference5_s']:.2f} | {d['total_s']:.2f} "
-            f"| {o['rss_increase_mib']:.0f} / {d['rss_increase_mib']:.0f} | **{ratio:.2f}** "
-            f"| {'met' if ratio <= 0.5 else 'NOT met'} | {o['crf_both_s']:.2f} "
-            f"| {ratio_both:.2f} |"
-        )
-    lines.append("")
-    if any("threads_1" in r for r in refs.values()):
-        lines.append("#### Threads (our op)\n")
-        head = (
-            "| reference | threads | build s | filter C=2 s | filter C=5 s | build + 10 filters s "
-            "| ratio to pydensecrf2 | speed-up 1 -> 2 (build + 10 filters) |"
-        )
-        lines += [head, "|" + "---|" * (head.count("|") - 1)]
-        for name, r in refs.items():
-            one = r.get("threads_1")
-            two = r.get("ours")
-            d = r.get("dcrf")
-            for label, o in (("1", one), (str(t), two)):
-                if not o:
-                    continue
-                ratio = f"{o['crf_s'] / d['total_s']:.2f}" if d else "-"
-                speed = f"{one['crf_s'] / two['crf_s']:.2f}x" if (one and two and o is two) else ""
-                lines.append(
-                    f"| {name} | {label} | {o['build_s']:.2f} | {o['filter_c2_s']:.3f} "
-                    f"| {o['filter_c5_s']:.3f} | {o['crf_s']:.2f} | {ratio} | {speed} |"
-                )
-        lines.append("")
-    tfops = {name: r["tfops"] for name, r in refs.items() if "tfops" in r}
-    if tfops:
-        lines.append(
-            "#### Filter kernel: our C++ kernel against the same filter in TensorFlow ops "
-            "(gather, segment_sum) on the same lattice tensors\n"
-        )
-        head = (
-            "| reference | C | threads | C++ kernel s | TF ops s | TF ops / kernel "
-            "| max relative difference |"
-        )
-        lines += [head, "|" + "---|" * (head.count("|") - 1)]
-        for name, r in tfops.items():
-            lines.append(
-                f"| {name} | {r['channels']} | {r['threads']} | {r['kernel_filter_s']:.3f} "
-                f"| {r['tf_ops_filter_s']:.3f} | {r['tf_ops_over_kernel']:.1f}x "
-                f"| {r['max_relative_difference']:.1e} |"
-            )
-        lines.append("")
-    sc = results.get("scaling")
-    if sc:
-        lines.append(
-            f"#### Size scaling (crops of the promise reference, {sc['threads']} threads, C = 2)\n"
-        )
-        head = (
-            "| crop (z x y x x) | voxels | lattice points | build s | filter s "
-            "| build ns/voxel | filter ns/voxel |"
-        )
-        lines += [head, "|" + "---|" * (head.count("|") - 1)]
-        for s in sc["sizes"]:
-            lines.append(
-                f"| {' x '.join(map(str, s['shape']))} | {s['voxels']:,} "
-                f"| {s['lattice_points']:,} | {s['build_s']:.3f} | {s['filter_c2_s']:.3f} "
-                f"| {s['build_ns_per_voxel']:.0f} | {s['filter_ns_per_voxel']:.0f} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         run_worker(sys.argv[2:])
@@ -784,7 +462,7 @@ def main() -> None:
     try:
         for name in refs:
             t0 = time.perf_counter()
-            arrays = make_reference(name, shapes[name])
+            arrays = lattice_bench_reference(name, shapes[name])
             folder = tmp / name
             folder.mkdir()
             for key, arr in arrays.items():
@@ -851,7 +529,7 @@ def main() -> None:
 
 def dump_reference(name: str, shape: tuple[int, int, int], folder: Path) -> None:
     """Writes meta.txt, features.f32 (bilateral) and values.f32 (label probabilities)."""
-    arrays = make_reference(name, shape)
+    arrays = lattice_bench_reference(name, shape)
     feats = arrays["bilateral"]
     vals = arrays[f"probs{LABELS[name]}"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -874,4 +552,9 @@ def _short(res: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as err:  # a worker failed: its stderr tail, on one line
+        from crf_rnn_3d.experiments.cli import fail
+
+        fail(f"bench_lattice: {err}")

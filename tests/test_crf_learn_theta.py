@@ -281,19 +281,15 @@ def test_training_lowers_loss_and_moves_theta_toward_a_better_value() -> None:
 
 
 def _sanity_theta():
-    import importlib.util
-    from pathlib import Path
+    from crf_rnn_3d.experiments import sanity
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "sanity_theta.py"
-    spec = importlib.util.spec_from_file_location("sanity_theta", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sanity
 
 
 def test_sanity_theta_settings_hand_checked() -> None:
-    """scripts/sanity_theta.py: widths scaled as documented, 2D pixel settings divided by the
-    extra downsampling, theta_beta summarised by its geometric mean."""
+    """The sanity experiment's theta search (src/experiments/sanity.py): widths scaled as
+    documented, 2D pixel settings divided by the extra downsampling, theta_beta summarised by its
+    geometric mean."""
     from omegaconf import OmegaConf
 
     st = _sanity_theta()
@@ -331,12 +327,12 @@ def test_sanity_theta_runs_end_to_end(tmp_path) -> None:
     from omegaconf import OmegaConf
 
     st = _sanity_theta()
-    cfg = OmegaConf.load(st.ROOT / "configs" / "crf" / "sanity_3d.yaml")
+    cfg = OmegaConf.load(st.config_file(3))
     cfg.train.steps = 3
     cfg.theta_search.learn_steps = 3
     cfg.theta_search.scales = [1.0]
     cfg.theta_search.alpha_beta_scales = {"alpha": [1.0], "beta": [1.0]}
-    metrics = st.run(3, cfg, str(tmp_path), log=lambda *_: None)
+    metrics = st.run_theta(3, cfg, str(tmp_path), log=lambda *_: None)
     trace = metrics["learnt"]["theta_trace"]
     assert len(trace) == 4
     assert trace[0]["theta_alpha"] == pytest.approx(4 * cfg.crf.theta_alpha, rel=1e-6)

@@ -1,8 +1,8 @@
-"""scripts/crf_postprocess.py on small NIfTI and MetaImage files that the tests write."""
+"""crf3d-postprocess (crf_rnn_3d.experiments.postprocess) on small NIfTI and MetaImage files that
+the tests write."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,13 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from crf_rnn_3d.crf.dense_crf import dense_crf
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location(
-    "crf_postprocess", ROOT / "scripts/crf_postprocess.py"
-)
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
+from crf_rnn_3d.experiments import postprocess as cli
 
 SPACING_XYZ = (0.8, 1.1, 2.5)
 ORIGIN_XYZ = (-12.0, 30.5, 7.25)
@@ -122,10 +116,11 @@ def test_writes_refined_labels_with_input_geometry(tmp_path, ext, layout) -> Non
     assert leftovers == []
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
+def _run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts/crf_postprocess.py"), *args],
+        [sys.executable, "-m", "crf_rnn_3d.experiments.postprocess", *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         env=env,
@@ -137,31 +132,46 @@ def test_cli_end_to_end_and_bad_file_exit_code(tmp_path) -> None:
     paths, _, _ = make_case(tmp_path, ".nii.gz", "fourd", classes=2)
     out = tmp_path / "labels.nii.gz"
     ok = _run_cli(
-        "--image",
-        paths["t1"],
-        "--probabilities",
-        paths["probs"],
-        "--output",
-        str(out),
-        "--set",
-        "num_iterations=2",
+        f"image={paths['t1']}",
+        f"probabilities={paths['probs']}",
+        f"output={out}",
+        "crf.num_iterations=2",
     )
     assert ok.returncode == 0, ok.stderr
     assert out.is_file() and "wrote labels" in ok.stdout
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a nifti file at all")
     bad = _run_cli(
-        "--image",
-        str(broken),
-        "--probabilities",
-        paths["probs"],
-        "--output",
-        str(tmp_path / "never.nii.gz"),
+        f"image={broken}",
+        f"probabilities={paths['probs']}",
+        f"output={tmp_path / 'never.nii.gz'}",
     )
     assert bad.returncode == 2
     assert f"image {broken}: could not be read" in bad.stderr
     assert "Traceback" not in bad.stderr
     assert not (tmp_path / "never.nii.gz").exists()
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_settings_errors_are_one_line(tmp_path) -> None:
+    """A list of images, an unknown CRF setting, a missing input and a bad channel_axis: exit
+    status 2 and one line naming the setting or file."""
+    paths, _, _ = make_case(tmp_path, ".mha", "vector", classes=2)
+    out = tmp_path / "labels.mha"
+    common = [f"probabilities={paths['probs']}", f"output={out}"]
+    unknown = _run_cli(f"image=[{paths['t1']},{paths['t2']}]", *common, "+crf.theta=3")
+    assert unknown.returncode == 2
+    assert "unknown settings ['theta']" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    missing = _run_cli(f"output={out}", f"probabilities={paths['probs']}")
+    assert missing.returncode == 2 and "setting image: missing" in missing.stderr
+    axis = _run_cli(f"image={paths['t1']}", *common, "channel_axis=middle", cwd=tmp_path)
+    assert axis.returncode == 2 and "setting channel_axis" in axis.stderr
+    assert not out.exists()
+    # a command-line tool: no Hydra run folder, log or .hydra/ in the working directory
+    assert not any(
+        p.name in ("outputs", ".hydra") or p.suffix == ".log" for p in tmp_path.iterdir()
+    )
 
 
 def test_bad_files_are_named(tmp_path) -> None:
@@ -195,7 +205,7 @@ def test_bad_files_are_named(tmp_path) -> None:
         cli.run([flat], paths["probs"], out, **quiet)
     assert not os.path.exists(out)
     with pytest.raises(cli.PostprocessError, match="unknown settings \\['theta'\\]"):
-        cli.load_settings(cli.DEFAULT_CONFIG, ["theta=3"])
+        cli.load_settings(cli.default_config_file(), ["theta=3"])
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch) -> None:

@@ -406,3 +406,261 @@ def write_nifti(
     image.header.set_zooms(spacing_xyz)
     with atomic_output(path) as tmp:
         nib.save(image, str(tmp))
+
+
+# ---------------------------------------------------------------------------------------------
+# Images of any dimension and probability maps of other tools (crf3d-postprocess). Arrays come
+# out in SimpleITK's order: the file's (x, y, z) axes reversed, [z, y, x], with a trailing
+# component / class axis where there is one.
+# ---------------------------------------------------------------------------------------------
+
+NNUNET_PROBABILITIES_KEY = "probabilities"
+CHANNEL_AXES = ("first", "last")
+
+
+class InputFileError(DataError):
+    """An input or output file (or a setting) that cannot be used. The message is one line,
+    ``<role> <path>: <what is wrong>``, e.g. ``probability map p.nii.gz: no such file``."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        ValueError.__init__(self, message)
+        self.path, self.expected, self.found = str(path), "", message
+
+
+def read_image(path: str | os.PathLike, role: str) -> sitk.Image:
+    """Reads ``path`` with SimpleITK (any dimension, any number of components).
+
+    Raises InputFileError ``<role> <path>: no such file`` / ``could not be read (...)``.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise InputFileError(f"{role} {path}: no such file", path)
+    try:
+        return sitk.ReadImage(path)
+    except Exception as err:  # SimpleITK raises RuntimeError with a long ITK trace
+        raise InputFileError(
+            f"{role} {path}: could not be read ({_first_line(err)})", path
+        ) from err
+
+
+def image_array(image: sitk.Image) -> np.ndarray:
+    """The voxels as [*spatial reversed (z, y, x)], plus a component axis for multi-component
+    images (SimpleITK's array order)."""
+    return sitk.GetArrayFromImage(image)
+
+
+def image_spacing_zyx(image: sitk.Image) -> tuple[float, ...]:
+    """The voxel size in mm in array axis order (the reverse of SimpleITK's x, y, z)."""
+    return tuple(float(s) for s in reversed(image.GetSpacing()))
+
+
+def image_shape_zyx(image: sitk.Image) -> tuple[int, ...]:
+    """The voxel grid in array axis order, [z, y, x] (components left out)."""
+    return tuple(int(s) for s in reversed(image.GetSize()))
+
+
+def check_same_grid(
+    ref: sitk.Image, ref_path: str, other: sitk.Image, path: str, role: str
+) -> None:
+    """Same size and (to 1e-4) spacing, origin and direction as the reference image; ``other``
+    may have more dimensions (a 4D probability map), whose first ones are compared.
+
+    Raises InputFileError naming ``path``, what differs and the reference's value."""
+    ndim = ref.GetDimension()
+    size, ref_size = other.GetSize()[:ndim], ref.GetSize()
+    if size != ref_size:
+        raise InputFileError(
+            f"{role} {path}: voxel grid {size} (x, y, z) differs from the image {ref_path}: "
+            f"{ref_size}",
+            path,
+        )
+    for name in ("Spacing", "Origin"):
+        a = np.array(getattr(other, f"Get{name}")()[:ndim])
+        b = np.array(getattr(ref, f"Get{name}")())
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-4):
+            raise InputFileError(
+                f"{role} {path}: {name.lower()} {tuple(a)} differs from the image {ref_path}: "
+                f"{tuple(b)}",
+                path,
+            )
+    full = np.array(other.GetDirection()).reshape(other.GetDimension(), -1)[:ndim, :ndim]
+    if not np.allclose(full, np.array(ref.GetDirection()).reshape(ndim, ndim), atol=1e-4):
+        raise InputFileError(f"{role} {path}: direction differs from the image {ref_path}", path)
+
+
+def read_nnunet_probabilities(
+    path: str | os.PathLike, ref: sitk.Image, ref_path: str
+) -> np.ndarray:
+    """nnU-Net v2's ``--save_probabilities`` output: an ``.npz`` whose ``probabilities`` array is
+    [C, *spatial] with the spatial axes in the order nnU-Net read the image in (SimpleITK's:
+    [z, y, x]). The geometry is the reference image's (the ``.pkl`` beside the file is never
+    unpickled: ``allow_pickle=False``).
+
+    Returns [*spatial, C] (z, y, x order), dtype as stored. Raises InputFileError naming the
+    file when it is missing or unreadable, has no ``probabilities`` array, or its spatial shape
+    differs from the image's (a channel-last or transposed layout shows up as that).
+    """
+    path = str(path)
+    role = "probability map"
+    if not os.path.isfile(path):
+        raise InputFileError(f"{role} {path}: no such file", path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if NNUNET_PROBABILITIES_KEY not in archive.files:
+                raise InputFileError(
+                    f"{role} {path}: no '{NNUNET_PROBABILITIES_KEY}' array (nnU-Net v2's "
+                    f"--save_probabilities output); found {sorted(archive.files)}",
+                    path,
+                )
+            probs = archive[NNUNET_PROBABILITIES_KEY]
+    except InputFileError:
+        raise
+    except Exception as err:  # zipfile.BadZipFile, ValueError (object arrays), EOFError, ...
+        raise InputFileError(
+            f"{role} {path}: could not be read ({_first_line(err)})", path
+        ) from err
+    spatial = image_shape_zyx(ref)
+    if probs.ndim != len(spatial) + 1 or tuple(probs.shape[1:]) != spatial:
+        raise InputFileError(
+            f"{role} {path}: '{NNUNET_PROBABILITIES_KEY}' has shape {tuple(probs.shape)}; "
+            f"expected [classes, *spatial] with spatial {spatial} (z, y, x) of the image "
+            f"{ref_path} (nnU-Net's layout with SimpleITK's axis order)",
+            path,
+        )
+    return np.moveaxis(probs, 0, -1)
+
+
+def _nifti_channel_axis(
+    shape: tuple[int, ...], spatial_xyz: tuple[int, ...], channel_axis: str | None, path: str
+) -> str:
+    """Which end of a 4-D NIfTI's shape (file order) holds the classes: "first" or "last"."""
+    readings = {"first": tuple(shape[1:]) == spatial_xyz, "last": tuple(shape[:3]) == spatial_xyz}
+    role = "probability map"
+    if channel_axis is not None:
+        if channel_axis not in CHANNEL_AXES:
+            raise InputFileError(
+                f"setting channel_axis: expected one of {CHANNEL_AXES} or null, found "
+                f"{channel_axis!r}"
+            )
+        if not readings[channel_axis]:
+            raise InputFileError(
+                f"{role} {path}: shape {shape} (file order) with channel_axis={channel_axis} "
+                f"does not hold the image's grid {spatial_xyz} (x, y, z)",
+                path,
+            )
+        return channel_axis
+    if readings["first"] and readings["last"]:
+        raise InputFileError(
+            f"{role} {path}: shape {shape} (file order) reads as classes first or last against "
+            f"the image's grid {spatial_xyz} (x, y, z); pass channel_axis=first or "
+            "channel_axis=last",
+            path,
+        )
+    if not (readings["first"] or readings["last"]):
+        raise InputFileError(
+            f"{role} {path}: shape {shape} (file order) has neither its first three nor its "
+            f"last three axes equal to the image's grid {spatial_xyz} (x, y, z)",
+            path,
+        )
+    return "first" if readings["first"] else "last"
+
+
+def read_nifti_probabilities(
+    path: str | os.PathLike, ref: sitk.Image, ref_path: str, channel_axis: str | None = None
+) -> np.ndarray:
+    """A 4-D NIfTI probability map (MONAI style) on a 3D image's grid, classes along the file's
+    last axis ([x, y, z, C], what MONAI's SaveImage writes) or its first ([C, x, y, z]).
+
+    The class axis is found by comparing the file's shape with the image's grid; when both
+    readings fit (e.g. as many classes as voxels along x and z) ``channel_axis`` ("first" or
+    "last") must say which, otherwise InputFileError asks for it. The file's affine must place
+    the grid where the image is (spacing, origin, direction to 1e-4). Returns [z, y, x, C].
+    """
+    path = str(path)
+    role = "probability map"
+    if not os.path.isfile(path):
+        raise InputFileError(f"{role} {path}: no such file", path)
+    try:
+        image = nib.load(path)
+        shape = tuple(int(n) for n in image.shape)
+    except Exception as err:
+        raise InputFileError(
+            f"{role} {path}: could not be read ({_first_line(err)})", path
+        ) from err
+    spatial_xyz = tuple(int(s) for s in ref.GetSize())
+    if len(shape) != 4 or len(spatial_xyz) != 3:
+        raise InputFileError(
+            f"{role} {path}: expected a 4-D NIfTI on the 3D image {ref_path}; found shape "
+            f"{shape} against an image of size {spatial_xyz}",
+            path,
+        )
+    axis = _nifti_channel_axis(shape, spatial_xyz, channel_axis, path)
+    # The affine against the image's geometry, in ITK's LPS frame (as nifti_to_volume does).
+    affine = np.asarray(image.affine, dtype=float)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    columns = ras_to_lps @ affine[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    direction = columns / np.where(spacing > 0, spacing, 1.0)
+    origin = ras_to_lps @ affine[:3, 3]
+    for name, found, want in (
+        ("spacing", spacing, np.array(ref.GetSpacing())),
+        ("origin", origin, np.array(ref.GetOrigin())),
+        ("direction", direction.ravel(), np.array(ref.GetDirection())),
+    ):
+        if not np.allclose(found, want, rtol=1e-4, atol=1e-4):
+            raise InputFileError(
+                f"{role} {path}: {name} {tuple(np.round(found, 6))} differs from the image "
+                f"{ref_path}: {tuple(np.round(want, 6))}",
+                path,
+            )
+    try:
+        data = np.asarray(image.dataobj)
+    except Exception as err:
+        raise InputFileError(
+            f"{role} {path}: could not be read ({_first_line(err)})", path
+        ) from err
+    if axis == "first":
+        data = np.moveaxis(data, 0, -1)  # [x, y, z, C]
+    return np.ascontiguousarray(data.transpose(2, 1, 0, 3))  # [z, y, x, C]
+
+
+def write_image_like(
+    array: np.ndarray,
+    ref: sitk.Image,
+    path: str | os.PathLike,
+    is_vector: bool = False,
+    role: str = "output",
+) -> None:
+    """Writes ``array`` ([z, y, x] or [z, y, x, C] with ``is_vector``) with the reference image's
+    spacing, origin and direction, so that ``path`` only ever appears whole: through
+    :func:`atomic_output` for one-file formats; for ``.mhd`` (header + data file) through a
+    temporary folder beside it, data file first and the header last.
+
+    Raises InputFileError ``output <path>: ...`` if the folder is missing or the write fails.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise InputFileError(f"{role} {path}: folder {target.parent} does not exist", str(path))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=is_vector)
+    image.CopyInformation(ref)
+
+    def write(name: Path) -> None:
+        try:
+            sitk.WriteImage(image, str(name))
+        except Exception as err:
+            raise InputFileError(
+                f"{role} {path}: could not be written ({_first_line(err)})", str(path)
+            ) from err
+
+    if target.suffix.lower() != ".mhd":
+        with atomic_output(target) as tmp:
+            write(tmp)
+        return
+    tmp_dir = target.parent / f".tmp-{os.getpid()}-{target.name}.d"
+    try:
+        tmp_dir.mkdir()
+        write(tmp_dir / target.name)
+        for item in sorted(tmp_dir.iterdir(), key=lambda p: p.name == target.name):
+            os.replace(item, target.parent / item.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -26,6 +26,7 @@ only when it is missing or differs, so re-running leaves the files (and the cach
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -429,3 +430,252 @@ def grid_values(
     else:
         vals = rng.uniform(-1.0, 1.0, size=(*spatial, channels))
     return vals.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark phantoms (scripts/bench_lattice.py, scripts/bench_crf.py). Deterministic for a
+# given seed: changing them changes the benchmark inputs quoted in docs/benchmarks.md.
+# ---------------------------------------------------------------------------------------------
+
+# The lattice benchmark's references (docs/benchmarks.md): shapes (z, y, x), spacing in mm,
+# number of labels, and the kernel widths its features are scaled by (intensities z-scored,
+# so theta_beta is in standard deviations; positions in mm).
+LATTICE_BENCH_FULL_SHAPES = {"promise": (63, 200, 200), "brats": (155, 240, 240)}
+LATTICE_BENCH_QUICK_SHAPES = {"promise": (24, 80, 80), "brats": (40, 64, 64)}
+LATTICE_BENCH_SPACING = {"promise": (2.0, 1.0, 1.0), "brats": (1.0, 1.0, 1.0)}
+LATTICE_BENCH_LABELS = {"promise": 2, "brats": 5}
+LATTICE_BENCH_THETA = {"alpha_mm": 5.0, "beta_zscore": 0.5, "gamma_mm": 3.0}
+
+
+def _config_file(*parts: str) -> str:
+    """A file of the shipped configs (the package crf_rnn_3d.configs)."""
+    import importlib.resources
+
+    from crf_rnn_3d import CONFIG_MODULE
+
+    return str(importlib.resources.files(CONFIG_MODULE).joinpath(*parts))
+
+
+def _bench_grid_mm(shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[np.ndarray]:
+    """Broadcastable (z, y, x) coordinate arrays in mm, float32, centred on the volume."""
+    axes = []
+    for a, (n, s) in enumerate(zip(shape, spacing, strict=True)):
+        c = (np.arange(n, dtype=np.float32) - (n - 1) / 2) * s
+        view = [1, 1, 1]
+        view[a] = n
+        axes.append(c.reshape(view))
+    return axes
+
+
+def _bench_soft_ellipsoid(
+    grid: list[np.ndarray], centre_mm, radii_mm, edge_mm: float = 2.0
+) -> np.ndarray:
+    """1 inside, 0 outside, a logistic border about edge_mm wide; float32."""
+    r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre_mm, radii_mm, strict=True))
+    dist = (np.sqrt(r2) - 1.0) * float(min(radii_mm))  # approximate distance in mm
+    return (1.0 / (1.0 + np.exp(np.clip(dist / edge_mm, -30, 30)))).astype(np.float32)
+
+
+def _bench_smooth_field(
+    shape: tuple[int, ...], scale_vox: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Zero-mean, unit-variance random field, smooth over about scale_vox voxels (float32).
+
+    Made at low resolution and interpolated up, so it costs about one pass over the volume.
+    """
+    low = tuple(max(4, math.ceil(n / scale_vox) + 3) for n in shape)
+    field = ndimage.gaussian_filter(rng.standard_normal(low), sigma=1.0, mode="wrap")
+    zoom = [n / m for n, m in zip(shape, low, strict=True)]
+    up = ndimage.zoom(field.astype(np.float32), zoom, order=1, grid_mode=True, mode="grid-wrap")
+    up = up[tuple(slice(0, n) for n in shape)]
+    up -= up.mean()
+    up /= up.std() + 1e-12
+    return up
+
+
+def _bench_zscore(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    ref = x if mask is None else x[mask]
+    return ((x - ref.mean()) / (ref.std() + 1e-12)).astype(np.float32)
+
+
+def _bench_label_probabilities(
+    anatomy: list[np.ndarray], labels: int, shape, rng: np.random.Generator
+) -> np.ndarray:
+    """Smooth label-probability-like values: softmax of anatomy-driven smooth logits, [*S, L]."""
+    logits = []
+    for k in range(labels):
+        base = 4.0 * anatomy[k % len(anatomy)] if k > 0 else np.zeros(shape, np.float32)
+        logits.append(base + 1.5 * _bench_smooth_field(shape, 12.0, rng))
+    z = np.stack(logits, -1)
+    z -= z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def lattice_bench_promise(shape: tuple[int, int, int], seed: int = 0):
+    """PROMISE12-like T2 volume [*S, 1] (z-scored), its anatomy masks, spacing (2, 1, 1) mm."""
+    rng = np.random.default_rng(seed)
+    spacing = LATTICE_BENCH_SPACING["promise"]
+    g = _bench_grid_mm(shape, spacing)
+    ext = [n * s for n, s in zip(shape, spacing, strict=True)]
+    body = _bench_soft_ellipsoid(g, (0, 0, 0), (ext[0] * 2, 0.42 * ext[1], 0.47 * ext[2]), 3.0)
+    prostate = _bench_soft_ellipsoid(g, (0, 8, 0), (0.22 * ext[0], 18, 22), 2.0)
+    zone = _bench_soft_ellipsoid(g, (0, 6, 0), (0.15 * ext[0], 9, 11), 2.0)  # central gland
+    bladder = _bench_soft_ellipsoid(g, (0.3 * ext[0], -22, 0), (0.3 * ext[0], 25, 30), 2.0)
+    rectum = _bench_soft_ellipsoid(g, (0, 36, 0), (0.5 * ext[0], 10, 12), 2.0)
+    bones = _bench_soft_ellipsoid(g, (0, 10, -60), (ext[0], 14, 14), 2.0) + _bench_soft_ellipsoid(
+        g, (0, 10, 60), (ext[0], 14, 14), 2.0
+    )
+    texture = _bench_smooth_field(shape, 6.0, rng)
+    img = 0.05 + body * (0.45 + 0.06 * texture)
+    img += prostate * (0.25 - 0.45 * zone * 0.5) + bladder * 0.9 - rectum * 0.3 - bones * 0.25
+    bias = np.exp(0.25 * _bench_smooth_field(shape, 60.0, rng)).astype(np.float32)
+    img = img * bias + rng.normal(0.0, 0.06, size=shape).astype(np.float32)
+    image = _bench_zscore(np.abs(img))[..., None]
+    return image, [prostate, bladder, rectum], spacing
+
+
+def lattice_bench_brats(shape: tuple[int, int, int], seed: int = 1):
+    """BraTS-like (T1, T1c, T2, FLAIR) volume [*S, 4], z-scored inside the brain, 1 mm."""
+    rng = np.random.default_rng(seed)
+    spacing = LATTICE_BENCH_SPACING["brats"]
+    g = _bench_grid_mm(shape, spacing)
+    ext = [n * s for n, s in zip(shape, spacing, strict=True)]
+    brain = _bench_soft_ellipsoid(g, (0, 0, 0), (0.42 * ext[0], 0.36 * ext[1], 0.29 * ext[2]), 1.5)
+    vents = _bench_soft_ellipsoid(g, (0.05 * ext[0], -0.02 * ext[1], 0), (12, 22, 8), 1.5)
+    folds = _bench_smooth_field(shape, 5.0, rng)  # grey / white matter pattern
+    wm = brain * (1.0 / (1.0 + np.exp(-3.0 * folds)))
+    gm = brain - wm
+    tc = (0.1 * ext[0], 0.12 * ext[1], 0.1 * ext[2])
+    edema = _bench_soft_ellipsoid(g, tc, (28, 32, 26), 4.0) * brain
+    core = _bench_soft_ellipsoid(g, tc, (15, 17, 14), 1.5)
+    necrosis = _bench_soft_ellipsoid(g, tc, (8, 9, 8), 1.5)
+    enhancing = np.clip(core - necrosis, 0, 1)
+    edema = np.clip(edema - core, 0, 1)
+    csf = np.clip(vents + brain * 0.3 * (1.0 / (1.0 + np.exp(-4.0 * (folds - 1.8)))), 0, 1)
+    tissues = [wm, gm, csf, edema, enhancing, necrosis]
+    # Intensity of each tissue in (T1, T1c, T2, FLAIR): correlated across modalities.
+    table = np.array(
+        [
+            [0.90, 0.85, 0.45, 0.55],  # white matter
+            [0.65, 0.62, 0.65, 0.70],  # grey matter
+            [0.20, 0.22, 1.00, 0.15],  # CSF
+            [0.55, 0.55, 0.90, 0.95],  # edema
+            [0.60, 1.10, 0.75, 0.80],  # enhancing tumour
+            [0.30, 0.35, 0.95, 0.50],  # necrosis
+        ],
+        np.float32,
+    )
+    inside = brain > 0.5
+    mods = []
+    for m in range(4):
+        img = sum(t * table[i, m] for i, t in enumerate(tissues))
+        img = img * (1.0 + 0.05 * _bench_smooth_field(shape, 8.0, rng))
+        img = img * np.exp(0.15 * _bench_smooth_field(shape, 70.0, rng))
+        img = img + brain * rng.normal(0.0, 0.04, size=shape).astype(np.float32)
+        z = _bench_zscore(img, inside)
+        z[brain < 0.02] = 0.0  # skull-stripped background is constant, as in BraTS
+        mods.append(z)
+    anatomy = [edema + enhancing + necrosis, enhancing + necrosis, necrosis, enhancing]
+    return np.stack(mods, -1), anatomy, spacing
+
+
+def lattice_bench_reference(
+    name: str,
+    shape: tuple[int, int, int],
+    theta_alpha_mm: float = LATTICE_BENCH_THETA["alpha_mm"],
+    theta_beta: float = LATTICE_BENCH_THETA["beta_zscore"],
+    theta_gamma_mm: float = LATTICE_BENCH_THETA["gamma_mm"],
+) -> dict[str, np.ndarray]:
+    """Every array a lattice-benchmark worker needs for one reference ("promise" or "brats"),
+    channels-last with a batch axis of 1: image [*S, M], bilateral features [1, *S, 3 + M]
+    (positions in mm / theta_alpha_mm, z-scored intensities / theta_beta), spatial features
+    [1, *S, 3] (mm / theta_gamma_mm), label probabilities probs2 / probs5 [1, *S, 2 or 5] and
+    the spacing (z, y, x) in mm."""
+    maker = lattice_bench_promise if name == "promise" else lattice_bench_brats
+    image, anatomy, spacing = maker(shape)
+    rng = np.random.default_rng(7)
+    g = _bench_grid_mm(shape, spacing)
+    pos = np.stack(np.broadcast_arrays(*g), -1).astype(np.float32)
+    pos -= pos.min(axis=(0, 1, 2))
+    bilateral = np.concatenate([pos / theta_alpha_mm, image / theta_beta], -1)
+    labels = LATTICE_BENCH_LABELS[name]
+    probs = {c: _bench_label_probabilities(anatomy, c, shape, rng) for c in sorted({2, 5, labels})}
+    return {
+        "image": image,
+        "bilateral": np.ascontiguousarray(bilateral[None], dtype=np.float32),
+        "spatial": np.ascontiguousarray((pos / theta_gamma_mm)[None], dtype=np.float32),
+        "probs2": probs[2][None],
+        "probs5": probs[5][None],
+        "spacing": np.asarray(spacing, np.float64),
+    }
+
+
+# The CRF benchmark's phantoms (scripts/bench_crf.py): the data sets' phantom generators above
+# at the benchmark's sizes, with a poor network's probabilities.
+
+
+def poor_network_probabilities(
+    labels: np.ndarray, spacing: tuple[float, ...], classes: int, rng: np.random.Generator
+) -> np.ndarray:
+    """What a poor network would give: one-hot labels blurred (sigma 2 mm), plus a smooth
+    random field (correlation ~4 mm) and voxel noise on the logits, softmaxed. float32
+    [*spatial, K]."""
+    sigma = [2.0 / s for s in spacing]
+    logits = np.empty((*labels.shape, classes), dtype=np.float32)
+    for k in range(classes):
+        onehot = (labels == k).astype(np.float32)
+        smooth_noise = ndimage.gaussian_filter(
+            rng.normal(size=labels.shape).astype(np.float32), [4.0 / s for s in spacing]
+        )
+        smooth_noise /= smooth_noise.std() + 1e-12
+        logits[..., k] = (
+            4.0 * ndimage.gaussian_filter(onehot, sigma)
+            + 0.8 * smooth_noise
+            + 1.2 * rng.normal(size=labels.shape)
+        )
+    logits -= logits.max(-1, keepdims=True)
+    probs = np.exp(logits)
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def crf_bench_promise_case(rng: np.random.Generator):
+    """A PROMISE12-like phantom (src/datasets/phantoms.py) at 2 x 1 x 1 mm: 63 x 200 x 200."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(_config_file("data", "synthetic_promise.yaml")))
+    phantom = dict(cfg["phantom"])
+    phantom.update(fov_xyz=[200.0, 200.0, 126.0], inplane_spacings=[1.0], slice_spacings=[2.0])
+    image, label, spacing = promise_phantom(rng, phantom)
+    image = image.astype(np.float32)[..., None]
+    return image, label.astype(np.int64), spacing, 2
+
+
+def crf_bench_brats_case(rng: np.random.Generator):
+    """A BraTS-2015-like phantom (MNI152 brain, 4 modalities, labels 0..4): 155 x 240 x 240."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(_config_file("data", "brats2015.yaml"))
+    cfg = OmegaConf.merge(
+        {"data": base}, {"data": OmegaConf.load(_config_file("data", "synthetic_brats.yaml"))}
+    )
+    phantom = OmegaConf.to_container(cfg.data.phantom, resolve=True)
+    spacing = (1.0, 1.0, 1.0)
+    shape = tuple(phantom["shape_xyz"][::-1])
+    tissues = mni152_tissues(int(phantom["template_resolution_mm"]), spacing, shape)
+    images, label = brats_phantom(rng, tissues, spacing, phantom)
+    image = np.stack([images[m].astype(np.float32) for m in phantom["modalities"]], axis=-1)
+    return image, label.astype(np.int64), spacing, 5
+
+
+def crf_bench_case(name: str, seed: int):
+    """One benchmark phantom ("promise" or "brats"): (image [*spatial, M] with each channel
+    scaled to unit standard deviation, so that one theta_beta suits all; labels; spacing;
+    number of classes; a poor network's probabilities [*spatial, K]), all float32."""
+    makers = {"promise": crf_bench_promise_case, "brats": crf_bench_brats_case}
+    rng = np.random.default_rng(seed)
+    image, labels, spacing, classes = makers[name](rng)
+    probs = poor_network_probabilities(labels, spacing, classes, rng).astype(np.float32)
+    std = image.reshape(-1, image.shape[-1]).std(0)
+    image = np.ascontiguousarray(image / np.where(std > 0, std, 1.0), dtype=np.float32)
+    return image, labels, spacing, classes, probs
