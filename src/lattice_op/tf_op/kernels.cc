@@ -61,9 +61,10 @@ class LatticeBuildOp : public OpKernel {
     // left of the budget bounds the number of lattice points.
     const int64_t budget = MemoryBudget();
     // Per entry: vertex_index, vertex_weight, splat_voxels and splat_weights. Per point: its
-    // key, two hash slots, blur neighbours, CSR offset and up to 16 counting-sort cursors.
+    // key, two hash slots, blur neighbours, CSR offset and up to kMaxSplatParts counting-sort
+    // cursors.
     const int64_t fixed = entries * 16 + shape.num_elements() * 4;
-    const int64_t per_point = d * 4 + 16 + d1 * 8 + 4 + 16 * 4;
+    const int64_t per_point = d * 4 + 16 + d1 * 8 + 4 + kMaxSplatParts * 4;
     OP_REQUIRES(ctx, fixed < budget,
                 errors::ResourceExhausted("features of shape ", ShapeText(shape), " need ",
                                           fixed, " bytes of lattice entries, more than the ",
