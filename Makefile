@@ -8,15 +8,20 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
+# Framework-free C++ (no TensorFlow include): the lattice core and the CRF's mean-field kernel.
 CSRC       := src/lattice_op/csrc
+CRF_CSRC   := src/crf/csrc
 BUILD      := build
 EXT_SUFFIX := $(shell $(PYTHON_SYS) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-# The op library, built by setup.py (pip's editable install) into the package folder.
-LIB        := src/lattice_op/_lattice_ops$(EXT_SUFFIX)
-CORE_SRC   := $(CSRC)/permutohedral.cc $(CSRC)/gaussian.cc $(CSRC)/mean_field.cc
-CORE_HDR   := $(wildcard $(CSRC)/*.h)
-TF_SRC     := $(CSRC)/tf_ops.cc $(CSRC)/tf_kernels.cc
-CORE_OBJ   := $(patsubst $(CSRC)/%.cc,$(BUILD)/%.o,$(CORE_SRC))
+# The op libraries, built by setup.py (pip's editable install) into the package folders.
+LIB        := src/lattice_op/_lattice_ops$(EXT_SUFFIX) src/crf/_crf_ops$(EXT_SUFFIX)
+LATTICE_SRC := $(CSRC)/permutohedral.cc $(CSRC)/gaussian.cc
+CORE_SRC   := $(LATTICE_SRC) $(CRF_CSRC)/mean_field.cc
+CORE_HDR   := $(wildcard $(CSRC)/*.h $(CRF_CSRC)/*.h)
+CORE_INC   := -I$(CSRC) -I$(CRF_CSRC)
+# The TensorFlow adapters: op registrations and kernels.
+TF_SRC     := $(wildcard src/lattice_op/tf_op/*.cc src/lattice_op/tf_op/*.h src/crf/tf_op/*.cc)
+CORE_OBJ   := $(patsubst $(CSRC)/%.cc,$(BUILD)/%.o,$(LATTICE_SRC))
 CXX        ?= g++
 OPT        ?= -O3
 # The framework-free core is held to -Wall -Wextra -Werror; TensorFlow's headers warn, so the
@@ -25,7 +30,7 @@ CORE_FLAGS := -std=c++17 $(OPT) -fPIC -Wall -Wextra -Werror -pthread
 
 PYTEST_ARGS ?=
 
-.PHONY: setup build lint test test-all bench-lattice bench-core study-feature-grad demo demo-lattice clean help
+.PHONY: setup build lint test test-core test-all bench-lattice bench-core study-feature-grad demo demo-lattice clean help
 .PHONY: reproduce-promise reproduce-brats smoke wheel-check
 .PHONY: data-promise data-brats data-synthetic
 .PHONY: bench-crf sanity-2d sanity-3d sanity-theta
@@ -48,10 +53,11 @@ $(BENCH_STAMP): requirements-bench.txt $(STAMP)
 
 build: $(LIB) ## compile the ops into the package (an editable install of crf-rnn-3d)
 
-# The editable install compiles the ops in place (setup.py) with the installed TensorFlow.
-$(LIB): $(CORE_SRC) $(CORE_HDR) $(TF_SRC) setup.py pyproject.toml $(STAMP)
+# The editable install compiles the ops in place (setup.py) with the installed TensorFlow; one
+# install builds both libraries (a grouped target).
+$(LIB) &: $(CORE_SRC) $(CORE_HDR) $(TF_SRC) setup.py pyproject.toml $(STAMP)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
-	@touch $@
+	@touch $(LIB)
 
 $(BUILD)/%.o: $(CSRC)/%.cc $(CORE_HDR)
 	@mkdir -p $(BUILD)
@@ -60,12 +66,20 @@ $(BUILD)/%.o: $(CSRC)/%.cc $(CORE_HDR)
 lint: $(STAMP) ## ruff (lint and format) and the C++ core with warnings as errors
 	$(PY) -m ruff check src scripts tests setup.py
 	$(PY) -m ruff format --check src scripts tests setup.py
-	$(CXX) $(CORE_FLAGS) -fsyntax-only $(CORE_SRC)
+	$(CXX) $(CORE_FLAGS) $(CORE_INC) -fsyntax-only $(CORE_SRC) tests/cpp/test_core.cc
 
-test: $(LIB) lint ## set up, build the ops, lint, run the fast tests
+# The framework-free core against references computed in the test itself, without TensorFlow.
+test-core: $(BUILD)/test_core ## the C++ core's own test (no TensorFlow)
+	$(BUILD)/test_core
+
+$(BUILD)/test_core: tests/cpp/test_core.cc $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CXX) $(CORE_FLAGS) $(CORE_INC) tests/cpp/test_core.cc $(CORE_SRC) -o $@
+
+test: $(LIB) lint test-core ## set up, build the ops, lint, run the C++ core test and the fast tests
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: $(LIB) lint ## the same, slow tests included
+test-all: $(LIB) lint test-core ## the same, slow tests included
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 # A wheel, installed into a fresh virtual environment outside the repository, runs CrfRnn,
@@ -113,7 +127,7 @@ study-feature-grad: $(LIB) ## the features' gradient routes against the exact on
 
 # Stage timings of the C++ core without TensorFlow (docs/lattice_op.md), 1 and 2 threads.
 bench-core: $(LIB) $(CORE_OBJ) scripts/bench_core.cc ## stage timings of the C++ lattice core alone
-	$(CXX) $(CORE_FLAGS) -I$(CSRC) scripts/bench_core.cc $(CORE_OBJ) -o $(BUILD)/bench_core
+	$(CXX) $(CORE_FLAGS) $(CORE_INC) scripts/bench_core.cc $(CORE_OBJ) -o $(BUILD)/bench_core
 	$(PY) scripts/bench_lattice.py --dump $(BUILD)/bench_data $(ARGS)
 	@for ref in $(BUILD)/bench_data/*/; do for t in 1 2; do $(BUILD)/bench_core $$ref $$t 3; done; done
 
@@ -132,4 +146,4 @@ sanity-theta: $(LIB) ## learn the kernel widths from 4x too wide, against grid s
 	$(PY) scripts/sanity_theta.py $(if $(ARGS),$(ARGS),--dim 3)
 
 clean: ## remove the build folder and the compiled ops
-	rm -rf $(BUILD) src/lattice_op/_lattice_ops*.so
+	rm -rf $(BUILD) src/lattice_op/_lattice_ops*.so src/crf/_crf_ops*.so

@@ -1,7 +1,8 @@
 """Build of the compiled TensorFlow ops (the rest of the metadata is in pyproject.toml).
 
-`pip install .` (or `pip wheel .`) compiles each op library below with the compiler flags that
-the installed TensorFlow reports through `tf.sysconfig`, and ships it inside the package:
+`pip install .` (or `pip wheel .`) compiles each op library below (the lattice ops; the CRF's
+fused mean-field op) with the compiler flags that the installed TensorFlow reports through
+`tf.sysconfig`, and ships it inside the package:
 - the framework-free C++ core (no TensorFlow include) with the core flags, held to
   `-Wall -Wextra` (`make lint` turns them into errors);
 - the TensorFlow adapter (op registrations and kernels) with TensorFlow's compile flags;
@@ -42,16 +43,21 @@ class OpLibrary(Extension):
 
 
 # One entry per compiled library: (module name, core sources, adapter sources, include dirs).
+# The lattice op knows nothing of the CRF; the CRF's fused mean-field op links the lattice core
+# as well, so that each library is self-contained (crf -> lattice_op is the allowed direction).
+LATTICE_CORE = ["src/lattice_op/csrc/permutohedral.cc", "src/lattice_op/csrc/gaussian.cc"]
 OP_LIBRARIES = [
     OpLibrary(
         f"{PACKAGE}.lattice_op._lattice_ops",
-        core=[
-            "src/lattice_op/csrc/permutohedral.cc",
-            "src/lattice_op/csrc/gaussian.cc",
-            "src/lattice_op/csrc/mean_field.cc",
-        ],
-        adapter=["src/lattice_op/csrc/tf_ops.cc", "src/lattice_op/csrc/tf_kernels.cc"],
-        include=["src/lattice_op/csrc"],
+        core=LATTICE_CORE,
+        adapter=["src/lattice_op/tf_op/ops.cc", "src/lattice_op/tf_op/kernels.cc"],
+        include=["src/lattice_op/csrc", "src/lattice_op/tf_op"],
+    ),
+    OpLibrary(
+        f"{PACKAGE}.crf._crf_ops",
+        core=[*LATTICE_CORE, "src/crf/csrc/mean_field.cc"],
+        adapter=["src/crf/tf_op/ops.cc", "src/crf/tf_op/kernels.cc"],
+        include=["src/lattice_op/csrc", "src/lattice_op/tf_op", "src/crf/csrc"],
     ),
 ]
 

@@ -137,7 +137,8 @@ def bench_profile(args: argparse.Namespace) -> None:
         print(f"  {'total':42s} {sum(times.values()):7.2f} s", flush=True)
     # dense_crf's path: features and lattice in TF, then every iteration in the fused kernel
     # (one run with 1 iteration and one with all of them split its fixed and per-iteration cost)
-    from crf_rnn_3d.lattice_op import Lattice, _library
+    from crf_rnn_3d.crf._ops import fused_mean_field
+    from crf_rnn_3d.lattice_op import Lattice
 
     taps = mf.spatial_taps(spacing, args.theta_gamma, unaries.shape)
     best: dict[str, float] = {}
@@ -151,14 +152,13 @@ def bench_profile(args: argparse.Namespace) -> None:
         _ = lattice.tensors.splat_weights.numpy()
         runs["bilateral lattice: build"], now = time.perf_counter() - now, time.perf_counter()
         for iterations in (1, args.iterations):
-            _library.load().crf3d_mean_field(
+            fused_mean_field(
                 unaries,
-                *lattice.tensors,
+                lattice.tensors,
                 tf.fill([classes], 5.0),
                 tf.fill([classes], 3.0),
                 1.0 - tf.eye(classes),
-                spatial_taps=[t for axis in taps for t in axis],
-                spatial_radii=[len(axis) // 2 for axis in taps],
+                taps,
                 num_iterations=iterations,
                 normalisation=norm,
             )[1].numpy()

@@ -1,6 +1,6 @@
-"""The fused inference kernel (mean_field_inference, the Crf3dMeanField op): against the float64
-brute-force mean field where the kernels are exact, against the composed TF mean field on the
-same lattice, and its errors."""
+"""The fused inference kernel (mean_field_inference, the Crf3dMeanField op of crf/_ops.py):
+against the float64 brute-force mean field where the kernels are exact, against the composed TF
+mean field on the same lattice, and its errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import tensorflow as tf
 from crf_reference import mean_field_reference
 
 import crf_rnn_3d.crf.functional as mf
-from crf_rnn_3d.lattice_op import Lattice, _library
+from crf_rnn_3d.crf import _ops
+from crf_rnn_3d.lattice_op import Lattice
 
 
 def settings(classes: int, rng: np.random.Generator, **overrides):
@@ -112,7 +113,12 @@ def _op(unaries, lattice, w1, w2, mu, **attrs):
         spatial_taps=[1.0, 1.0], spatial_radii=[0, 0], num_iterations=2, normalisation="mean"
     )
     defaults.update(attrs)
-    return _library.load().crf3d_mean_field(unaries, *lattice.tensors, w1, w2, mu, **defaults)
+    # the raw op (not fused_mean_field), so that taps and radii can disagree
+    taps = tf.constant(defaults.pop("spatial_taps"), tf.float32)
+    radii = tf.constant(defaults.pop("spatial_radii"), tf.int32)
+    return _ops.load().crf3d_mean_field(
+        unaries, *lattice.tensors, w1, w2, mu, taps, radii, **defaults
+    )
 
 
 def test_bad_inputs() -> None:

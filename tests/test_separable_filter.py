@@ -1,4 +1,5 @@
-"""The compiled separable filter (src/lattice_op/separable.py) against scipy.ndimage in float64."""
+"""The compiled separable filter (src/lattice_op/separable.py) against scipy.ndimage in float64:
+its output in float32 and float64, and its gradients with respect to the values and the taps."""
 
 from __future__ import annotations
 
@@ -43,6 +44,109 @@ def test_matches_scipy_correlate(shape, radii) -> None:
     scale = np.abs(expected).max()
     np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6 * scale * sum(radii) + 1e-6)
     assert out.dtype == np.float32 and out.shape == shape
+
+
+@pytest.mark.parametrize(
+    "shape,radii", [((2, 7, 1), (4,)), ((1, 5, 6, 3), (4, 1)), ((1, 6, 20, 70, 1), (2, 3, 7))]
+)
+def test_float64_matches_scipy_correlate(shape, radii) -> None:
+    """The float64 kernel: the same sums to double precision."""
+    rng = np.random.default_rng(7 + sum(shape))
+    values = rng.normal(size=shape)
+    taps = [rng.normal(size=2 * r + 1) for r in radii]
+    out = separable_filter(tf.constant(values, tf.float64), taps).numpy()
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out, scipy_reference(values, taps), rtol=0, atol=1e-12)
+
+
+def scipy_taps_gradient(values: np.ndarray, grad: np.ndarray, taps: list[np.ndarray]) -> list:
+    """d sum(grad * filter(values)) / d taps_a[k]: the filter is linear in each axis's taps, so
+    the derivative is the output with axis a's taps replaced by the unit vector e_k."""
+    out = []
+    for axis, axis_taps in enumerate(taps):
+        grads = []
+        for k in range(len(axis_taps)):
+            unit = np.zeros(len(axis_taps))
+            unit[k] = 1.0
+            swapped = [unit if a == axis else t for a, t in enumerate(taps)]
+            grads.append(float(np.sum(grad * scipy_reference(values, swapped))))
+        out.append(np.asarray(grads))
+    return out
+
+
+def _taps_gradient(values, grad, taps, dtype):
+    tensors = [tf.constant(t, dtype) for t in taps]
+    with tf.GradientTape() as tape:
+        tape.watch(tensors)
+        loss = tf.reduce_sum(
+            tf.constant(grad, dtype) * separable_filter(tf.constant(values, dtype), tensors)
+        )
+    return [g.numpy() for g in tape.gradient(loss, tensors)]
+
+
+@pytest.mark.parametrize(
+    "shape,radii",
+    [
+        ((2, 9, 2), (3,)),
+        ((1, 6, 4, 3), (2, 5)),  # a radius beyond an axis: its outer taps never meet a voxel
+        ((2, 4, 5, 6, 2), (1, 0, 2)),  # an axis of a single tap
+        ((1, 3, 4, 90, 1), (1, 2, 6)),  # rows longer than a strip: the per-row path
+    ],
+)
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
+def test_taps_gradient_matches_scipy(shape, radii, dtype) -> None:
+    rng = np.random.default_rng(sum(shape) + sum(radii))
+    values = rng.normal(size=shape)
+    grad = rng.normal(size=shape)
+    taps = [rng.normal(size=2 * r + 1) for r in radii]
+    if dtype == tf.float32:  # the reference on the float32-rounded inputs
+        values, grad = values.astype(np.float32), grad.astype(np.float32)
+        taps = [t.astype(np.float32) for t in taps]
+    got = _taps_gradient(values, grad, taps, dtype)
+    expected = scipy_taps_gradient(
+        values.astype(np.float64), grad.astype(np.float64), [t.astype(np.float64) for t in taps]
+    )
+    scale = max(np.abs(e).max() for e in expected)
+    atol = 1e-12 * scale if dtype == tf.float64 else 2e-6 * scale * sum(radii) + 1e-6
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == dtype.as_numpy_dtype
+        np.testing.assert_allclose(g, e, rtol=0, atol=atol)
+    if radii == (2, 5):  # axis 1 has 4 voxels: its taps at offsets +-4, +-5 never meet one
+        assert not np.any(got[1][[0, 1, -2, -1]]) and np.all(got[1][2:-2] != 0.0)
+
+
+def test_float64_gradients_against_numerical() -> None:
+    """tf.test.compute_gradient in float64 with respect to the values and every axis's taps."""
+    rng = np.random.default_rng(11)
+    values = tf.constant(rng.normal(size=(2, 5, 6, 2)))
+    taps = [tf.constant(rng.normal(size=5)), tf.constant(rng.normal(size=3))]
+    theoretical, numerical = tf.test.compute_gradient(
+        lambda v, t0, t1: separable_filter(v, [t0, t1]), [values, *taps], delta=1e-6
+    )
+    for t, n in zip(theoretical, numerical, strict=True):
+        np.testing.assert_allclose(t, n, rtol=0, atol=1e-8)
+
+
+def test_taps_gradient_of_the_adjoint() -> None:
+    """The values' gradient is the adjoint op, C^T g; its own gradient with respect to the taps
+    (a second derivative) is that of sum(h * C^T g) = sum(g * C h)."""
+    rng = np.random.default_rng(12)
+    shape = (1, 6, 5, 2)
+    x, g, h = (rng.normal(size=shape) for _ in range(3))
+    taps_np = [rng.normal(size=5), rng.normal(size=3)]
+    taps = [tf.constant(t) for t in taps_np]
+    with tf.GradientTape() as outer:
+        outer.watch(taps)
+        xt = tf.constant(x)
+        with tf.GradientTape() as inner:
+            inner.watch(xt)
+            loss = tf.reduce_sum(tf.constant(g) * separable_filter(xt, taps))
+        adjoint = inner.gradient(loss, xt)
+        second = tf.reduce_sum(tf.constant(h) * adjoint)
+    got = outer.gradient(second, taps)
+    expected = scipy_taps_gradient(h, g, taps_np)
+    for a, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a.numpy(), e, rtol=0, atol=1e-12)
 
 
 def test_gaussian_matches_dense_gaussian_sum() -> None:
@@ -101,8 +205,10 @@ def test_bad_arguments() -> None:
         separable_filter(values, [[float("inf")], [1.0]])
     with pytest.raises(ValueError, match="have 2 spatial axes but 3 tap sequences"):
         separable_filter(values, [[1.0], [1.0], [1.0]])
-    with pytest.raises(ValueError, match="values must be float32, got float64"):
-        separable_filter(tf.zeros([1, 4, 1], tf.float64), [[1.0]])
+    with pytest.raises(ValueError, match="values must be float32 or float64, got float16"):
+        separable_filter(tf.zeros([1, 4, 1], tf.float16), [[1.0]])
+    with pytest.raises(ValueError, match="axis 0 has 2 taps; an odd number"):
+        separable_filter(values, [tf.ones([2]), [1.0]])
     with pytest.raises(tf.errors.InvalidArgumentError, match="rank >= 3"):
         separable_filter(tf.zeros([4, 1]), [])
     # the kernel's own checks, reached with a shape unknown when the graph is traced

@@ -32,7 +32,8 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from crf_rnn_3d.lattice_op import Lattice, _library, gaussian_taps, separable_filter
+from crf_rnn_3d.crf._ops import fused_mean_field
+from crf_rnn_3d.lattice_op import Lattice, gaussian_taps, separable_filter
 
 NORMALISATIONS = ("mean", "symmetric")
 BILATERAL_FILTERS = ("lattice", "exact")
@@ -167,13 +168,14 @@ def separable_spatial_filter(
     Gaussian's tails beyond 4 sigma (relative mass 6e-5 per axis), with the filter of ones
     computed with the same kernel so the normalisation stays exact for what is summed.
 
-    A fixed width in float32 runs on the compiled separable op (src/lattice_op/separable.py,
-    a multiply-add per tap in C++); float64 and learnt widths use depthwise convolutions.
+    Every dtype (float32, float64) and both fixed and learnt widths run on the compiled
+    separable op (crf_rnn_3d.lattice_op.separable_filter, a multiply-add per tap in C++).
 
     A learnt width (`theta` a scalar tensor) needs a radius fixed before its value is known: it
     is taken from `theta_max` (mm), +-ceil(SPATIAL_TRUNCATE * theta_max / spacing) voxels, and
-    the taps exp(-k^2 spacing^2 / (2 theta^2)) are computed in TensorFlow, so the filter is
-    differentiable with respect to theta. For theta <= theta_max the cut lies at >= 4 sigma.
+    the taps exp(-k^2 spacing^2 / (2 theta^2)) are computed in TensorFlow and passed to the op
+    as tensors, so the filter is differentiable with respect to theta (the op's gradient with
+    respect to its taps). For theta <= theta_max the cut lies at >= 4 sigma.
 
     Args:
       shape: int32 [rank] dynamic shape of the [B, *spatial, C] tensors to filter.
@@ -186,7 +188,7 @@ def separable_spatial_filter(
     if learnt and theta_max is None:
         raise ValueError("separable_spatial_filter: a tensor theta needs theta_max (mm), got None")
     if learnt:
-        kernels = []
+        taps = []
         for axis, step in enumerate(spacing):
             radius = math.ceil(SPATIAL_TRUNCATE * float(theta_max) / float(step))
             length = None if static_shape is None else static_shape[axis + 1]
@@ -195,29 +197,12 @@ def separable_spatial_filter(
             offsets_mm = tf.constant(
                 [k * float(step) for k in range(-radius, radius + 1)], dtype=dtype
             )
-            kernels.append(tf.exp(-0.5 * tf.square(offsets_mm / tf.cast(theta, dtype))))
+            taps.append(tf.exp(-0.5 * tf.square(offsets_mm / tf.cast(theta, dtype))))
     else:
         taps = spatial_taps(spacing, float(theta), static_shape)
-        # float32 runs on the compiled op (below); float64 on depthwise convolutions
-        kernels = [] if dtype == tf.float32 else [tf.constant(t, dtype=dtype) for t in taps]
-
-    def along_axis(values: tf.Tensor, axis: int, kernel: tf.Tensor) -> tf.Tensor:
-        vshape = tf.shape(values)
-        outer = tf.reduce_prod(vshape[: axis + 1])
-        inner = tf.reduce_prod(vshape[axis + 2 :])
-        folded = tf.reshape(values, tf.stack([outer, vshape[axis + 1], 1, inner]))
-        taps = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), tf.stack([1, 1, inner, 1]))
-        out = tf.nn.depthwise_conv2d(folded, taps, [1, 1, 1, 1], "SAME")
-        return tf.reshape(out, vshape)
 
     def apply(values: tf.Tensor) -> tf.Tensor:
-        if not learnt and dtype == tf.float32:
-            # fixed width in single precision: the compiled separable op (csrc/gaussian.cc)
-            return separable_filter(values, taps)
-        out = values
-        for axis, kernel in enumerate(kernels):
-            out = along_axis(out, axis, kernel)
-        return out
+        return separable_filter(values, taps)
 
     ones = tf.ones(tf.concat([shape[:-1], [1]], 0), dtype=dtype)
     return _normalised(apply, apply(ones), normalisation)
@@ -325,7 +310,7 @@ def mean_field_inference(
 ) -> tuple[tf.Tensor | None, tf.Tensor]:
     """The fast, inference-only form of :func:`mean_field` with a lattice bilateral kernel and
     the separable spatial kernel, for fixed widths in float32: after the lattice is built, all
-    iterations run in one compiled kernel (src/lattice_op/csrc/mean_field.cc) that makes three
+    iterations run in one compiled kernel (src/crf/csrc/mean_field.cc, crf/_ops.py) that makes three
     passes over the voxels per iteration. Same arguments as :func:`mean_field` (widths as
     numbers); the spatial kernel's axes are capped by the static shape of `unaries`.
 
@@ -344,25 +329,15 @@ def mean_field_inference(
     lattice = Lattice(features).tensors
     del features  # not needed by the kernel: free it before the kernel's buffers are taken
     taps = spatial_taps(spacing, float(theta_gamma), unaries.shape)
-    flat = [t for axis in taps for t in axis]
-    logits, probabilities = _library.load().crf3d_mean_field(
+    logits, probabilities = fused_mean_field(
         unaries,
-        *lattice,
-        tf.cast(bilateral_weight, tf.float32),
-        tf.cast(spatial_weight, tf.float32),
-        tf.cast(compatibility, tf.float32),
-        spatial_taps=flat,
-        spatial_radii=[len(axis) // 2 for axis in taps],
+        lattice,
+        bilateral_weight,
+        spatial_weight,
+        compatibility,
+        taps,
         num_iterations=int(num_iterations),
         normalisation=normalisation,
         output_logits=bool(return_logits),
     )
     return (logits if return_logits else None), probabilities
-
-
-@tf.RegisterGradient("Crf3dMeanField")
-def _mean_field_gradient(op: tf.Operation, *grads: tf.Tensor) -> list[tf.Tensor | None]:
-    raise LookupError(
-        "mean_field_inference (the Crf3dMeanField op) is inference-only and has no gradient; "
-        "train with mean_field or the CrfRnn layer"
-    )

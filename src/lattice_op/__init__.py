@@ -1,6 +1,6 @@
 """Permutohedral-lattice Gaussian filtering for any number of dimensions and channels.
 
-Public API (benchmarks and the CRF call exactly this):
+Public API (every caller, benchmarks included, uses exactly this):
   Lattice(features)                   build once from features [B, *spatial, F]
   Lattice.filter(values, reverse)     filter values [B, *spatial, C] over it
   permutohedral_filter(values, features)  the one-shot form

@@ -1,9 +1,10 @@
-"""Permutohedral-lattice Gaussian filtering as TensorFlow ops (CPU kernel in csrc/).
+"""Permutohedral-lattice Gaussian filtering as TensorFlow ops (CPU kernels in tf_op/ over the
+framework-free core in csrc/).
 
 A lattice is built once from a reference image's features and then filters any number of value
-arrays: the CRF builds one per forward pass and reuses it for every mean-field iteration and for
-the backward pass. The lattice is a handful of ordinary tensors (no hidden state), so it works
-eagerly, inside ``tf.function`` and inside ``model.fit``.
+arrays: a caller that filters many arrays with the same features (iterations of one forward
+pass, and its backward pass) builds it once. The lattice is a handful of ordinary tensors (no
+hidden state), so it works eagerly, inside ``tf.function`` and inside ``model.fit``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Separable filtering of [B, *spatial, C] grids as a TensorFlow op (CPU kernel in
-csrc/gaussian.cc): the CRF's smoothness kernel as an exact, truncated Gaussian.
+csrc/gaussian.cc): e.g. an exact, truncated Gaussian, one 1-D kernel per axis.
 
     out = separable_filter(values, [gaussian_taps(sigma_a, 4.0, length_a) for each axis])
 
 computes, per batch item and channel, sum over offsets o of prod_a taps_a[o_a + r_a] *
 values[i + o], over the voxels i + o inside the grid (zero outside). One pass per axis, each a
-multiply-add per tap, in C++ with TensorFlow's intra-op threads.
+multiply-add per tap, in C++ with TensorFlow's intra-op threads, in float32 or float64. The taps
+may be tensors (a learnt width): the op then also differentiates with respect to them.
 """
 
 from __future__ import annotations
@@ -34,58 +35,93 @@ def gaussian_taps(sigma: float, truncate: float, length: int | None = None) -> l
     return [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
 
 
-def _flatten(taps: Sequence[Sequence[float]]) -> tuple[list[float], list[int]]:
-    flat, radii = [], []
+Taps = Sequence[Sequence[float] | tf.Tensor]
+
+
+def _flatten(taps: Taps, dtype: tf.DType) -> tuple[tf.Tensor, list[int]]:
+    """One taps tensor [sum_a 2 r_a + 1] of `dtype` and the radii r_a, from one sequence of
+    numbers or one 1-D tensor (of static length) per axis."""
+    parts, radii = [], []
     for axis, axis_taps in enumerate(taps):
-        values = [float(t) for t in axis_taps]
-        if len(values) % 2 != 1:
+        if isinstance(axis_taps, tf.Tensor | tf.Variable):
+            part = tf.cast(tf.reshape(axis_taps, [-1]), dtype)
+            length = part.shape[0]
+            if length is None:
+                raise ValueError(
+                    f"separable_filter: axis {axis} has taps of unknown length; their number "
+                    "(2 * radius + 1) must be known when the graph is built"
+                )
+        else:
+            numbers = [float(t) for t in axis_taps]
+            if not all(math.isfinite(t) for t in numbers):
+                raise ValueError(f"separable_filter: axis {axis} has taps that are not finite")
+            part, length = tf.constant(numbers, dtype, shape=[len(numbers)]), len(numbers)
+        if length % 2 != 1:
             raise ValueError(
-                f"separable_filter: axis {axis} has {len(values)} taps; an odd number "
+                f"separable_filter: axis {axis} has {length} taps; an odd number "
                 "(2 * radius + 1, centred on the voxel itself) is needed"
             )
-        if not all(math.isfinite(t) for t in values):
-            raise ValueError(f"separable_filter: axis {axis} has taps that are not finite")
-        flat += values
-        radii.append(len(values) // 2)
+        parts.append(part)
+        radii.append(length // 2)
+    flat = tf.concat(parts, 0) if parts else tf.zeros([0], dtype)
     return flat, radii
 
 
-def separable_filter(values: tf.Tensor, taps: Sequence[Sequence[float]]) -> tf.Tensor:
-    """Separable correlation of float32 values [B, *spatial, C] (zero outside the grid).
+def separable_filter(values: tf.Tensor, taps: Taps) -> tf.Tensor:
+    """Separable correlation of values [B, *spatial, C] (zero outside the grid).
 
     Args:
-      values: float32 [B, *spatial, C], at least one spatial axis.
-      taps: one sequence of 2 r_a + 1 numbers per spatial axis; entry o + r_a weighs the value
-        o voxels further along axis a.
+      values: float32 or float64 [B, *spatial, C], at least one spatial axis.
+      taps: one entry per spatial axis: a sequence of 2 r_a + 1 numbers (fixed taps) or a 1-D
+        tensor of static length 2 r_a + 1 (e.g. computed from a trainable width); entry o + r_a
+        weighs the value o voxels further along axis a. Cast to the values' dtype.
 
     Returns:
-      float32 [B, *spatial, C]. Differentiable with respect to the values (the adjoint is the
-      same filter with each axis's taps reversed); the taps are constants.
+      [B, *spatial, C] in the values' dtype. Differentiable with respect to the values (the
+      adjoint: the same filter with each axis's taps reversed) and to tensor taps (a lagged
+      inner product of the gradient with the values filtered along the other axes).
 
     Raises:
-      ValueError: taps of even length or not finite, or not one sequence per spatial axis.
-      tf.errors.InvalidArgumentError: values of rank < 3 or with no channels.
+      ValueError: values neither float32 nor float64, taps of even or unknown length or not
+        finite, or not one entry per spatial axis.
+      tf.errors.InvalidArgumentError: values of rank < 3 or with no channels; tensor taps that
+        are not finite.
     """
-    flat, radii = _flatten(taps)
     values = tf.convert_to_tensor(values)
-    if values.dtype != tf.float32:
-        raise ValueError(f"separable_filter: values must be float32, got {values.dtype.name}")
+    if values.dtype not in (tf.float32, tf.float64):
+        raise ValueError(
+            f"separable_filter: values must be float32 or float64, got {values.dtype.name}"
+        )
+    flat, radii = _flatten(taps, values.dtype)
     rank = values.shape.rank
     if rank is not None and rank - 2 != len(radii):
         raise ValueError(
             f"separable_filter: values of shape {values.shape} have {rank - 2} spatial axes "
             f"but {len(radii)} tap sequences were given"
         )
-    return _library.load().crf3d_separable_filter(values, taps=flat, radii=radii)
+    radii_t = tf.constant(radii, tf.int32, shape=[len(radii)])
+    return _library.load().crf3d_separable_filter(values, flat, radii_t)
 
 
 @tf.RegisterGradient("Crf3dSeparableFilter")
-def _separable_gradient(op: tf.Operation, grad: tf.Tensor) -> tf.Tensor:
-    """The adjoint: the same filter with each axis's taps reversed."""
-    flat, radii = op.get_attr("taps"), op.get_attr("radii")
-    reversed_taps, at = [], 0
-    for radius in radii:
-        count = 2 * radius + 1
-        reversed_taps += list(reversed(flat[at : at + count]))
-        at += count
-    return _library.load().crf3d_separable_filter(grad, taps=reversed_taps, radii=radii)
+def _separable_gradient(op: tf.Operation, grad: tf.Tensor) -> list[tf.Tensor | None]:
+    """Values: the adjoint (each axis's taps reversed). Taps: for the forward filter C,
+    d sum(g * C x) / d taps is Crf3dSeparableFilterTapsGrad(x, g); for the adjoint op,
+    sum(g * C^T x) = sum(x * C g), the same with x and g swapped. Inputs a tape does not need
+    (skip_input_indices; constant taps) are not computed."""
+    values, taps, radii = op.inputs
+    adjoint = op.get_attr("adjoint")
+    skip = getattr(op, "skip_input_indices", None) or ()
+    ops = _library.load()
+    d_values = None
+    if 0 not in skip:
+        d_values = ops.crf3d_separable_filter(grad, taps, radii, adjoint=not adjoint)
+    d_taps = None
+    if 1 not in skip:
+        first, second = (grad, values) if adjoint else (values, grad)
+        d_taps = ops.crf3d_separable_filter_taps_grad(first, second, taps, radii)
+    return [d_values, d_taps, None]
+
+
+# Second derivatives through the taps' gradient are not offered: first-order training only.
+tf.no_gradient("Crf3dSeparableFilterTapsGrad")

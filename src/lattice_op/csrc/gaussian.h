@@ -1,5 +1,5 @@
-// Separable filtering of channels-last grids: the CRF's smoothness (spatial) kernel as an exact,
-// truncated Gaussian, one 1-D kernel per spatial axis, and zero outside the volume.
+// Separable filtering of channels-last grids: a Gaussian (or any separable) kernel as an exact,
+// truncated sum, one 1-D kernel per spatial axis, and zero outside the volume.
 //
 // For a grid [batch, *spatial, channels] and one tap vector per spatial axis,
 //
@@ -9,7 +9,10 @@
 // (a correlation; with symmetric taps it is also a convolution). Axis by axis: each pass reads
 // L rows of one axis and writes L rows, so the cost is sum_a (2 r_a + 1) multiply-adds per value
 // whatever the number of axes. The operator is the matrix of a product of per-axis banded
-// matrices; its adjoint is the same filter with each axis's taps reversed.
+// matrices C_a (they commute); its adjoint is the same filter with each axis's taps reversed.
+// Its derivative with respect to axis a's taps is a lagged inner product (SeparableTapsGradient).
+//
+// Everything is compiled for float and double (T).
 #ifndef CRF3D_GAUSSIAN_H_
 #define CRF3D_GAUSSIAN_H_
 
@@ -37,22 +40,58 @@ struct Grid {
 
 // The 1-D kernel of one spatial axis: taps[o + radius] weighs the value o voxels further along
 // the axis (o in -radius..radius).
+template <typename T>
 struct AxisTaps {
   int radius = 0;
-  std::vector<float> taps;  // 2 * radius + 1 entries
+  std::vector<T> taps;  // 2 * radius + 1 entries
 };
 
 // Checks that there is one AxisTaps per spatial axis, each with 2 radius + 1 finite taps.
-Status CheckTaps(const Grid& grid, const std::vector<AxisTaps>& axes);
+template <typename T>
+Status CheckTaps(const Grid& grid, const std::vector<AxisTaps<T>>& axes);
 
-// out = the separable correlation above. in, out and scratch hold grid.size() floats each and
+// out = the separable correlation above. in, out and scratch hold grid.size() values each and
 // must not overlap. Axes whose kernel is the single tap 1 are skipped.
-Status SeparableCorrelate(const Grid& grid, const std::vector<AxisTaps>& axes, const float* in,
-                          float* out, float* scratch, const Parallel& par);
+template <typename T>
+Status SeparableCorrelate(const Grid& grid, const std::vector<AxisTaps<T>>& axes, const T* in,
+                          T* out, T* scratch, const Parallel& par);
+
+// The derivative of sum(grad * SeparableCorrelate(values)) with respect to every tap:
+// taps_grad[at_a + o + r_a] = sum_{i, c} grad[i, c] * y_a[i + o e_a, c], where y_a is values
+// filtered along every axis but a and at_a is where axis a's taps start in the concatenation of
+// all axes' taps (sum_a 2 r_a + 1 entries). Taps that never meet a voxel (|o| >= L_a) get 0.
+// Summed in double, in an order fixed by the grid alone (not by the thread count). scratch
+// holds 2 grid.size() values.
+template <typename T>
+Status SeparableTapsGradient(const Grid& grid, const std::vector<AxisTaps<T>>& axes,
+                             const T* values, const T* grad, T* taps_grad, T* scratch,
+                             const Parallel& par);
 
 // The filter of ones of one batch item, [prod(spatial)]: the product over axes of the 1-D sums
 // sum_{o: 0 <= i_a + o < L_a} taps_a[o + r_a], computed in double and rounded once.
-std::vector<float> SeparableOnes(const Grid& grid, const std::vector<AxisTaps>& axes);
+template <typename T>
+std::vector<T> SeparableOnes(const Grid& grid, const std::vector<AxisTaps<T>>& axes);
+
+extern template Status CheckTaps<float>(const Grid&, const std::vector<AxisTaps<float>>&);
+extern template Status CheckTaps<double>(const Grid&, const std::vector<AxisTaps<double>>&);
+extern template Status SeparableCorrelate<float>(const Grid&, const std::vector<AxisTaps<float>>&,
+                                                 const float*, float*, float*, const Parallel&);
+extern template Status SeparableCorrelate<double>(const Grid&,
+                                                  const std::vector<AxisTaps<double>>&,
+                                                  const double*, double*, double*,
+                                                  const Parallel&);
+extern template Status SeparableTapsGradient<float>(const Grid&,
+                                                    const std::vector<AxisTaps<float>>&,
+                                                    const float*, const float*, float*, float*,
+                                                    const Parallel&);
+extern template Status SeparableTapsGradient<double>(const Grid&,
+                                                     const std::vector<AxisTaps<double>>&,
+                                                     const double*, const double*, double*,
+                                                     double*, const Parallel&);
+extern template std::vector<float> SeparableOnes<float>(const Grid&,
+                                                        const std::vector<AxisTaps<float>>&);
+extern template std::vector<double> SeparableOnes<double>(const Grid&,
+                                                          const std::vector<AxisTaps<double>>&);
 
 }  // namespace crf3d
 

@@ -28,14 +28,17 @@ class Parallel {
 // Splits [0, n) into at most num_threads contiguous ranges, one std::thread each.
 class StdThreadParallel final : public Parallel {
  public:
+  // Below about 100k cycles of work, starting and joining a thread costs more than it saves.
+  static constexpr int64_t kMinCyclesPerThread = 100000;
+
   explicit StdThreadParallel(int threads = 0)
       : threads_(threads > 0 ? threads
                              : std::max(1, static_cast<int>(std::thread::hardware_concurrency()))) {}
   int num_threads() const override { return threads_; }
   void For(int64_t n, int64_t cost_per_unit, const RangeFn& fn) const override {
     if (n <= 0) return;
-    // Below about 100k cycles of work a thread costs more than it saves.
-    const int64_t by_cost = std::max<int64_t>(1, n * std::max<int64_t>(1, cost_per_unit) / 100000);
+    const int64_t by_cost =
+        std::max<int64_t>(1, n * std::max<int64_t>(1, cost_per_unit) / kMinCyclesPerThread);
     const int64_t parts = std::min<int64_t>({static_cast<int64_t>(threads_), n, by_cost});
     if (parts <= 1) {
       fn(0, n);

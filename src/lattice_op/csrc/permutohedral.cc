@@ -11,14 +11,41 @@
 
 namespace crf3d {
 
+namespace {
+
+// Tuning numbers of the build (measured on the benchmark references, docs/benchmarks.md).
+// A chunk of the parallel embed + hash fills a hash table of its own that is then merged
+// serially into chunk 0's: below about 16k voxels per chunk the merge costs more than the
+// parallel embedding saves.
+constexpr int64_t kMinVoxelsPerChunk = 16384;
+// A part of the splat lists' counting sort counts per lattice point, so each part costs M
+// cursors; parts of fewer voxels than this do not pay for theirs.
+constexpr int64_t kMinVoxelsPerSplatPart = 8192;
+
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------
 // embed
 // ---------------------------------------------------------------------------------------------
 
 Embedding::Embedding(int d) : d_(d), scale_(static_cast<size_t>(d)) {
-  // Features are lifted onto H_d with the basis of Adams et al.; the extra factor makes one
-  // [1/2, 1, 1/2] blur along each of the d+1 lattice directions a Gaussian of unit standard
-  // deviation in feature space.
+  // Feature channel i is lifted onto H_d = {x in R^{d+1}: sum(x) = 0} along the vector
+  // e_i = (1, ..., 1, -(i+1), 0, ..., 0) (i+1 ones; EmbedImpl applies it), Adams et al.'s
+  // basis. These d vectors are orthogonal with |e_i|^2 = (i+1)(i+2), so dividing channel i by
+  // sqrt((i+1)(i+2)) makes the lift an isometry: feature distances are distances in H_d.
+  //
+  // inv_std then sets how many lattice units one feature unit (one standard deviation of the
+  // Gaussian) spans. The lattice points are the x in Z^{d+1} whose coordinates are all congruent
+  // modulo d+1; direction j steps by u_j = (d+1) e_j - (1, ..., 1), and sum_j u_j u_j^T =
+  // (d+1)^2 I on H_d. The blur's stencil [1/2, 1, 1/2] is, normalised, [1/4, 1/2, 1/4]: variance
+  // 1/2 step^2 along u_j. Over the d+1 directions that is a variance of (d+1)^2 / 2 (lattice
+  // units^2) along every axis of H_d. The barycentric splat and slice spread each value over a
+  // simplex as well: in one dimension each is a linear interpolation over one step (variance
+  // step^2 / 6, step^2 = d (d+1) = 2), together (d+1)^2 / 6, and Adams et al. use that term for
+  // every d. Total variance (d+1)^2 (1/2 + 1/6) = (2/3) (d+1)^2, so a unit of feature space must
+  // span sqrt(2/3) (d+1) lattice units for the whole filter to be a unit-variance Gaussian
+  // (for d = 1 exactly, on average over where the voxels fall between lattice points; for
+  // larger d the lattice's kernel comes out a few percent wider, as the accuracy tests state).
   const double inv_std = std::sqrt(2.0 / 3.0) * (d + 1);
   for (int i = 0; i < d; ++i) {
     scale_[static_cast<size_t>(i)] = static_cast<float>(inv_std / std::sqrt((i + 1.0) * (i + 2.0)));
@@ -27,11 +54,12 @@ Embedding::Embedding(int d) : d_(d), scale_(static_cast<size_t>(d)) {
 }
 
 double Embedding::max_feature_span() const {
-  // |elevated| <= 2 * span * sum(scale); keep it below 2^20 so that single precision still
-  // resolves an eighth of a lattice unit.
+  // |elevated| <= 2 * span * sum(scale); keep it below 2^kMaxCoordinateBits so that single
+  // precision (24-bit significand) still resolves an eighth of a lattice unit (2^-3: 20 + 3 < 24).
+  constexpr int kMaxCoordinateBits = 20;
   double sum = 0.0;
   for (float s : scale_) sum += s;
-  return std::ldexp(1.0, 20) / (2.0 * sum);
+  return std::ldexp(1.0, kMaxCoordinateBits) / (2.0 * sum);
 }
 
 namespace {
@@ -121,7 +149,7 @@ KeyTable::KeyTable(int d, int64_t max_points)
     c = (z ^ (z >> 31)) | 1u;
     coefficient_sum_ += c;
   }
-  Rehash(64);
+  Rehash(kInitialSlots);
 }
 
 uint64_t KeyTable::Linear(const int32_t* key) const {
@@ -334,7 +362,7 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   table_storage_.clear();
   const Embedding emb(d);
   const int64_t chunks =
-      std::max<int64_t>(1, std::min<int64_t>(par.num_threads(), n / 16384));
+      std::max<int64_t>(1, std::min<int64_t>(par.num_threads(), n / kMinVoxelsPerChunk));
   auto chunk_begin = [&](int64_t c) { return n * c / chunks; };
 
   // 1. Feature ranges and finiteness.
@@ -403,6 +431,8 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   // already does. The others are merged into it in order.
   table_storage_.push_back(std::move(local[0]));
   KeyTable& global = table_storage_[0];
+  // The other chunks mostly revisit chunk 0's points (neighbouring voxels share simplices); a
+  // quarter more room is a guess that avoids most regrowth during the merge.
   global.Reserve(global.size() * 5 / 4);
   std::vector<std::vector<int32_t>> to_global(static_cast<size_t>(chunks));
   for (int64_t c = 1; c < chunks; ++c) {
@@ -503,7 +533,8 @@ void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int6
   // them in order instead of gathering weights from the voxel-ordered arrays.
   const int64_t d1 = d + 1;
   const int64_t parts = std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(par.num_threads()), 16, num_voxels / 8192}));
+      1, std::min<int64_t>({static_cast<int64_t>(par.num_threads()), int64_t{kMaxSplatParts},
+                            num_voxels / kMinVoxelsPerSplatPart}));
   auto part_begin = [&](int64_t t) { return num_voxels * t / parts; };
   std::vector<int32_t> cursor(static_cast<size_t>(parts * num_points), 0);
   par.For(parts, 4 * d1 * (num_voxels / parts + 1), [&](int64_t b, int64_t e) {
@@ -543,28 +574,26 @@ void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int6
 
 namespace {
 
-// kChannels > 0 fixes the channel count at compile time (the fast paths); 0 reads `channels`.
-template <int kChannels>
-bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool reverse,
-                float* out, float* scratch, const Parallel& par) {
-  const int64_t C = kChannels > 0 ? kChannels : channels;
-  const int d1 = lat.d + 1;
-  const int64_t m = lat.num_points;
-  const int64_t n_entries = lat.num_voxels * d1;
-  const auto m_u = static_cast<uint64_t>(m);
-  std::atomic<bool> bad{false};
-  float* cur = scratch;
-  float* next = scratch + (m + 1) * C;
-  // Row m of both buffers is the absent neighbour: always zero.
-  for (int64_t c = 0; c < C; ++c) cur[m * C + c] = next[m * C + c] = 0.0f;
+// Each phase below takes kChannels > 0 to fix the channel count at compile time (the fast paths)
+// and reads `channels` when kChannels == 0. A phase returns false when it met an index out of
+// range (inconsistent lattice arrays); it then leaves the offending entries out.
 
-  // splat: each lattice point gathers the weighted values of the voxels of its CSR list.
+// Splat: each lattice point gathers the barycentric-weighted values of the voxels of its CSR
+// list into its row of `lattice_values` ([M + 1, C]). values == nullptr: the filter of ones
+// (the weights alone, no voxel is read; C = 1). Adams et al.'s splatting.
+template <int kChannels>
+bool Splat(const LatticeView& lat, const float* values, int channels, float* lattice_values,
+           const Parallel& par) {
+  const int64_t C = kChannels > 0 ? kChannels : channels;
+  const int64_t m = lat.num_points;
+  const int64_t n_entries = lat.num_voxels * (lat.d + 1);
   const int64_t per_point = m > 0 ? n_entries / m + 1 : 1;
   const auto voxels_u = static_cast<uint64_t>(lat.num_voxels);
+  std::atomic<bool> bad{false};
   par.For(m, 4 * per_point * (C + 2), [&](int64_t b, int64_t e) {
     bool ok = true;
     for (int64_t p = b; p < e; ++p) {
-      float* row = cur + p * C;
+      float* row = lattice_values + p * C;
       for (int64_t c = 0; c < C; ++c) row[c] = 0.0f;
       const int64_t lo = lat.splat_offsets[p];
       const int64_t hi = lat.splat_offsets[p + 1];
@@ -589,33 +618,50 @@ bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool 
     }
     if (!ok) bad.store(true, std::memory_order_relaxed);
   });
+  return !bad.load();
+}
 
-  // blur: [1/2, 1, 1/2] along each lattice direction, in reverse order for the adjoint.
-  for (int s = 0; s < d1; ++s) {
-    const int j = reverse ? d1 - 1 - s : s;
-    const int32_t* nb = lat.blur_neighbours + static_cast<int64_t>(j) * m * 2;
-    par.For(m, 6 * C + 8, [&](int64_t b, int64_t e) {
-      bool ok = true;
-      for (int64_t p = b; p < e; ++p) {
-        int64_t n1 = nb[2 * p];
-        int64_t n2 = nb[2 * p + 1];
-        if (static_cast<uint64_t>(n1) > m_u || static_cast<uint64_t>(n2) > m_u) {
-          ok = false;
-          n1 = n2 = m;
-        }
-        const float* a = cur + p * C;
-        const float* x = cur + n1 * C;
-        const float* y = cur + n2 * C;
-        float* dst = next + p * C;
-        for (int64_t c = 0; c < C; ++c) dst[c] = a[c] + 0.5f * (x[c] + y[c]);
+// Blur along lattice direction j: dst[p] = src[p] + (src[p - u_j] + src[p + u_j]) / 2, the
+// [1/2, 1, 1/2] stencil between a point and its two neighbours along u_j = (d+1) e_j - 1
+// (row M, always zero, stands for an absent neighbour). Adams et al.'s blurring.
+template <int kChannels>
+bool BlurDirection(const LatticeView& lat, int j, int channels, const float* src, float* dst,
+                   const Parallel& par) {
+  const int64_t C = kChannels > 0 ? kChannels : channels;
+  const int64_t m = lat.num_points;
+  const auto m_u = static_cast<uint64_t>(m);
+  const int32_t* nb = lat.blur_neighbours + static_cast<int64_t>(j) * m * 2;
+  std::atomic<bool> bad{false};
+  par.For(m, 6 * C + 8, [&](int64_t b, int64_t e) {
+    bool ok = true;
+    for (int64_t p = b; p < e; ++p) {
+      int64_t n1 = nb[2 * p];
+      int64_t n2 = nb[2 * p + 1];
+      if (static_cast<uint64_t>(n1) > m_u || static_cast<uint64_t>(n2) > m_u) {
+        ok = false;
+        n1 = n2 = m;
       }
-      if (!ok) bad.store(true, std::memory_order_relaxed);
-    });
-    std::swap(cur, next);
-  }
+      const float* a = src + p * C;
+      const float* x = src + n1 * C;
+      const float* y = src + n2 * C;
+      float* out = dst + p * C;
+      for (int64_t c = 0; c < C; ++c) out[c] = a[c] + 0.5f * (x[c] + y[c]);
+    }
+    if (!ok) bad.store(true, std::memory_order_relaxed);
+  });
+  return !bad.load();
+}
 
-  // slice: each voxel reads its d+1 lattice points back.
+// Slice: each voxel reads back its d+1 lattice points with its barycentric weights, times
+// alpha = 1 / (1 + 2^-d) (Krahenbuhl's normalisation). Adams et al.'s slicing.
+template <int kChannels>
+bool Slice(const LatticeView& lat, const float* lattice_values, int channels, float* out,
+           const Parallel& par) {
+  const int64_t C = kChannels > 0 ? kChannels : channels;
+  const int d1 = lat.d + 1;
+  const auto m_u = static_cast<uint64_t>(lat.num_points);
   const float alpha = Embedding(lat.d).alpha();
+  std::atomic<bool> bad{false};
   par.For(lat.num_voxels, d1 * (3 * C + 4), [&](int64_t b, int64_t e) {
     bool ok = true;
     for (int64_t i = b; i < e; ++i) {
@@ -628,13 +674,33 @@ bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool 
           continue;
         }
         const float w = alpha * lat.vertex_weight[i * d1 + k];
-        const float* src = cur + static_cast<int64_t>(p) * C;
+        const float* src = lattice_values + static_cast<int64_t>(p) * C;
         for (int64_t c = 0; c < C; ++c) o[c] += w * src[c];
       }
     }
     if (!ok) bad.store(true, std::memory_order_relaxed);
   });
   return !bad.load();
+}
+
+// The whole filter, S^T B_d ... B_0 S (or, reversed, S^T B_0 ... B_d S): splat into one half of
+// the scratch, blur back and forth between the halves, slice from the last one written.
+template <int kChannels>
+bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool reverse,
+                float* out, float* scratch, const Parallel& par) {
+  const int64_t C = kChannels > 0 ? kChannels : channels;
+  const int d1 = lat.d + 1;
+  const int64_t m = lat.num_points;
+  float* cur = scratch;
+  float* next = scratch + (m + 1) * C;
+  // Row m of both buffers is the absent neighbour: always zero.
+  for (int64_t c = 0; c < C; ++c) cur[m * C + c] = next[m * C + c] = 0.0f;
+  bool ok = Splat<kChannels>(lat, values, channels, cur, par);
+  for (int s = 0; s < d1; ++s) {
+    ok = BlurDirection<kChannels>(lat, reverse ? d1 - 1 - s : s, channels, cur, next, par) && ok;
+    std::swap(cur, next);
+  }
+  return Slice<kChannels>(lat, cur, channels, out, par) && ok;
 }
 
 }  // namespace

@@ -5,10 +5,14 @@
 // divided by their kernel widths) and then applied to any number of value arrays v [N, C]:
 //
 //   embed   each f_i is lifted onto the hyperplane H_d of R^{d+1} and located in its enclosing
-//           simplex: d+1 lattice points (vertex_index) and barycentric weights (vertex_weight);
-//   splat   each lattice point gathers the weighted values of the voxels around it;
-//   blur    a [1/2, 1, 1/2] stencil runs along each of the d+1 lattice directions in turn;
-//   slice   each voxel reads back the weighted values of its d+1 lattice points.
+//           simplex: d+1 lattice points (vertex_index) and barycentric weights (vertex_weight)
+//           (Embedding::Embed; LatticeBuilder::Build numbers the points with a hash table,
+//           LatticeBuilder::BlurNeighbours and BuildSplatCsr write the lists the filter reads);
+//   splat   each lattice point gathers the weighted values of the voxels around it (Splat);
+//   blur    a [1/2, 1, 1/2] stencil runs along each of the d+1 lattice directions in turn
+//           (BlurDirection);
+//   slice   each voxel reads back the weighted values of its d+1 lattice points (Slice).
+// Filter runs splat, blur and slice, the three steps of Adams et al.'s filtering.
 //
 // The result approximates alpha_d * c * sum_j exp(-|f_i - f_j|^2 / 2) v_j with alpha_d =
 // 1 / (1 + 2^-d) (Krahenbuhl's normalisation) and a scale c that depends on how densely the
@@ -74,7 +78,12 @@ class Embedding {
 // upper half of the key's hash beside its index, so most mismatches never touch the keys.
 class KeyTable {
  public:
-  static constexpr int kMaxBatch = 128;  // most keys FindMany takes at once
+  // Most keys FindMany takes at once: enough lookups in flight to overlap their cache misses
+  // (the prefetches of a batch are issued before its first comparison), few enough that the
+  // batch's keys and hashes stay in L1.
+  static constexpr int kMaxBatch = 128;
+  // Slots of a new table (a power of two); it doubles whenever it is half full.
+  static constexpr size_t kInitialSlots = 64;
 
   explicit KeyTable(int d, int64_t max_points);
   // A key's hash is Mix(sum_i key[i] * coefficient(i)): the sum is linear in the key, so the
@@ -145,6 +154,10 @@ class LatticeBuilder {
   std::vector<KeyTable> table_storage_;
   const KeyTable* table_ = nullptr;
 };
+
+// Most parts of BuildSplatCsr's counting sort, whatever the thread count: each part keeps a
+// cursor per lattice point (4 bytes), which the op's memory budget counts per point.
+constexpr int kMaxSplatParts = 16;
 
 // Transposes the vertex entries (voxel i, vertex k; flat number i * (d+1) + k) into CSR lists
 // per lattice point: entries offsets[m] .. offsets[m+1] of voxels / weights are the voxel and

@@ -1,4 +1,5 @@
-// Registration and shape functions of the lattice ops. Kernels: tf_kernels.cc.
+// Registration and shape functions of the lattice and separable-filter ops. Their kernels are in
+// kernels.cc; the algorithms in ../csrc (framework-free).
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -70,50 +71,36 @@ their shape; the registered gradient uses them for the gradient with respect to 
 )doc");
 
 REGISTER_OP("Crf3dSeparableFilter")
-    .Input("values: float")
-    .Attr("taps: list(float)")
-    .Attr("radii: list(int)")
-    .Output("output: float")
+    .Input("values: T")
+    .Input("taps: T")
+    .Input("radii: int32")
+    .Attr("T: {float, double}")
+    .Attr("adjoint: bool = false")
+    .Output("output: T")
     .SetShapeFn(::tensorflow::shape_inference::UnchangedShape)
     .Doc(R"doc(
-Separable correlation of values [B, *spatial, C], zero outside the grid: radii holds one radius
-r_a per spatial axis and taps the 2 r_a + 1 taps of every axis in turn; tap o + r_a weighs the
-value o voxels further along axis a. With symmetric Gaussian taps this is the CRF's exact
-smoothness kernel. The adjoint is the same op with each axis's taps reversed.
+Separable correlation of values [B, *spatial, C], zero outside the grid: radii [n] holds one
+radius r_a per spatial axis and taps [sum_a 2 r_a + 1] the 2 r_a + 1 taps of every axis in
+turn; tap o + r_a weighs the value o voxels further along axis a. With symmetric Gaussian taps
+this is an exact, truncated Gaussian filter. adjoint: each axis's taps reversed, the adjoint
+(the values' gradient).
 )doc");
 
-REGISTER_OP("Crf3dMeanField")
-    .Input("unaries: float")
-    .Input("vertex_index: int32")
-    .Input("vertex_weight: float")
-    .Input("blur_neighbours: int32")
-    .Input("splat_offsets: int32")
-    .Input("splat_voxels: int32")
-    .Input("splat_weights: float")
-    .Input("bilateral_weight: float")
-    .Input("spatial_weight: float")
-    .Input("compatibility: float")
-    .Attr("spatial_taps: list(float)")
-    .Attr("spatial_radii: list(int)")
-    .Attr("num_iterations: int >= 1")
-    .Attr("normalisation: {'mean', 'symmetric'}")
-    .Attr("output_logits: bool = true")
-    .Output("logits: float")
-    .Output("probabilities: float")
+REGISTER_OP("Crf3dSeparableFilterTapsGrad")
+    .Input("values: T")
+    .Input("grad: T")
+    .Input("taps: T")
+    .Input("radii: int32")
+    .Attr("T: {float, double}")
+    .Output("taps_grad: T")
     .SetShapeFn([](InferenceContext* c) -> Status {
-      bool output_logits = true;
-      TF_RETURN_IF_ERROR(c->GetAttr("output_logits", &output_logits));
-      c->set_output(0, output_logits ? c->input(0) : c->Vector(0));
-      c->set_output(1, c->input(0));
+      c->set_output(0, c->input(2));
       return ::tensorflow::OkStatus();
     })
     .Doc(R"doc(
-Mean-field inference of the fully connected CRF in one kernel (inference only, no gradient):
-unaries [B, *spatial, K] (logits), the bilateral lattice of the same voxels (the six tensors of
-Crf3dLatticeBuild), the separable spatial kernel as in Crf3dSeparableFilter, weights w1, w2 [K]
-and compatibility mu [K, K]. Returns the refined logits (an empty vector when output_logits is
-false) and their softmax after num_iterations iterations, both filters normalised by their
-filters of ones ("mean" or "symmetric").
+The gradient of sum(grad * Crf3dSeparableFilter(values, taps, radii)) with respect to taps
+(same shape as taps): for axis a and offset o, sum over voxels and channels of grad times
+values shifted by o along a and filtered along every other axis. Summed in double.
 )doc");
 
 }  // namespace crf3d

@@ -155,7 +155,7 @@ void ForBlocks(int64_t n, int64_t k, int64_t cost_per_voxel, const Parallel& par
 }  // namespace
 
 Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeView& lat,
-                          const std::vector<AxisTaps>& spatial, const MeanFieldParams& params,
+                          const std::vector<AxisTaps<float>>& spatial, const MeanFieldParams& params,
                           float* logits, float* probabilities, const Parallel& par) {
   const int64_t k = grid.channels;
   const int64_t n = grid.voxels();

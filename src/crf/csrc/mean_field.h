@@ -39,7 +39,7 @@ struct MeanFieldParams {
 // lattice arrays or taps, and for NaN or Inf in the unaries, weights or compatibility.
 // Allocates 3 grid.size() + 2 (lattice points + 1) K + 2 n floats of scratch.
 Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeView& lat,
-                          const std::vector<AxisTaps>& spatial, const MeanFieldParams& params,
+                          const std::vector<AxisTaps<float>>& spatial, const MeanFieldParams& params,
                           float* logits, float* probabilities, const Parallel& par);
 
 }  // namespace crf3d

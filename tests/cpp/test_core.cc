@@ -1,0 +1,364 @@
+// The framework-free core (src/lattice_op/csrc) against references computed here, in double
+// precision, without TensorFlow or a test framework: `make test-core` builds and runs it. Each
+// check prints one line; the exit status is the number of failed checks (0: all passed).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gaussian.h"
+#include "parallel.h"
+#include "permutohedral.h"
+
+namespace {
+
+int failures = 0;
+
+void Check(bool ok, const std::string& what, const std::string& detail) {
+  std::printf("%s  %s (%s)\n", ok ? "ok  " : "FAIL", what.c_str(), detail.c_str());
+  if (!ok) ++failures;
+}
+
+std::string Format(const char* fmt, double a, double b) {
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), fmt, a, b);
+  return buf;
+}
+
+// A lattice built by the core, owning its arrays (as the TF op's outputs would).
+struct OwnedLattice {
+  int64_t n = 0;
+  int d = 0;
+  int64_t m = 0;
+  std::vector<int32_t> vertex_index, nbrs, offsets, voxels;
+  std::vector<float> vertex_weight, weights;
+
+  OwnedLattice(const std::vector<float>& features, int64_t voxels_count, int dims,
+               const crf3d::Parallel& par)
+      : n(voxels_count), d(dims) {
+    const int64_t entries = n * (d + 1);
+    vertex_index.resize(static_cast<size_t>(entries));
+    vertex_weight.resize(static_cast<size_t>(entries));
+    crf3d::LatticeBuilder builder;
+    const crf3d::Status s = builder.Build(features.data(), n, d, int64_t{1} << 28, 0,
+                                          vertex_index.data(), vertex_weight.data(), par);
+    if (!s.ok()) {
+      std::printf("FAIL  lattice build: %s\n", s.message.c_str());
+      ++failures;
+      return;
+    }
+    m = builder.num_points();
+    nbrs.assign(static_cast<size_t>((d + 1) * m * 2), 0);
+    builder.BlurNeighbours(m, 0, nbrs.data(), par);
+    offsets.assign(static_cast<size_t>(m + 1), 0);
+    voxels.resize(static_cast<size_t>(entries));
+    weights.resize(static_cast<size_t>(entries));
+    crf3d::BuildSplatCsr(vertex_index.data(), vertex_weight.data(), n, d, m, offsets.data(),
+                         voxels.data(), weights.data(), par);
+  }
+
+  crf3d::LatticeView View() const {
+    crf3d::LatticeView lat;
+    lat.num_voxels = n;
+    lat.d = d;
+    lat.num_points = m;
+    lat.vertex_index = vertex_index.data();
+    lat.vertex_weight = vertex_weight.data();
+    lat.blur_neighbours = nbrs.data();
+    lat.splat_offsets = offsets.data();
+    lat.splat_voxels = voxels.data();
+    lat.splat_weights = weights.data();
+    return lat;
+  }
+
+  // K v (or K^T v); values null: the filter of ones.
+  std::vector<float> Filter(const float* values, int channels, bool reverse,
+                            const crf3d::Parallel& par) const {
+    const crf3d::LatticeView lat = View();
+    std::vector<float> out(static_cast<size_t>(n * channels));
+    std::vector<float> scratch(static_cast<size_t>(crf3d::FilterScratchSize(lat, channels)));
+    const crf3d::Status s =
+        crf3d::Filter(lat, values, channels, reverse, out.data(), scratch.data(), par);
+    if (!s.ok()) {
+      std::printf("FAIL  filter: %s\n", s.message.c_str());
+      ++failures;
+    }
+    return out;
+  }
+};
+
+// Features of a grid: position index * step per axis, then `extra` random channels.
+std::vector<float> GridFeatures(const std::vector<int64_t>& shape, double step, int extra,
+                                double extra_scale, std::mt19937& rng, int* dims) {
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const int axes = static_cast<int>(shape.size());
+  *dims = axes + extra;
+  int64_t n = 1;
+  for (int64_t s : shape) n *= s;
+  std::vector<float> f(static_cast<size_t>(n * *dims));
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t rest = i;
+    for (int a = axes - 1; a >= 0; --a) {
+      f[static_cast<size_t>(i * *dims + a)] = static_cast<float>(step * (rest % shape[a]));
+      rest /= shape[a];
+    }
+    for (int k = 0; k < extra; ++k) {
+      f[static_cast<size_t>(i * *dims + axes + k)] = static_cast<float>(extra_scale * normal(rng));
+    }
+  }
+  return f;
+}
+
+// 1. The normalised lattice filter K v / K 1 against the exact normalised Gaussian
+// sum_j exp(-|f_i - f_j|^2 / 2) v_j / sum_j exp(-|f_i - f_j|^2 / 2), brute force in double.
+// Tolerance: the lattice is an approximation, not a rounding of the exact filter (its kernel is
+// a few percent wider than the Gaussian, and its splat/slice interpolate linearly), so the bound
+// is the one tests/test_lattice_accuracy.py states and measures for F <= 3 on values in [-1, 1]
+// (range R = 2): max error <= 0.12 R, RMS <= 0.025 R; and, so that a filter that did nothing
+// fails, RMS(lattice - exact) <= 0.2 RMS(values - exact).
+void CheckAgainstBruteForce(const std::vector<int64_t>& shape, int extra, uint32_t seed) {
+  std::mt19937 rng(seed);
+  int d = 0;
+  const std::vector<float> f = GridFeatures(shape, 0.5, extra, 0.6, rng, &d);
+  const int64_t n = static_cast<int64_t>(f.size()) / d;
+  const int channels = 2;
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::vector<float> v(static_cast<size_t>(n * channels));
+  for (float& x : v) x = uniform(rng);
+  const crf3d::StdThreadParallel par(2);
+  const OwnedLattice lattice(f, n, d, par);
+  const std::vector<float> kv = lattice.Filter(v.data(), channels, false, par);
+  const std::vector<float> k1 = lattice.Filter(nullptr, 1, false, par);
+  double max_err = 0.0, sq_err = 0.0, sq_untouched = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    double norm = 0.0, sums[2] = {0.0, 0.0};
+    for (int64_t j = 0; j < n; ++j) {
+      double d2 = 0.0;
+      for (int k = 0; k < d; ++k) {
+        const double diff = static_cast<double>(f[static_cast<size_t>(i * d + k)]) -
+                            f[static_cast<size_t>(j * d + k)];
+        d2 += diff * diff;
+      }
+      const double w = std::exp(-0.5 * d2);
+      norm += w;
+      for (int c = 0; c < channels; ++c) sums[c] += w * v[static_cast<size_t>(j * channels + c)];
+    }
+    for (int c = 0; c < channels; ++c) {
+      const double exact = sums[c] / norm;
+      const double approx = static_cast<double>(kv[static_cast<size_t>(i * channels + c)]) /
+                            k1[static_cast<size_t>(i)];
+      max_err = std::max(max_err, std::abs(approx - exact));
+      sq_err += (approx - exact) * (approx - exact);
+      const double untouched = v[static_cast<size_t>(i * channels + c)] - exact;
+      sq_untouched += untouched * untouched;
+    }
+  }
+  const double rms = std::sqrt(sq_err / static_cast<double>(n * channels));
+  const double rms_untouched = std::sqrt(sq_untouched / static_cast<double>(n * channels));
+  const double range = 2.0;
+  std::string what = "normalised lattice filter vs brute-force Gaussian, " +
+                     std::to_string(shape.size()) + "-D grid, F = " + std::to_string(d);
+  Check(max_err <= 0.12 * range && rms <= 0.025 * range, what,
+        Format("max error %.4f, RMS %.4f; bounds 0.24, 0.05", max_err, rms));
+  Check(rms <= 0.2 * rms_untouched, what + ": it filters",
+        Format("RMS error %.4f vs %.4f unfiltered", rms, rms_untouched));
+}
+
+// 2. K^T is the adjoint of K: <K x, y> = <x, K^T y>, both sides summed in double. K = S^T B S
+// with B = B_F ... B_0; K^T = S^T B_0 ... B_F S. Each side is computed in float: the relative
+// gap is float rounding of sums of a few hundred terms (~1e-6), far below 1e-4.
+void CheckAdjoint() {
+  std::mt19937 rng(5);
+  int d = 0;
+  const std::vector<int64_t> shape = {9, 8, 7};
+  const std::vector<float> f = GridFeatures(shape, 0.7, 1, 0.8, rng, &d);
+  const int64_t n = static_cast<int64_t>(f.size()) / d;
+  const int channels = 3;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(n * channels)), y(x.size());
+  for (float& a : x) a = normal(rng);
+  for (float& a : y) a = normal(rng);
+  const crf3d::StdThreadParallel par(2);
+  const OwnedLattice lattice(f, n, d, par);
+  const std::vector<float> kx = lattice.Filter(x.data(), channels, false, par);
+  const std::vector<float> kty = lattice.Filter(y.data(), channels, true, par);
+  const std::vector<float> ky = lattice.Filter(y.data(), channels, false, par);
+  double left = 0.0, right = 0.0, scale = 0.0, asym = 0.0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    left += static_cast<double>(kx[i]) * y[i];
+    right += static_cast<double>(x[i]) * kty[i];
+    scale += std::abs(static_cast<double>(kx[i]) * y[i]);
+    asym += static_cast<double>(x[i]) * ky[i];
+  }
+  const double gap = std::abs(left - right) / scale;
+  Check(gap <= 1e-4, "blur/slice adjoint: <K x, y> = <x, K^T y>",
+        Format("relative gap %.2e; bound 1e-4 (|<x, K y> - <K x, y>| / scale = %.2e)", gap,
+               std::abs(asym - left) / scale));
+}
+
+// 3. Build, splat, blur and slice give bit-identical results with 1 and 3 threads (36,000
+// voxels: with 3 threads the build hashes in 2 chunks of >= 16k voxels and merges them, which
+// renumbers the lattice points but must not change a filtered value).
+void CheckThreadCount() {
+  std::mt19937 rng(9);
+  int d = 0;
+  const std::vector<float> f = GridFeatures({40, 30, 30}, 0.4, 2, 0.7, rng, &d);
+  const int64_t n = static_cast<int64_t>(f.size()) / d;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> v(static_cast<size_t>(n * 2));
+  for (float& a : v) a = normal(rng);
+  const crf3d::StdThreadParallel one(1), three(3);
+  const OwnedLattice a(f, n, d, one), b(f, n, d, three);
+  const std::vector<float> out_a = a.Filter(v.data(), 2, false, one);
+  const std::vector<float> out_b = b.Filter(v.data(), 2, false, three);
+  Check(out_a == out_b && a.m == b.m, "filter output independent of the thread count",
+        Format("%.0f voxels, %.0f lattice points", static_cast<double>(n),
+               static_cast<double>(a.m)));
+}
+
+// 4. Lattice points of tiny cases counted by hand. In one dimension the embedding maps f to
+// (x, -x) with x = f * 2 / sqrt(3) (Embedding's scale for d = 1: sqrt(2/3) * (d + 1) /
+// sqrt(1 * 2)), and the lattice points are (k, -k) for every integer k, so a voxel at x lands on
+// floor(x) and floor(x) + 1. x = 0.3, 0.6 -> {0, 1}; 1.5 -> {1, 2}; 4.2 -> {4, 5}: 5 points.
+// One voxel in F dimensions: its simplex has F + 1 distinct vertices.
+void CheckPointCounts() {
+  const crf3d::StdThreadParallel par(1);
+  const double to_f = std::sqrt(3.0) / 2.0;
+  const std::vector<float> line = {static_cast<float>(0.3 * to_f), static_cast<float>(0.6 * to_f),
+                                   static_cast<float>(1.5 * to_f), static_cast<float>(4.2 * to_f)};
+  const OwnedLattice one_d(line, 4, 1, par);
+  Check(one_d.m == 5, "lattice points, 1-D, x = 0.3, 0.6, 1.5, 4.2",
+        Format("%.0f points, expected %.0f", static_cast<double>(one_d.m), 5.0));
+  for (int d = 2; d <= 7; ++d) {
+    std::vector<float> single(static_cast<size_t>(d));
+    for (int k = 0; k < d; ++k) single[static_cast<size_t>(k)] = 0.37f * static_cast<float>(k + 1);
+    const OwnedLattice lattice(single, 1, d, par);
+    std::vector<float> twice(single);
+    twice.insert(twice.end(), single.begin(), single.end());
+    const OwnedLattice doubled(twice, 2, d, par);
+    Check(lattice.m == d + 1 && doubled.m == d + 1,
+          "lattice points of one voxel (and of two equal ones), F = " + std::to_string(d),
+          Format("%.0f and %.0f points", static_cast<double>(lattice.m),
+                 static_cast<double>(doubled.m)));
+  }
+}
+
+// Direct separable correlation in double: out[i] = sum over offsets inside the grid of
+// prod_a taps_a[o_a + r_a] * in[i + o], a loop over every voxel and every offset combination.
+std::vector<double> DirectSeparable(const crf3d::Grid& grid, const std::vector<double>& in,
+                                    const std::vector<std::vector<double>>& taps) {
+  const std::vector<int64_t>& s = grid.spatial;  // three axes
+  const int64_t c = grid.channels;
+  std::vector<double> out(in.size(), 0.0);
+  const int64_t r0 = static_cast<int64_t>(taps[0].size()) / 2;
+  const int64_t r1 = static_cast<int64_t>(taps[1].size()) / 2;
+  const int64_t r2 = static_cast<int64_t>(taps[2].size()) / 2;
+  auto at = [&](int64_t b, int64_t i, int64_t j, int64_t k) {
+    return ((b * s[0] + i) * s[1] + j) * s[2] + k;
+  };
+  for (int64_t b = 0; b < grid.batch; ++b)
+    for (int64_t i = 0; i < s[0]; ++i)
+      for (int64_t j = 0; j < s[1]; ++j)
+        for (int64_t k = 0; k < s[2]; ++k)
+          for (int64_t o0 = -r0; o0 <= r0; ++o0)
+            for (int64_t o1 = -r1; o1 <= r1; ++o1)
+              for (int64_t o2 = -r2; o2 <= r2; ++o2) {
+                const int64_t x = i + o0, y = j + o1, z = k + o2;
+                if (x < 0 || x >= s[0] || y < 0 || y >= s[1] || z < 0 || z >= s[2]) continue;
+                const double w = taps[0][static_cast<size_t>(o0 + r0)] *
+                                 taps[1][static_cast<size_t>(o1 + r1)] *
+                                 taps[2][static_cast<size_t>(o2 + r2)];
+                for (int64_t ch = 0; ch < c; ++ch) {
+                  out[static_cast<size_t>(at(b, i, j, k) * c + ch)] +=
+                      w * in[static_cast<size_t>(at(b, x, y, z) * c + ch)];
+                }
+              }
+  return out;
+}
+
+template <typename T>
+std::vector<crf3d::AxisTaps<T>> ToAxes(const std::vector<std::vector<double>>& taps) {
+  std::vector<crf3d::AxisTaps<T>> axes;
+  for (const auto& t : taps) {
+    crf3d::AxisTaps<T> axis;
+    axis.radius = static_cast<int>(t.size()) / 2;
+    axis.taps.assign(t.begin(), t.end());
+    axes.push_back(axis);
+  }
+  return axes;
+}
+
+// 5. The separable filter (float and double) and its taps' gradient against direct loops.
+// Tolerances: double agrees to rounding (1e-12 of the largest output); float to 1e-5 of it
+// (each output sums at most 5 x 11 x 3 products, each step rounded at 6e-8). Each tap's gradient
+// sums a whole grid of products (6720 values), so its bound is ten times wider.
+// The gradient: the filter is linear in each axis's taps, so d sum(g * out) / d taps_a[k] is
+// sum(g * out with axis a's taps replaced by the unit vector e_k).
+template <typename T>
+void CheckSeparable(const char* type, double tolerance) {
+  std::mt19937 rng(3);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  crf3d::Grid grid;
+  grid.batch = 2;
+  grid.spatial = {6, 4, 70};  // axis 1 shorter than its radius; rows of 70 * 2 > 64 values
+  grid.channels = 2;
+  const std::vector<std::vector<double>> taps = {
+      {0.2, -0.5, 1.0, 0.7, 0.1}, {0.3, 0.9, -0.4, 1.0, 0.6, 0.2, -0.8, 0.5, 0.4, 0.1, 0.3},
+      {0.4, 1.0, 0.25}};
+  std::vector<double> in(static_cast<size_t>(grid.size())), g(in.size());
+  for (double& x : in) x = normal(rng);
+  for (double& x : g) x = normal(rng);
+  const std::vector<T> in_t(in.begin(), in.end()), g_t(g.begin(), g.end());
+  std::vector<T> out(in.size()), scratch(2 * in.size());
+  const crf3d::StdThreadParallel par(2);
+  const std::vector<crf3d::AxisTaps<T>> axes = ToAxes<T>(taps);
+  crf3d::Status s = crf3d::SeparableCorrelate<T>(grid, axes, in_t.data(), out.data(),
+                                                 scratch.data(), par);
+  const std::vector<double> expected = DirectSeparable(grid, in, taps);
+  double max_err = 0.0, scale = 0.0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    max_err = std::max(max_err, std::abs(static_cast<double>(out[i]) - expected[i]));
+    scale = std::max(scale, std::abs(expected[i]));
+  }
+  Check(s.ok() && max_err <= tolerance * scale,
+        std::string("separable filter vs direct loop, 3-D, ") + type,
+        Format("max error %.2e of max |out| %.2f", max_err, scale));
+
+  std::vector<T> grad(taps[0].size() + taps[1].size() + taps[2].size());
+  s = crf3d::SeparableTapsGradient<T>(grid, axes, in_t.data(), g_t.data(), grad.data(),
+                                      scratch.data(), par);
+  double grad_err = 0.0, grad_scale = 0.0;
+  size_t at = 0;
+  for (size_t a = 0; a < taps.size(); ++a) {
+    for (size_t k = 0; k < taps[a].size(); ++k, ++at) {
+      std::vector<std::vector<double>> unit = taps;
+      std::fill(unit[a].begin(), unit[a].end(), 0.0);
+      unit[a][k] = 1.0;
+      const std::vector<double> partial = DirectSeparable(grid, in, unit);
+      double dot = 0.0;
+      for (size_t i = 0; i < g.size(); ++i) dot += g[i] * partial[i];
+      grad_err = std::max(grad_err, std::abs(static_cast<double>(grad[at]) - dot));
+      grad_scale = std::max(grad_scale, std::abs(dot));
+    }
+  }
+  Check(s.ok() && grad_err <= tolerance * grad_scale * 10,
+        std::string("separable filter's taps gradient vs direct loop, ") + type,
+        Format("max error %.2e of max |gradient| %.2f", grad_err, grad_scale));
+}
+
+}  // namespace
+
+int main() {
+  CheckAgainstBruteForce({12, 11}, 1, 1);
+  CheckAgainstBruteForce({6, 5, 7}, 0, 2);
+  CheckAdjoint();
+  CheckThreadCount();
+  CheckPointCounts();
+  CheckSeparable<double>("double", 1e-12);
+  CheckSeparable<float>("float", 1e-5);
+  std::printf("%s: %d check(s) failed\n", failures == 0 ? "passed" : "FAILED", failures);
+  return failures == 0 ? 0 : 1;
+}
