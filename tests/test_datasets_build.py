@@ -53,6 +53,7 @@ def test_prepare_promise_phantoms(tmp_path: Path) -> None:
         "manifest.json",
         "prepare_config.json",
         "splits.json",
+        "splits.json.settings.json",
     ]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["channels"] == ["T2"]

@@ -183,8 +183,14 @@ def test_split_file_created_then_reused(tmp_path: Path) -> None:
     first = load_or_create_splits(tmp_path, IDS, cfg)
     on_disk = json.loads((tmp_path / "splits.json").read_text())
     assert on_disk == first
-    # an existing file is reused as is, even when the seed changed (like nnU-Net)
-    assert load_or_create_splits(tmp_path, IDS, {**cfg, "seed": 99}) == first
+    assert load_or_create_splits(tmp_path, IDS, cfg) == first  # reused
+    # splits this code made are made again when a setting changes (never silently kept) ...
+    reseeded = load_or_create_splits(tmp_path, IDS, {**cfg, "seed": 99})
+    assert reseeded == kfold_splits(IDS, 5, 99) != first
+    assert json.loads((tmp_path / "splits.json").read_text()) == reseeded
+    # ... while a split file of the user's (no settings record) is reused as is, like nnU-Net
+    (tmp_path / "splits.json.settings.json").unlink()
+    assert load_or_create_splits(tmp_path, IDS, {**cfg, "seed": 0}) == reseeded
     with pytest.raises(DataError, match="cached cases missing") as info:
         load_or_create_splits(tmp_path, [*IDS, "Case50"], cfg)
     assert str(tmp_path / "splits.json") in str(info.value)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from crf_rnn_3d.datasets import cache
 from crf_rnn_3d.datasets.errors import ConfigError, DataError
-from crf_rnn_3d.datasets.io import atomic_write_json
+from crf_rnn_3d.datasets.io import atomic_write_json, remove_stale_temporaries
 from crf_rnn_3d.datasets.phantoms import write_phantoms
 from crf_rnn_3d.datasets.preprocess import PreprocessSettings, preprocess_case
 from crf_rnn_3d.datasets.readers import find_cases, read_case
@@ -94,6 +94,7 @@ def build_cache(data_cfg: Mapping, progress: bool = True) -> BuildReport:
     if on_error not in ON_ERROR:
         raise ConfigError("data.on_error", f"one of {ON_ERROR}", on_error)
     processed = Path(str(data_cfg["processed"]))
+    remove_stale_temporaries(processed)  # what a killed earlier build left
     report = BuildReport(processed_dir=processed)
     if data_cfg.get("phantom") is not None:
         _, report.phantoms_written = write_phantoms(

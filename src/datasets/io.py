@@ -303,6 +303,39 @@ def _temporary_path(path: Path) -> Path:
     return path.with_name(f".tmp-{os.getpid()}-{path.name}")
 
 
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of an earlier process that had this number: not ours now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Removes the temporary files and folders (``.tmp-<pid>-*``) that a killed process left in
+    ``folder`` (not below it), i.e. those whose process no longer runs; returns what it removed.
+    Called when a writer opens a folder again (the cache, a run), so a kill -9 leaves nothing
+    behind for long."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        pid = entry.name[len(".tmp-") :].split("-", 1)[0]
+        if not entry.name.startswith(".tmp-") or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; on success it is renamed to ``path``.

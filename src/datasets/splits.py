@@ -4,7 +4,8 @@ The file is a JSON list with one ``{"train": [...], "val": [...]}`` entry per fo
 ``kfold`` there are ``folds`` entries and each case is in exactly one ``val`` list; for
 ``holdout`` there is one entry whose ``val`` list is the held-out test set (``round(n *
 holdout_fraction)`` cases, 33 of BraTS 2015's 220 HGG cases at 0.15). A split file that exists
-is reused as is (like nnU-Net), provided it covers exactly the cached cases.
+is reused (like nnU-Net), provided it covers exactly the cached cases and, when this code made
+it, was made with the current settings (see :func:`load_or_create_splits`).
 :func:`read_splits` is the one reader of the file (the cache builder, the tf.data loader and the
 experiment stages all use it).
 """
@@ -98,9 +99,18 @@ def load_or_create_splits(
 ) -> list[dict[str, list[str]]]:
     """Reuses the split file when present (it must cover exactly ``case_ids``), else makes one.
 
-    Raises DataError naming the file when it is unreadable or covers other cases.
+    Splits this function made are recorded with their settings (``<file>.settings.json``):
+    when ``data.split`` changes, they are made again if nobody edited them, and refused
+    otherwise, never silently kept. A split file without that record is the user's (as with
+    nnU-Net's splits_final.json) and is reused as is, provided a k-fold one has
+    ``data.split.folds`` folds.
+
+    Raises DataError naming the file when it is unreadable, covers other cases, was edited and
+    made with other settings, or has another number of folds.
     """
     path = split_file(processed_dir, split_cfg)
+    made_with = _settings_file(path)
+    wanted = split_settings(split_cfg)
     if path.is_file():
         splits = read_splits(path)
         covered = {c for s in splits for c in (*s["train"], *s["val"])}
@@ -113,7 +123,52 @@ def load_or_create_splits(
                 f"cases not in the cache {extra}, cached cases missing {missing}; "
                 "delete the file to make new splits",
             )
+        recorded = _read_settings(made_with) if made_with.is_file() else None
+        if recorded is not None and recorded != wanted:
+            if splits != make_splits(case_ids, recorded):  # (they cover case_ids: see above)
+                raise DataError(
+                    str(path),
+                    f"splits made with the current data.split settings {wanted}",
+                    f"splits made with {recorded} and edited since; delete the file (and "
+                    f"{made_with.name}) to make new splits, or restore those settings",
+                )
+            splits = make_splits(case_ids, split_cfg)  # ours, untouched: made again
+            atomic_write_json(path, splits)
+            atomic_write_json(made_with, wanted)
+            return splits
+        if recorded is None and wanted["scheme"] == "kfold" and len(splits) != wanted["folds"]:
+            raise DataError(
+                str(path),
+                f"{wanted['folds']} folds (data.split.folds)",
+                f"{len(splits)}; delete the file to make new splits, or set data.split.folds",
+            )
         return splits
     splits = make_splits(case_ids, split_cfg)
     atomic_write_json(path, splits)
+    atomic_write_json(made_with, wanted)
     return splits
+
+
+def split_settings(split_cfg: Mapping) -> dict:
+    """The settings that decide the splits (scheme, and folds or holdout_fraction, and seed)."""
+    scheme = str(split_cfg["scheme"])
+    settings: dict = {"scheme": scheme, "seed": int(split_cfg["seed"])}
+    if scheme == "kfold":
+        settings["folds"] = int(split_cfg["folds"])
+    else:
+        settings["holdout_fraction"] = float(split_cfg["holdout_fraction"])
+    return settings
+
+
+def _settings_file(path: Path) -> Path:
+    """``<split file>.settings.json``: the settings the splits were made with, beside them."""
+    return path.with_name(path.name + ".settings.json")
+
+
+def _read_settings(path: Path) -> dict:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(
+            str(path), "the settings the splits were made with (JSON)", repr(exc)
+        ) from exc

@@ -9,6 +9,7 @@ variant). Starting a run again with the same config therefore finds its checkpoi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,31 @@ from crf_rnn_3d.datasets.splits import read_splits, split_file
 # train settings that steer the process but not the result: not part of a run's identity
 PROCESS_ONLY = ("checkpoint_every", "keep_checkpoints", "stop_after", "log_every", "image_every",
                 "progress", "save_model")  # fmt: skip
+
+
+def integer(setting: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as an int (a whole number, at least ``minimum``); ConfigError naming
+    ``setting`` otherwise (a command line's ``fold=abc`` stops with one line, not a traceback)."""
+    if isinstance(value, bool):
+        raise ConfigError(setting, "a whole number", value)
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(setting, "a whole number", value) from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(setting, f"a whole number >= {minimum}", value)
+    return number
+
+
+def real(setting: str, value: Any, positive: bool = False) -> float:
+    """``value`` as a finite float (> 0 with ``positive``); ConfigError naming ``setting``."""
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number) or (positive and number <= 0):
+        raise ConfigError(setting, "a finite number" + (" > 0" if positive else ""), value)
+    return number
 
 
 def plain(cfg: Any) -> Any:

@@ -15,12 +15,12 @@ and ``python -m crf_rnn_3d.experiments.report`` then collects them.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import hydra
 import keras
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from crf_rnn_3d import CONFIG_PATH
 from crf_rnn_3d.datasets.errors import ConfigError
@@ -60,7 +60,16 @@ def cross_validate(cfg: DictConfig | Mapping, prepare_data: bool = True) -> Prot
         prepare(cfg)
     n_folds = len(common.load_splits(cfg))
     folds = cfg.get("folds")
-    folds = list(range(n_folds)) if folds is None else [int(f) for f in folds]
+    if folds is not None and (
+        isinstance(folds, str) or not isinstance(folds, Sequence | ListConfig)
+    ):
+        expected = "null (all folds) or a list of fold numbers, e.g. folds=[0,2]"
+        raise ConfigError("folds", expected, folds)
+    folds = (
+        list(range(n_folds))
+        if folds is None
+        else [common.integer("folds", f, minimum=0) for f in folds]
+    )
     for f in folds:
         if not 0 <= f < n_folds:
             raise ConfigError("folds", f"fold numbers in 0..{n_folds - 1}", folds)

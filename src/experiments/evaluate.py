@@ -72,7 +72,7 @@ def evaluate(
 ) -> Evaluation:
     """Evaluates the (fold, variant) run (defaults ``cfg.fold``, ``cfg.variant``); returns an
     :class:`Evaluation` and writes predictions and ``evaluation.json`` into the run folder."""
-    fold = int(cfg["fold"] if fold is None else fold)
+    fold = common.integer("fold", cfg["fold"] if fold is None else fold, minimum=0)
     variant = str(cfg["variant"] if variant is None else variant)
     out = common.run_dir(cfg, fold, variant)
     model = restore_model(cfg, fold, variant)

@@ -11,24 +11,37 @@ from collections.abc import Mapping
 import keras
 import tensorflow as tf
 
-from crf_rnn_3d.datasets.errors import DataError
+from crf_rnn_3d.datasets.errors import ConfigError, DataError
 from crf_rnn_3d.experiments import common
-from crf_rnn_3d.models.vnet import build_vnet
+from crf_rnn_3d.models.vnet import VNetConfigError, build_vnet
 
 CHECKPOINTS = "checkpoints"  # the checkpoint folder inside a run folder
 
 
 def build_model(cfg: Mapping, variant: str, input_shape: tuple, spacing: tuple) -> keras.Model:
     """The variant's model for cases of ``input_shape`` (Z, Y, X, C) and ``spacing`` (z, y, x)
-    in mm: logits [B, Z, Y, X, K] with K = len(data.labels)."""
-    return build_vnet(
-        input_shape,
-        len(common.label_values(cfg)),
-        common.plain(cfg["model"]),
-        crf=common.variant_crf(cfg, variant),
-        spacing=spacing,
-        name=variant,
-    )
+    in mm: logits [B, Z, Y, X, K] with K = len(data.labels). A CRF setting the layer refuses
+    (``crf.theta_alpha=-1``, ``crf.num_iterations=0``) is a ConfigError naming ``crf.<key>``."""
+    crf = common.variant_crf(cfg, variant)
+    try:
+        return build_vnet(
+            input_shape,
+            len(common.label_values(cfg)),
+            common.plain(cfg["model"]),
+            crf=crf,
+            spacing=spacing,
+            name=variant,
+        )
+    except VNetConfigError:
+        raise
+    except ValueError as exc:
+        if crf is None:
+            raise
+        # the layer's messages start with the argument's name ("theta_alpha must be ...")
+        words = str(exc).split()
+        key = words[0].split("[")[0] if words else ""
+        setting = f"crf.{key}" if key in crf else "crf"
+        raise ConfigError(setting, "a value the CRF layer accepts", str(exc)) from exc
 
 
 def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str) -> None:

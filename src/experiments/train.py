@@ -27,6 +27,7 @@ last checkpoint), :func:`run_steps` (the step loop, logging and checkpoints) and
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from crf_rnn_3d import CONFIG_PATH
 from crf_rnn_3d.crf.callbacks import log_theta_summaries
 from crf_rnn_3d.datasets.errors import ConfigError, DataError
-from crf_rnn_3d.datasets.io import atomic_output, atomic_write_json
+from crf_rnn_3d.datasets.io import atomic_output, atomic_write_json, remove_stale_temporaries
 from crf_rnn_3d.datasets.tfdata import make_dataset
 from crf_rnn_3d.experiments import common
 from crf_rnn_3d.experiments.cli import run_stage
@@ -188,6 +189,29 @@ def _slice_image(image: tf.Tensor, label: tf.Tensor, logits: tf.Tensor) -> tf.Te
 # ---------------------------------------------------------------------- the run's folder
 
 
+def purge_tensorboard(folder: Path, after_step: int) -> int:
+    """Drops the events of steps after ``after_step`` from the TensorBoard event files in
+    ``folder`` (each file rewritten atomically), so that a resumed run does not log those steps
+    a second time; returns how many events were dropped."""
+    from tensorboard.compat.proto import event_pb2
+
+    dropped = 0
+    for events in sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []:
+        kept, dropped_here = [], 0
+        for record in tf.data.TFRecordDataset(str(events)):
+            event = event_pb2.Event.FromString(record.numpy())
+            if event.step > after_step and event.WhichOneof("what") == "summary":
+                dropped_here += 1
+            else:
+                kept.append(record.numpy())
+        dropped += dropped_here
+        if dropped_here:
+            with atomic_output(events) as tmp, tf.io.TFRecordWriter(str(tmp)) as out:
+                for record in kept:
+                    out.write(record)
+    return dropped
+
+
 def _read_state(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -212,6 +236,8 @@ class RunRecord:
         self.folder = common.run_dir(cfg, fold, variant)
         self.steps = steps
         self.folder.mkdir(parents=True, exist_ok=True)
+        for folder in (self.folder, self.folder / CHECKPOINTS):
+            remove_stale_temporaries(folder)  # what a killed earlier invocation left
         atomic_write_json(self.folder / "run.json", common.run_identity(cfg, fold, variant))
         prior = _read_state(self.folder / self.STATE)
         self.finished = bool(prior.get("complete")) and prior.get("steps_done") == steps
@@ -221,18 +247,46 @@ class RunRecord:
         self._manager: tf.train.CheckpointManager | None = None
 
     def resume(self, session: Session, keep: int) -> int:
-        """Restores the run's last checkpoint (if any) into the session's model, optimiser and
-        step counter, keeping ``keep`` checkpoints from now on; returns the step resumed from."""
+        """Restores the run's last readable checkpoint (if any) into the session's model,
+        optimiser and step counter, keeping ``keep`` checkpoints from now on; returns the step
+        resumed from.
+
+        A newest checkpoint that cannot be read (a process killed while writing it) is set
+        aside as ``<name>.corrupt-*`` with a warning, and the one before it is used; when none
+        can be read, the newest one's DataError stops the run. What was logged after the step
+        resumed from (TensorBoard events, the history in state.json) is dropped, so that the
+        steps trained again are not logged twice.
+        """
         checkpoint = tf.train.Checkpoint(
             model=session.model, optimizer=session.optimizer, step=session.step
         )
-        self._manager = tf.train.CheckpointManager(
-            checkpoint, str(self.folder / CHECKPOINTS), max_to_keep=keep
-        )
-        if self._manager.latest_checkpoint:
-            restore_checkpoint(checkpoint, self._manager.latest_checkpoint)
+        directory = str(self.folder / CHECKPOINTS)
+        self._manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+        candidates = list(reversed(self._manager.checkpoints))
+        unreadable: list[str] = []
+        newest_error: DataError | None = None
+        for path in candidates:
+            try:
+                restore_checkpoint(checkpoint, path)
+                break
+            except DataError as exc:
+                newest_error = newest_error or exc
+                if path == candidates[-1]:
+                    raise newest_error from None
+                unreadable.append(path)
+                print(f"warning: {exc}; resuming from the checkpoint before it",
+                      file=sys.stderr)  # fmt: skip
+        if unreadable:
+            usable = [p for p in self._manager.checkpoints if p not in unreadable]
+            for path in unreadable:
+                for part in Path(path).parent.glob(Path(path).name + ".*"):
+                    part.rename(part.with_name(f"{part.name}.corrupt-{int(time.time())}"))
+            tf.compat.v1.train.update_checkpoint_state(directory, usable[-1], usable)
+            self._manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
         start = int(session.step.numpy())
         self.started_from.append(start)
+        self.history = [h for h in self.history if int(h["step"]) <= start]
+        purge_tensorboard(self.folder / "tensorboard", after_step=start)
         return start
 
     def log(self, step: int, loss: float, dice: float) -> None:
@@ -289,13 +343,29 @@ class Session:
 
 
 def check_settings(train_cfg: Mapping) -> int:
-    """``train.steps`` after checking it and ``train.checkpoint_every`` (ConfigError)."""
-    steps = int(train_cfg["steps"])
-    every = int(train_cfg["checkpoint_every"])
-    if steps < 1:
-        raise ConfigError("train.steps", "a positive integer", steps)
-    if every < 1:
-        raise ConfigError("train.checkpoint_every", "a positive integer", every)
+    """Checks the ``train`` settings before anything is built or traced (a bad value is a
+    ConfigError naming it, never a traceback from inside a compiled step); returns
+    ``train.steps``."""
+    steps = common.integer("train.steps", train_cfg["steps"], minimum=1)
+    for key in ("checkpoint_every", "log_every", "image_every", "keep_checkpoints"):
+        common.integer(f"train.{key}", train_cfg[key], minimum=1)
+    if train_cfg.get("stop_after") is not None:
+        common.integer("train.stop_after", train_cfg["stop_after"], minimum=1)
+    if str(train_cfg["loss"]) not in LOSSES:
+        raise ConfigError("train.loss", f"one of {LOSSES}", train_cfg["loss"])
+    for key in ("ce_weight", "dice_weight", "dice_smooth"):
+        if key in train_cfg:
+            common.real(f"train.{key}", train_cfg[key])
+    opt = train_cfg["optimizer"]
+    if str(opt["name"]) not in OPTIMIZERS:
+        raise ConfigError("train.optimizer.name", f"one of {OPTIMIZERS}", opt["name"])
+    common.real("train.optimizer.learning_rate", opt["learning_rate"], positive=True)
+    for key in ("weight_decay", "momentum", "clipnorm"):
+        if opt.get(key) is not None:
+            common.real(f"train.optimizer.{key}", opt[key])
+    name = train_cfg["schedule"]["name"]
+    if str(name) not in SCHEDULES:
+        raise ConfigError("train.schedule.name", f"one of {SCHEDULES}", name)
     return steps
 
 
@@ -409,7 +479,7 @@ def train(
     """Trains (or resumes, or finds finished) the (fold, variant) run; defaults: ``cfg.fold``,
     ``cfg.variant``. Returns a :class:`TrainResult`. Raises ConfigError / VNetConfigError for
     a bad setting, DataError when the cache or splits are missing."""
-    fold = int(cfg["fold"] if fold is None else fold)
+    fold = common.integer("fold", cfg["fold"] if fold is None else fold, minimum=0)
     variant = str(cfg["variant"] if variant is None else variant)
     steps = check_settings(cfg["train"])
     record = RunRecord(cfg, fold, variant, steps)
