@@ -28,10 +28,6 @@ ALLOWED = {
     "experiments": {"experiments", *BELOW_EXPERIMENTS},
     "benchmarks": {"benchmarks", *BELOW_EXPERIMENTS},
 }
-# Files of the TensorFlow adapter that branch `cpp` moves out of src/lattice_op/csrc/ (into a
-# folder of its own). Until that lands they are still there; the check below skips a listed
-# file only while it exists and does include TensorFlow. Delete this set once they have moved.
-ADAPTER_STILL_IN_CSRC = {"lattice_op/csrc/tf_ops.cc", "lattice_op/csrc/tf_kernels.cc"}
 TF_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]tensorflow/', re.MULTILINE)
 
 
@@ -206,11 +202,7 @@ def test_framework_free_cpp_includes_no_tensorflow():
     offenders = []
     for path in files:
         relative = path.relative_to(SRC).as_posix()
-        includes_tf = bool(TF_INCLUDE.search(path.read_text()))
-        if relative in ADAPTER_STILL_IN_CSRC:
-            assert includes_tf, f"{relative} is framework-free now: drop it from the allowance"
-            continue
-        if includes_tf:
+        if TF_INCLUDE.search(path.read_text()):
             offenders.append(relative)
     assert not offenders, f"TensorFlow includes in framework-free C++: {offenders}"
 
