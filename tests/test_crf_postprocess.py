@@ -223,3 +223,75 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["t1.mhd", "t1.raw", "t2.mhd", "t2.raw", "probs.mhd", "probs.raw"]
     )
+
+
+# ---- refusals that were silent wrong results or tracebacks (issue 13)
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("target", ["probs", "t1", "t2"])
+def test_output_over_an_input_is_refused(tmp_path, target) -> None:
+    paths, _, _ = make_case(tmp_path, ".mha", "vector")
+    before = _hashes(tmp_path)
+    with pytest.raises(cli.PostprocessError, match=r"setting output: .* is an input") as info:
+        cli.run([paths["t1"], paths["t2"]], paths["probs"], paths[target], None, dict(SETTINGS))
+    assert paths[target] in str(info.value)
+    assert _hashes(tmp_path) == before  # nothing changed, nothing added
+    with pytest.raises(cli.PostprocessError, match=r"output_probabilities: .* is an input"):
+        cli.run([paths["t1"], paths["t2"]], paths["probs"], str(tmp_path / "l.mha"), paths[target],
+                dict(SETTINGS))  # fmt: skip
+    assert _hashes(tmp_path) == before
+
+
+def test_output_over_an_input_by_another_name_is_refused(tmp_path) -> None:
+    paths, _, _ = make_case(tmp_path, ".mha", "vector")
+    (tmp_path / "sub").mkdir()
+    other_name = str(tmp_path / "sub" / ".." / "probs.mha")
+    with pytest.raises(cli.PostprocessError, match="is an input"):
+        cli.run([paths["t1"]], paths["probs"], other_name, None, dict(SETTINGS))
+
+
+def test_both_outputs_on_one_file_and_a_folder_as_output_are_refused(tmp_path) -> None:
+    paths, _, _ = make_case(tmp_path, ".mha", "vector")
+    same = str(tmp_path / "out.mha")
+    with pytest.raises(cli.PostprocessError, match="output and output_probabilities: both"):
+        cli.run([paths["t1"]], paths["probs"], same, same, dict(SETTINGS))
+    with pytest.raises(cli.PostprocessError, match=r"setting output: .* is a folder"):
+        cli.run([paths["t1"]], paths["probs"], str(tmp_path), None, dict(SETTINGS))
+    assert not (tmp_path / "out.mha").exists()
+
+
+def test_volume_beside_a_2d_image_is_not_read_as_classes(tmp_path) -> None:
+    """A 3D map of 20 slices beside a 2D image was read as 20 classes and the run exited 0."""
+    rng = np.random.default_rng(1)
+    image = tmp_path / "slice.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(rng.normal(size=(9, 11)).astype(np.float32)),
+                    str(image))  # fmt: skip
+    volume = tmp_path / "volume.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(rng.uniform(size=(20, 9, 11)).astype(np.float32)),
+                    str(volume))  # fmt: skip
+    with pytest.raises(cli.PostprocessError, match=r"20 classes .* do not sum to 1") as info:
+        cli.run([str(image)], str(volume), str(tmp_path / "l.mha"), None, dict(SETTINGS))
+    assert str(volume) in str(info.value)
+    assert not (tmp_path / "l.mha").exists()
+
+
+def test_width_too_small_for_the_lattice_is_one_line(tmp_path) -> None:
+    paths, _, _ = make_case(tmp_path, ".nii.gz", "fourd", classes=2)
+    out = tmp_path / "labels.nii.gz"
+    proc = _run_cli(
+        f"image={paths['t1']}", f"probabilities={paths['probs']}", f"output={out}",
+        "crf.theta_alpha=1e-6", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: settings crf"), proc.stderr[-3000:]
+    assert "function_node" not in errors[0] and "[Op:" not in errors[0]
+    assert "theta_alpha=1e-06" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()

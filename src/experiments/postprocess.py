@@ -30,6 +30,8 @@ status 2 and one line naming the file or setting.
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -57,6 +59,8 @@ SETTINGS = (
     "standardise_image",
 )
 REQUIRED = ("image", "probabilities", "output")
+# Class probabilities read from the extra axis of a scalar image must sum to 1 within this.
+SUM_TOL = 1e-2
 
 # Bad input or output file or setting: the message names it (``<role> <path>: <what>``). A
 # DataError, so the stage wrapper reports it as one line with exit code 2.
@@ -143,7 +147,20 @@ def _sitk_probabilities(path: str, ref: sitk.Image, ref_path: str) -> np.ndarray
         return io.image_array(image)
     if image.GetDimension() == ndim + 1 and comps == 1:
         io.check_same_grid(ref, ref_path, image, path, "probability map")
-        return np.moveaxis(io.image_array(image), 0, -1)  # file's last axis comes first
+        probs = np.moveaxis(io.image_array(image), 0, -1)  # file's last axis comes first
+        # A scalar image with one more axis may as well be a volume that does not belong to a
+        # lower-dimensional image (a 3D map beside a 2D image read as 20 "classes"): it is read
+        # as classes only when they form a distribution (sum 1 at every voxel).
+        sums = probs.astype(np.float64).sum(axis=-1)
+        if probs.shape[-1] > 1 and not np.allclose(sums, 1.0, atol=SUM_TOL):
+            raise PostprocessError(
+                f"probability map {path}: a {image.GetDimension()}D scalar image beside a "
+                f"{ndim}D image is read as {probs.shape[-1]} classes along its last axis, but "
+                f"they do not sum to 1 (sums {float(sums.min()):.3g}..{float(sums.max()):.3g}): "
+                "if it is a volume, it does not belong to this image; a multi-label map must "
+                "be a K-component image"
+            )
+        return probs
     if image.GetDimension() == ndim and comps == 1:
         io.check_same_grid(ref, ref_path, image, path, "probability map")
         fg = io.image_array(image)
@@ -194,6 +211,7 @@ def run(
     settings = dict(settings or load_settings())
     standardise = bool(settings.pop("standardise_image"))
     images = [str(p) for p in images]
+    check_outputs(images, str(probabilities), str(output), output_probabilities)
     start = time.perf_counter()
     log(f"reading {len(images)} image(s) and {probabilities}")
     ref, image, spacing = load_images(images)
@@ -210,12 +228,21 @@ def run(
         f"{settings['num_iterations']} iterations, mode {settings['mode']}"
     )
     start = time.perf_counter()
+    import tensorflow as tf
+
     from crf_rnn_3d.crf.dense_crf import dense_crf  # TensorFlow loads only once the inputs are good
 
     try:
         refined = dense_crf(probs, image, spacing, **settings)
     except ValueError as err:
         raise PostprocessError(f"settings or inputs ({probabilities}): {err}") from err
+    except (tf.errors.InvalidArgumentError, tf.errors.ResourceExhaustedError) as err:
+        # e.g. a kernel width so small that the features outgrow the lattice
+        raise PostprocessError(
+            f"settings crf (widths theta_alpha={settings['theta_alpha']}, theta_beta="
+            f"{settings['theta_beta']}, theta_gamma={settings['theta_gamma']} for spacing "
+            f"{spacing} mm): {_op_message(err)}"
+        ) from err
     crf_s = time.perf_counter() - start
     start = time.perf_counter()
     labels = refined.argmax(axis=-1)
@@ -228,6 +255,48 @@ def run(
     write_s = time.perf_counter() - start
     log(f"time: read {read_s:.2f} s, CRF {crf_s:.2f} s, write {write_s:.2f} s")
     return {"read": read_s, "crf": crf_s, "write": write_s}
+
+
+def _op_message(err: Exception) -> str:
+    """A TensorFlow op error's own sentence, without the graph node's name and the op tag."""
+    text = str(getattr(err, "message", err)).splitlines()[0]
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:.*$", "", text).strip()
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(
+    images: Sequence[str], probabilities: str, output: str, output_probabilities: str | None
+) -> None:
+    """Refuses outputs that would replace an input or each other, or that are folders
+    (PostprocessError naming both), before anything is read or written."""
+    outputs = {"output": output}
+    if output_probabilities:
+        outputs["output_probabilities"] = output_probabilities
+    inputs = {**{f"image {p}": p for p in images}, f"probabilities {probabilities}": probabilities}
+    for key, path in outputs.items():
+        if os.path.isdir(path):
+            raise PostprocessError(
+                f"setting {key}: {path} is a folder; give a file name, e.g. {path}/labels.nii.gz"
+            )
+        for role, source in inputs.items():
+            if _same_file(path, source):
+                raise PostprocessError(
+                    f"setting {key}: {path} is an input ({role}); it would be overwritten"
+                )
+    if output_probabilities and _same_file(output, output_probabilities):
+        raise PostprocessError(
+            f"settings output and output_probabilities: both are {output}; one would "
+            "overwrite the other"
+        )
 
 
 def postprocess(cfg: DictConfig, log: Callable[[str], Any] = print) -> dict[str, float]:
