@@ -68,3 +68,38 @@ def test_fail_prints_one_line_and_exits_2(capsys):
         cli.fail("first line\n   second line")
     assert info.value.code == 2
     assert capsys.readouterr().err == "error: first line second line\n"
+
+
+# ---- overrides Hydra cannot parse or apply: one line and exit code 2 too (issue 13)
+
+
+PARSE = "error: command line: Error parsing override"
+UNKNOWN = "error: command line: Could not override"
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "expected"),
+    [
+        ("prepare", "data.split.folds", f"{PARSE} 'data.split.folds'"),
+        ("prepare", "data.split.fold=3", f"{UNKNOWN} 'data.split.fold'."),
+        ("prepare", "data=nope", "error: command line: In 'config': Could not find 'data/nope'"),
+        ("postprocess", "crf.theta_alpha", f"{PARSE} 'crf.theta_alpha'"),
+        ("postprocess", "crf.theta=3", f"{UNKNOWN} 'crf.theta'."),
+    ],
+)
+def test_unparsable_or_unknown_override_is_one_line_and_exit_2(
+    tmp_path, stage, override, expected
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", f"crf_rnn_3d.experiments.{stage}", override],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # Hydra wrote no run folder

@@ -18,14 +18,12 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import hydra
 import keras
 from omegaconf import DictConfig, ListConfig
 
-from crf_rnn_3d import CONFIG_PATH
 from crf_rnn_3d.datasets.errors import ConfigError
 from crf_rnn_3d.experiments import common
-from crf_rnn_3d.experiments.cli import run_stage
+from crf_rnn_3d.experiments.cli import hydra_app, run_stage
 from crf_rnn_3d.experiments.evaluate import Evaluation, evaluate
 from crf_rnn_3d.experiments.prepare import prepare
 from crf_rnn_3d.experiments.report import ReportResult, report
@@ -89,7 +87,7 @@ def cross_validate(cfg: DictConfig | Mapping, prepare_data: bool = True) -> Prot
     return result
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
+@hydra_app("config")
 def main(cfg: DictConfig) -> None:
     result = run_stage(cross_validate, cfg)
     for e in result.evaluations:

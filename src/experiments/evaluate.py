@@ -17,16 +17,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from crf_rnn_3d import CONFIG_PATH
 from crf_rnn_3d.datasets import cache
 from crf_rnn_3d.datasets.cache import export_prediction
 from crf_rnn_3d.datasets.io import atomic_output, atomic_write_json
 from crf_rnn_3d.experiments import common
-from crf_rnn_3d.experiments.cli import run_stage
+from crf_rnn_3d.experiments.cli import hydra_app, run_stage
 from crf_rnn_3d.experiments.model_io import restore_model
 
 
@@ -96,7 +94,7 @@ def evaluate(
     return Evaluation(out, fold, variant, dice)
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
+@hydra_app("config")
 def main(cfg: DictConfig) -> None:
     result = run_stage(evaluate, cfg)
     for case, d in result.dice.items():

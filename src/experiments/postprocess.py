@@ -37,14 +37,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import SimpleITK as sitk
 from omegaconf import DictConfig, OmegaConf
 
-from crf_rnn_3d import CONFIG_MODULE, CONFIG_PATH
+from crf_rnn_3d import CONFIG_MODULE
 from crf_rnn_3d.datasets import io
-from crf_rnn_3d.experiments.cli import run_stage
+from crf_rnn_3d.experiments.cli import hydra_app, run_stage
 
 CONFIG_NAME = "postprocess"
 SETTINGS = (
@@ -326,7 +325,7 @@ def postprocess(cfg: DictConfig, log: Callable[[str], Any] = print) -> dict[str,
     )
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base="1.3")
+@hydra_app(CONFIG_NAME)
 def main(cfg: DictConfig) -> None:
     run_stage(postprocess, cfg)
 

@@ -7,13 +7,11 @@ Any Hydra override works, e.g. ``data.root=/mnt/PROMISE12 data.on_error=skip``.
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from crf_rnn_3d import CONFIG_PATH
 from crf_rnn_3d.datasets.build import BuildReport, build_cache
 from crf_rnn_3d.datasets.io import atomic_write_json
-from crf_rnn_3d.experiments.cli import run_stage
+from crf_rnn_3d.experiments.cli import hydra_app, run_stage
 
 
 def prepare(cfg: DictConfig) -> BuildReport:
@@ -40,7 +38,7 @@ def summary(report: BuildReport) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
+@hydra_app("config")
 def main(cfg: DictConfig) -> None:
     run_stage(prepare, cfg, show=lambda report: print(summary(report)))
 

@@ -32,14 +32,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from crf_rnn_3d import CONFIG_PATH
 from crf_rnn_3d.datasets.errors import DataError
 from crf_rnn_3d.datasets.io import atomic_folder
 from crf_rnn_3d.experiments import common
-from crf_rnn_3d.experiments.cli import run_stage
+from crf_rnn_3d.experiments.cli import hydra_app, run_stage
 from crf_rnn_3d.experiments.report_figures import plot_dice, plot_examples
 from crf_rnn_3d.experiments.report_markdown import markdown
 from crf_rnn_3d.experiments.report_stats import paired_tests, summarise
@@ -115,7 +113,7 @@ def report(cfg: DictConfig | Mapping) -> ReportResult:
     return ReportResult(folder, summary)
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
+@hydra_app("config")
 def main(cfg: DictConfig) -> None:
     result = run_stage(report, cfg)
     print((result.folder / "report.md").read_text())

@@ -33,19 +33,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import keras
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from crf_rnn_3d import CONFIG_PATH
 from crf_rnn_3d.crf.callbacks import log_theta_summaries
 from crf_rnn_3d.datasets.errors import ConfigError, DataError
 from crf_rnn_3d.datasets.io import atomic_output, atomic_write_json, remove_stale_temporaries
 from crf_rnn_3d.datasets.tfdata import make_dataset
 from crf_rnn_3d.experiments import common
-from crf_rnn_3d.experiments.cli import run_stage
+from crf_rnn_3d.experiments.cli import hydra_app, run_stage
 from crf_rnn_3d.experiments.evaluate import Evaluation, evaluate
 from crf_rnn_3d.experiments.model_io import CHECKPOINTS, build_model, restore_checkpoint
 
@@ -504,7 +502,7 @@ def train_and_evaluate(cfg: DictConfig) -> tuple[TrainResult, Evaluation | None]
     return result, (evaluate(cfg) if result.complete else None)
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
+@hydra_app("config")
 def main(cfg: DictConfig) -> None:
     result, evaluation = run_stage(train_and_evaluate, cfg)
     if evaluation is not None:
