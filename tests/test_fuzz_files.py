@@ -623,10 +623,6 @@ PP_KNOWN: dict[tuple[str, str, str], str] = {
         "image and map with pixdim[1] = 0: SimpleITK reads spacing 1.0, the CRF runs with a "
         "1 mm x spacing and exit 0 writes labels with spacing 1.0 (silent wrong result)"
     ),
-    (".nii.gz", "image", "spacing_zero"): (
-        "SimpleITK reads a NIfTI image with pixdim[1] = 0 (and srow_x[0] = 0) as spacing 1.0 "
-        "without a word; the error then blames the (good) probability map's spacing"
-    ),
 }
 
 
