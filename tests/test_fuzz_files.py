@@ -352,16 +352,9 @@ def prepare_cases() -> list[tuple[str, str, str]]:
     return out
 
 
-# Cases that break the contract today (issue 13), kept as strict xfails for the lead to fix.
-_FOLDER = (
-    "a folder where the file should be: the error names the case's folder and says no file "
-    "was found ('expected ... found none'), not the folder standing at the file's name"
-)
-KNOWN: dict[tuple[str, str, str], str] = {
-    ("promise12", "label", "directory"): _FOLDER,
-    ("brats_nifti", "image", "directory"): _FOLDER,
-    ("brats_nifti", "label", "directory"): _FOLDER,
-}
+# Cases that break the contract, kept as strict xfails until fixed (issue 13). None today: the
+# three "folder where the file should be" cases now name the folder (readers, io).
+KNOWN: dict[tuple[str, str, str], str] = {}
 # Trailing bytes after a .nii.gz's voxels: the file's own data is intact, so caching it is a
 # correct result when the cache equals that of the unbroken file.
 BENIGN = {("brats_nifti", "extended")}
@@ -612,18 +605,8 @@ def check_label_map(output: Path, image: Path) -> None:
 
 # Cases of crf3d-postprocess that break the contract today (issue 13).
 GEOMETRY = ("spacing_nan", "spacing_zero", "offset_nan")  # never a correct result
-_NAN_ORIGIN = (
-    "image and map both with a NaN origin: accepted (exit 0), labels written with the NaN "
-    "origin (silent wrong result; one file alone is caught as a grid mismatch)"
-)
-PP_KNOWN: dict[tuple[str, str, str], str] = {
-    (".mha", "both", "offset_nan"): _NAN_ORIGIN,
-    (".nii.gz", "both", "offset_nan"): _NAN_ORIGIN,
-    (".nii.gz", "both", "spacing_zero"): (
-        "image and map with pixdim[1] = 0: SimpleITK reads spacing 1.0, the CRF runs with a "
-        "1 mm x spacing and exit 0 writes labels with spacing 1.0 (silent wrong result)"
-    ),
-}
+# None today: a NaN origin and a zero NIfTI pixdim in both files are refused by io.read_image.
+PP_KNOWN: dict[tuple[str, str, str], str] = {}
 
 
 def _pp_param(case: tuple[str, str, str]):

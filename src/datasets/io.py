@@ -17,6 +17,7 @@ every file the package writes goes through them.
 
 from __future__ import annotations
 
+import io as io_module
 import json
 import os
 import shutil
@@ -77,7 +78,7 @@ def _check_geometry(
     if not np.all(np.isfinite(origin)):
         raise DataError(path, "a finite origin", f"{tuple(origin)}")
     if not np.all(np.isfinite(direction)) or not np.allclose(
-        direction.T @ direction, np.eye(3), atol=DIRECTION_TOL
+        direction.T @ direction, np.eye(len(direction)), atol=DIRECTION_TOL
     ):
         raise DataError(
             path,
@@ -222,6 +223,8 @@ def read_sitk(path: str | os.PathLike) -> Volume:
     Raises DataError if the file is missing, unreadable, truncated or not 3D scalar.
     """
     path = str(path)
+    if os.path.isdir(path):
+        raise DataError(path, "an image file", "a folder")
     if not os.path.isfile(path):
         raise DataError(path, "an image file", "no such file")
     if path.lower().endswith((".mhd", ".mha")):
@@ -249,8 +252,11 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     Raises DataError if the file is missing, unreadable, truncated or not 3D.
     """
     path = str(path)
+    if os.path.isdir(path):
+        raise DataError(path, "a NIfTI file", "a folder")
     if not os.path.isfile(path):
         raise DataError(path, "a NIfTI file", "no such file")
+    _check_nifti_zooms(path)
     try:
         image = nib.load(path)
         return nifti_to_volume(image, path)
@@ -466,14 +472,80 @@ def read_image(path: str | os.PathLike, role: str) -> sitk.Image:
     Raises InputFileError ``<role> <path>: no such file`` / ``could not be read (...)``.
     """
     path = str(path)
+    if os.path.isdir(path):
+        raise InputFileError(f"{role} {path}: a folder, not an image file", path)
     if not os.path.isfile(path):
         raise InputFileError(f"{role} {path}: no such file", path)
+    name = path.lower()
     try:
-        return sitk.ReadImage(path)
+        if name.endswith((".mhd", ".mha")):
+            _check_metaimage_header(path)
+        if name.endswith((".nii", ".nii.gz")):
+            _check_nifti_zooms(path)
+    except DataError as err:
+        raise InputFileError(
+            f"{role} {path}: expected {err.expected}, found {err.found}", path
+        ) from err
+    try:
+        image = sitk.ReadImage(path)
     except Exception as err:  # SimpleITK raises RuntimeError with a long ITK trace
         raise InputFileError(
             f"{role} {path}: could not be read ({_first_line(err)})", path
         ) from err
+    n = image.GetDimension()
+    try:
+        _check_geometry(
+            tuple(image.GetSize()),
+            np.array(image.GetSpacing(), dtype=float),
+            np.array(image.GetOrigin(), dtype=float),
+            np.array(image.GetDirection(), dtype=float).reshape(n, n),
+            path,
+        )
+    except DataError as err:
+        raise InputFileError(
+            f"{role} {path}: expected {err.expected}, found {err.found}", path
+        ) from err
+    return image
+
+
+def _check_nifti_zooms(path: str) -> None:
+    """What SimpleITK would read from a NIfTI header without a word: a voxel size (pixdim) of 0
+    or NaN is read as 1 mm, and NaN in the sform or qform falls back to the other one. The
+    header's spatial pixdim must be finite and > 0, and the transforms its codes say to use
+    must hold finite numbers (DataError otherwise)."""
+    try:  # the header as stored: nibabel's load would already have "fixed" a zero pixdim
+        from nibabel.openers import ImageOpener
+
+        with ImageOpener(path) as f:
+            raw = f.read(540)
+        kind = (
+            nib.Nifti2Header
+            if len(raw) >= 540 and raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")
+            else nib.Nifti1Header
+        )
+        header = kind.from_fileobj(io_module.BytesIO(raw), check=False)
+        pixdim = np.array(header["pixdim"][1:4], dtype=float)
+    except Exception:
+        return  # an unreadable header: SimpleITK will name the file
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise DataError(
+            path,
+            "a voxel spacing (pixdim) > 0 along every spatial axis",
+            f"{tuple(float(v) for v in pixdim)}",
+        )
+    fields = []
+    if int(header["sform_code"]) > 0:
+        fields += ["srow_x", "srow_y", "srow_z"]
+    if int(header["qform_code"]) > 0:
+        fields += ["quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z"]
+    for field in fields:
+        values = np.array(header[field], dtype=float)
+        if not np.all(np.isfinite(values)):
+            raise DataError(
+                path,
+                f"finite numbers in the header's {field} (the origin and direction)",
+                f"{values.tolist()}",
+            )
 
 
 def image_array(image: sitk.Image) -> np.ndarray:

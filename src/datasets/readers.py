@@ -127,7 +127,7 @@ def find_promise12(root: Path) -> list[CaseFiles]:
             cases[case_id] = CaseFiles(
                 case_id=case_id,
                 images={"T2": str(folder / entry)},
-                label=str(seg) if seg.is_file() else None,
+                label=str(seg) if seg.exists() else None,  # a folder there: read_case says so
                 folder=str(folder),
             )
     if not cases:
@@ -190,8 +190,8 @@ def find_brats_nifti(
     first = next(iter(modality_suffixes.values()))
     pattern = re.compile(rf"^(.+){re.escape(separator)}{re.escape(first)}\.nii(\.gz)?$")
     cases = []
-    for folder, _dirs, files in sorted(os.walk(root)):
-        names = set(files)
+    for folder, dirs, files in sorted(os.walk(root)):
+        names = set(files) | set(dirs)  # a folder under a file's name: read_case names it
         for name in sorted(files):
             m = pattern.match(name)
             if not m:
