@@ -227,6 +227,16 @@ def test_mean_field_inference(bad, which) -> None:
 
 
 @pytest.mark.parametrize("bad", BAD, ids=BAD_IDS)
+def test_fused_kernel_names_the_voxel(bad) -> None:
+    """The fused kernel's message places the bad unary: (1, 3, 2, 1) in a 6 x 5 x 4 grid is
+    voxel 3 * 20 + 2 * 4 + 1 = 69 of batch item 1, class 2."""
+    layer = CrfRnn(num_iterations=2, fused_inference=True)
+    unaries, image = inputs_with_bad("unaries", bad)
+    with pytest.raises(InvalidArg, match=r"\(batch item 1, voxel 69 of it .*, class 2\)"):
+        layer([unaries, image], training=False)
+
+
+@pytest.mark.parametrize("bad", BAD, ids=BAD_IDS)
 @pytest.mark.parametrize("which", ["probabilities", "image"])
 @pytest.mark.parametrize("exact", [False, True])
 def test_dense_crf(bad, which, exact) -> None:
