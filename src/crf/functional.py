@@ -96,6 +96,31 @@ def bilateral_features(
     return tf.concat([pos, image * scale], axis=-1)
 
 
+def require_finite(tensor: tf.Tensor, name: str) -> tf.Tensor:
+    """`tensor` unchanged, after checking that it holds no NaN or Inf.
+
+    The CRF's rule for non-finite input (docs/reliability.md, "NaN and Inf"): an
+    InvalidArgumentError whose message names the tensor, eagerly and inside ``tf.function``
+    (the returned tensor depends on the check, so nothing downstream runs first). One
+    multithreaded pass (is_finite, reduce_all) over the tensor. The gradient passes through
+    unchecked: an upstream NaN or Inf gradient is not an input fault.
+
+    Args:
+      tensor: any float tensor; name: how the message calls it (e.g. "unaries").
+
+    Returns:
+      The same values (an identity of `tensor`).
+    """
+    finite = tf.reduce_all(tf.math.is_finite(tf.stop_gradient(tensor)))
+    check = tf.debugging.Assert(
+        finite,
+        [f"{name} contains NaN or Inf; non-finite input is an error (docs/reliability.md)"],
+        name=f"require_finite_{name}",
+    )
+    with tf.control_dependencies([check] if check is not None else []):
+        return tf.identity(tensor)
+
+
 def _normalised(apply: Filter, ones_filtered: tf.Tensor, normalisation: str) -> Filter:
     if normalisation == "mean":
         inv = 1.0 / ones_filtered
@@ -247,6 +272,11 @@ def mean_field(
 
     Returns:
       [B, *spatial, K] refined logits U - p after the last iteration (softmax them for Q).
+
+    Raises:
+      ValueError: an unknown option, or bilateral_filter="exact" on too many voxels.
+      tf.errors.InvalidArgumentError: NaN or Inf in unaries or image (the message names which;
+        see :func:`require_finite`), or a bad shape met by the filters.
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
@@ -256,6 +286,8 @@ def mean_field(
         )
     if spatial_filter not in SPATIAL_FILTERS:
         raise ValueError(f"spatial_filter must be one of {SPATIAL_FILTERS}, got {spatial_filter!r}")
+    unaries = require_finite(unaries, "unaries")
+    image = require_finite(image, "image")
     features = bilateral_features(image, spacing, theta_alpha, theta_beta)
     if bilateral_filter == "lattice":
         appearance = lattice_filter(features, normalisation)
@@ -318,11 +350,17 @@ def mean_field_inference(
       (logits, probabilities): float32 [B, *spatial, K], the refined logits after the last
       iteration and their softmax; logits is None with ``return_logits=False`` (the kernel then
       never writes them). Not differentiable: use :func:`mean_field` to train.
+
+    Raises:
+      tf.errors.InvalidArgumentError: NaN or Inf in unaries ("unaries contain NaN or Inf",
+        from the kernel) or in image ("image contains NaN or Inf").
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
     unaries = tf.convert_to_tensor(unaries, dtype=tf.float32)
-    image = tf.convert_to_tensor(image, dtype=tf.float32)
+    # the kernel checks the unaries itself (on its first pass); the image only reaches the
+    # lattice build, whose message would name the features
+    image = require_finite(tf.convert_to_tensor(image, dtype=tf.float32), "image")
     features = bilateral_features(
         image, spacing, float(theta_alpha), [float(t) for t in theta_beta]
     )

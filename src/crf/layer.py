@@ -133,7 +133,9 @@ class CrfRnn(keras.layers.Layer):
         same rank >= 3, K < 2, mismatched batch/spatial shapes, spacing or theta_beta of the
         wrong length.
       tf.errors.InvalidArgumentError: at call time, batch/spatial shapes that differ when they
-        were unknown at build time.
+        were unknown at build time; NaN or Inf in the unaries or the image, on every path
+        ("unaries contains NaN or Inf" / "image contains NaN or Inf"; the fused kernel says
+        "unaries contain"; docs/reliability.md, "NaN and Inf").
     """
 
     def __init__(

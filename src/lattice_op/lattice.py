@@ -79,7 +79,8 @@ class Lattice:
 
     Raises:
       tf.errors.InvalidArgumentError: wrong dtype or rank, no channels or voxels, NaN or Inf in
-        features, or a feature channel spread too widely to resolve in single precision.
+        features, or a feature channel spread too widely to resolve in single precision. (NaN
+        or Inf in the values is refused by :meth:`filter`: docs/reliability.md, "NaN and Inf".)
       tf.errors.ResourceExhaustedError: the lattice would not fit in memory (the budget is the
         machine's memory, or CRF3D_LATTICE_MAX_BYTES when set).
 
@@ -101,13 +102,19 @@ class Lattice:
         """Number of lattice points M over all batch items (int32 scalar tensor)."""
         return tf.shape(self.tensors.blur_neighbours)[1]
 
-    def filter(self, values: tf.Tensor, reverse: bool = False) -> tf.Tensor:
+    def filter(
+        self, values: tf.Tensor, reverse: bool = False, check_finite: bool = True
+    ) -> tf.Tensor:
         """Gaussian-filters `values` over the lattice.
 
         Args:
           values: float32 [B, *spatial, C], any C >= 1, with the batch and spatial shape of the
             features the lattice was built from.
           reverse: apply the adjoint K^T (the blur directions in reverse order) instead of K.
+          check_finite: values holding NaN or Inf raise InvalidArgumentError ("values contains
+            NaN or Inf at [b, ..., c]"); the check rides on the splat, which reads every value,
+            and costs nothing measurable (docs/reliability.md). False lets them through (their
+            NaN then spreads over much of the output).
 
         Returns:
           float32 [B, *spatial, C]: out_i ~= s * sum_j exp(-|f_i - f_j|^2 / 2) v_j, the
@@ -116,6 +123,10 @@ class Lattice:
           sample the lattice, so divide by the filter of ones (``filter(v) / filter(1)``) for a
           normalised Gaussian average. The gradient w.r.t. values is the adjoint filter; the
           features get the gradient of the Gaussian kernel (see :func:`_filter_gradient`).
+
+        Raises:
+          tf.errors.InvalidArgumentError: values of the wrong dtype, rank or shape, or (with
+            check_finite) holding NaN or Inf.
         """
         values = _as_float32(values, "values")
         _check_static_rank(values, "values")
@@ -126,14 +137,16 @@ class Lattice:
                     f"values of shape {values.shape} do not match the lattice's batch and "
                     f"spatial shape {spatial} (features had shape {self.features_shape})"
                 )
-        return _ops().crf3d_lattice_filter(values, self.features, *self.tensors, reverse=reverse)
+        return _ops().crf3d_lattice_filter(
+            values, self.features, *self.tensors, reverse=reverse, check_finite=bool(check_finite)
+        )
 
 
 def permutohedral_filter(
-    values: tf.Tensor, features: tf.Tensor, reverse: bool = False
+    values: tf.Tensor, features: tf.Tensor, reverse: bool = False, check_finite: bool = True
 ) -> tf.Tensor:
-    """One-shot form: ``Lattice(features).filter(values, reverse)``; see both for shapes."""
-    return Lattice(features).filter(values, reverse=reverse)
+    """One-shot form: ``Lattice(features).filter(values, reverse, check_finite)``; see both."""
+    return Lattice(features).filter(values, reverse=reverse, check_finite=check_finite)
 
 
 def _outer(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
@@ -200,6 +213,12 @@ def _filter_gradient(op: tf.Operation, grad: tf.Tensor) -> list[tf.Tensor | None
     lattice's own interpolation, whose derivative is not the kernel's; the features' gradient
     comes through the features input instead. Inputs a tape does not need (skip_input_indices)
     are not computed.
+
+    Non-finite gradients: the forward op has already refused non-finite values, and the
+    features are finite (the build refuses them), so a finite upstream gradient gives finite
+    gradients here. An upstream gradient that holds NaN or Inf (a fault downstream of the
+    filter, or a loss-scaling overflow that the optimizer is meant to see and skip) is passed
+    through, filtered without the check, like any TensorFlow op would: no error from here.
     """
     values, features = op.inputs[0], op.inputs[1]
     lattice = list(op.inputs[2:])
@@ -207,7 +226,9 @@ def _filter_gradient(op: tf.Operation, grad: tf.Tensor) -> list[tf.Tensor | None
     skip = getattr(op, "skip_input_indices", None) or ()
 
     def filter_fn(x: tf.Tensor, adjoint: bool) -> tf.Tensor:
-        return _ops().crf3d_lattice_filter(x, features, *lattice, reverse=reverse != adjoint)
+        return _ops().crf3d_lattice_filter(
+            x, features, *lattice, reverse=reverse != adjoint, check_finite=False
+        )
 
     adjoint_grad = filter_fn(grad, True)
     d_values = None if 0 in skip else adjoint_grad

@@ -67,7 +67,7 @@ def _flatten(taps: Taps, dtype: tf.DType) -> tuple[tf.Tensor, list[int]]:
     return flat, radii
 
 
-def separable_filter(values: tf.Tensor, taps: Taps) -> tf.Tensor:
+def separable_filter(values: tf.Tensor, taps: Taps, check_finite: bool = True) -> tf.Tensor:
     """Separable correlation of values [B, *spatial, C] (zero outside the grid).
 
     Args:
@@ -75,6 +75,10 @@ def separable_filter(values: tf.Tensor, taps: Taps) -> tf.Tensor:
       taps: one entry per spatial axis: a sequence of 2 r_a + 1 numbers (fixed taps) or a 1-D
         tensor of static length 2 r_a + 1 (e.g. computed from a trainable width); entry o + r_a
         weighs the value o voxels further along axis a. Cast to the values' dtype.
+      check_finite: values holding NaN or Inf raise InvalidArgumentError ("values contains NaN
+        or Inf at [b, ..., c]"); the check reads back the last pass's output while it is in
+        cache (docs/reliability.md measures its cost). False lets them through (each NaN then
+        spreads over its taps' reach).
 
     Returns:
       [B, *spatial, C] in the values' dtype. Differentiable with respect to the values (the
@@ -84,8 +88,8 @@ def separable_filter(values: tf.Tensor, taps: Taps) -> tf.Tensor:
     Raises:
       ValueError: values neither float32 nor float64, taps of even or unknown length or not
         finite, or not one entry per spatial axis.
-      tf.errors.InvalidArgumentError: values of rank < 3 or with no channels; tensor taps that
-        are not finite.
+      tf.errors.InvalidArgumentError: values of rank < 3 or with no channels, or (with
+        check_finite) holding NaN or Inf; tensor taps that are not finite.
     """
     values = tf.convert_to_tensor(values)
     if values.dtype not in (tf.float32, tf.float64):
@@ -100,7 +104,9 @@ def separable_filter(values: tf.Tensor, taps: Taps) -> tf.Tensor:
             f"but {len(radii)} tap sequences were given"
         )
     radii_t = tf.constant(radii, tf.int32, shape=[len(radii)])
-    return _library.load().crf3d_separable_filter(values, flat, radii_t)
+    return _library.load().crf3d_separable_filter(
+        values, flat, radii_t, check_finite=bool(check_finite)
+    )
 
 
 @tf.RegisterGradient("Crf3dSeparableFilter")
@@ -108,14 +114,17 @@ def _separable_gradient(op: tf.Operation, grad: tf.Tensor) -> list[tf.Tensor | N
     """Values: the adjoint (each axis's taps reversed). Taps: for the forward filter C,
     d sum(g * C x) / d taps is Crf3dSeparableFilterTapsGrad(x, g); for the adjoint op,
     sum(g * C^T x) = sum(x * C g), the same with x and g swapped. Inputs a tape does not need
-    (skip_input_indices; constant taps) are not computed."""
+    (skip_input_indices; constant taps) are not computed. An upstream gradient holding NaN or
+    Inf passes through unchecked (as in the lattice filter's gradient; docs/reliability.md)."""
     values, taps, radii = op.inputs
     adjoint = op.get_attr("adjoint")
     skip = getattr(op, "skip_input_indices", None) or ()
     ops = _library.load()
     d_values = None
     if 0 not in skip:
-        d_values = ops.crf3d_separable_filter(grad, taps, radii, adjoint=not adjoint)
+        d_values = ops.crf3d_separable_filter(
+            grad, taps, radii, adjoint=not adjoint, check_finite=False
+        )
     d_taps = None
     if 1 not in skip:
         first, second = (grad, values) if adjoint else (values, grad)

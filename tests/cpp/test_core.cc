@@ -349,6 +349,92 @@ void CheckSeparable(const char* type, double tolerance) {
         Format("max error %.2e of max |gradient| %.2f", grad_err, grad_scale));
 }
 
+// 6. The NaN / Inf check (first_nonfinite) of the lattice filter and the separable filter: a
+// single NaN, +Inf or -Inf value is reported at its own flat index, placed by hand at the first
+// entry, in the middle and at the last entry; finite values give output bit-identical to a call
+// without the check and report -1; finite values whose sums overflow float (3e38 each) are not
+// reported (the check is about the input, not about the filter's range).
+void CheckNonFinite() {
+  const crf3d::StdThreadParallel par(2);
+  std::mt19937 rng(11);
+  int d = 0;
+  const std::vector<float> f = GridFeatures({9, 8, 7}, 0.5, 1, 0.6, rng, &d);
+  const int64_t n = static_cast<int64_t>(f.size()) / d;
+  const int channels = 3;
+  const OwnedLattice lattice(f, n, d, par);
+  const crf3d::LatticeView lat = lattice.View();
+  crf3d::Grid grid;
+  grid.batch = 1;
+  grid.spatial = {9, 8, 7};
+  grid.channels = channels;
+  // radius 0 on axis 1 with tap 1: that axis is skipped; the last pass runs along axis 2 (rows of
+  // 3 values, filtered whole)
+  const std::vector<std::vector<double>> taps = {{0.5, 1.0, 0.5}, {1.0}, {0.25, 1.0, 0.25}};
+  const std::vector<crf3d::AxisTaps<float>> axes = ToAxes<float>(taps);
+  const std::vector<crf3d::AxisTaps<float>> identity = ToAxes<float>({{1.0}, {1.0}, {1.0}});
+  // only axis 0 filtered: its pass, the last, cuts rows of 8 x 7 x 3 > 64 values into strips
+  const std::vector<crf3d::AxisTaps<float>> strips = ToAxes<float>({{0.5, 1.0, 0.5}, {1.0}, {1.0}});
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> v(static_cast<size_t>(n * channels));
+  for (float& x : v) x = normal(rng);
+  std::vector<float> out(v.size()), plain(v.size()), scratch(static_cast<size_t>(
+                                                       crf3d::FilterScratchSize(lat, channels)));
+  std::vector<float> sep_scratch(v.size());
+  auto lattice_first = [&](const std::vector<float>& values, std::vector<float>* result) {
+    int64_t first = -2;
+    const crf3d::Status s = crf3d::Filter(lat, values.data(), channels, false, result->data(),
+                                          scratch.data(), par, &first);
+    return s.ok() == (first < 0) ? first : int64_t{-3};
+  };
+  auto separable_first = [&](const std::vector<crf3d::AxisTaps<float>>& a,
+                             const std::vector<float>& values, std::vector<float>* result) {
+    int64_t first = -2;
+    const crf3d::Status s = crf3d::SeparableCorrelate<float>(
+        grid, a, values.data(), result->data(), sep_scratch.data(), par, &first);
+    return s.ok() == (first < 0) ? first : int64_t{-3};
+  };
+  const float bad_values[3] = {std::nanf(""), INFINITY, -INFINITY};
+  const int64_t places[3] = {0, static_cast<int64_t>(v.size()) / 2 + 1,
+                             static_cast<int64_t>(v.size()) - 1};
+  bool all_found = true;
+  std::string missed;
+  for (float bad : bad_values) {
+    for (int64_t at : places) {
+      std::vector<float> w(v);
+      w[static_cast<size_t>(at)] = bad;
+      const int64_t got[4] = {lattice_first(w, &out), separable_first(axes, w, &out),
+                              separable_first(identity, w, &out), separable_first(strips, w, &out)};
+      for (int k = 0; k < 4; ++k) {
+        if (got[k] != at) {
+          all_found = false;
+          missed = Format("value %g at %.0f", static_cast<double>(bad), static_cast<double>(at));
+        }
+      }
+    }
+  }
+  Check(all_found, "NaN / +Inf / -Inf values reported at their index (lattice, separable)",
+        all_found ? "9 placements x 4 filters" : missed);
+
+  bool finite_ok = lattice_first(v, &out) == -1;
+  crf3d::Filter(lat, v.data(), channels, false, plain.data(), scratch.data(), par);
+  finite_ok = finite_ok && out == plain;
+  finite_ok = finite_ok && separable_first(axes, v, &out) == -1;
+  crf3d::SeparableCorrelate<float>(grid, axes, v.data(), plain.data(), sep_scratch.data(), par);
+  finite_ok = finite_ok && out == plain;
+  Check(finite_ok, "finite values: no report, output bit-identical to the unchecked filter",
+        Format("%.0f values, %.0f channels", static_cast<double>(v.size()), channels));
+
+  const std::vector<float> huge(v.size(), 3e38f);
+  const int64_t lat_huge = lattice_first(huge, &out);
+  bool overflowed = false;
+  for (float x : out) overflowed = overflowed || !std::isfinite(x);
+  const int64_t sep_huge = separable_first(axes, huge, &out);
+  Check(lat_huge == -1 && sep_huge == -1 && overflowed,
+        "finite values that overflow in the filter are not reported",
+        Format("lattice %.0f, separable %.0f", static_cast<double>(lat_huge),
+               static_cast<double>(sep_huge)));
+}
+
 }  // namespace
 
 int main() {
@@ -359,6 +445,7 @@ int main() {
   CheckPointCounts();
   CheckSeparable<double>("double", 1e-12);
   CheckSeparable<float>("float", 1e-5);
+  CheckNonFinite();
   std::printf("%s: %d check(s) failed\n", failures == 0 ? "passed" : "FAILED", failures);
   return failures == 0 ? 0 : 1;
 }

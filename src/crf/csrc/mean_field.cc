@@ -223,7 +223,14 @@ Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeV
     if (!std::isfinite(sum)) finite.store(false, std::memory_order_relaxed);
     mf.Emit(unaries + i0 * k, i0, count, false, tmp);
   });
-  if (!finite.load()) return Status::Invalid("mean field: unaries contain NaN or Inf");
+  if (!finite.load()) {
+    const int64_t at = FirstNonFinite(unaries, n * k);
+    std::ostringstream m;
+    m << "mean field: unaries contain NaN or Inf (batch item " << at / k / mf.per_item
+      << ", voxel " << at / k % mf.per_item << " of it in row-major order, class " << at % k
+      << "); non-finite input is an error (docs/reliability.md)";
+    return Status::Invalid(m.str());
+  }
   for (int t = 0; t < params.num_iterations; ++t) {
     const bool last = t + 1 == params.num_iterations;
     s = Filter(lat, q_b.get(), static_cast<int>(k), false, a.get(), scratch.get(), par);

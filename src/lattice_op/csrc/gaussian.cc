@@ -2,6 +2,7 @@
 #include "gaussian.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -95,10 +96,27 @@ void CorrelateRows(const T* s, T* d, int64_t length, int64_t inner, int64_t widt
   }
 }
 
-// One pass along an axis: src and dst are [outer, L, inner]; t points at the middle tap.
+// 0 when x[0..n) is finite, NaN otherwise (a NaN or Inf makes 0 * x NaN); kLanes partial sums,
+// so that the loop vectorises.
+template <typename T>
+T ZeroIfFinite(const T* x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += T(0) * x[i + j];
+  }
+  T probe = 0;
+  for (int64_t j = 0; j < kLanes; ++j) probe += acc[j];
+  for (; i < n; ++i) probe += T(0) * x[i];
+  return probe;
+}
+
+// One pass along an axis: src and dst are [outer, L, inner]; t points at the middle tap. With
+// `nonfinite` given, each work unit also reads back what it just wrote (still in cache) and sets
+// *nonfinite if that holds a NaN or Inf.
 template <typename T>
 void AxisPass(const T* src, T* dst, int64_t outer, int64_t length, int64_t inner, const T* t,
-              int radius, const Parallel& par) {
+              int radius, const Parallel& par, std::atomic<bool>* nonfinite) {
   const int64_t block = length * inner;
   const int64_t reach = std::min<int64_t>(radius, length - 1);
   const int64_t taps = 2 * reach + 1;
@@ -116,6 +134,9 @@ void AxisPass(const T* src, T* dst, int64_t outer, int64_t length, int64_t inner
                     (last - first) * inner);
         }
         CorrelateRows(s, d, length, inner, inner, t, reach, last, length);
+        if (nonfinite != nullptr && ZeroIfFinite(d, block) != T(0)) {
+          nonfinite->store(true, std::memory_order_relaxed);
+        }
       }
     });
     return;
@@ -125,8 +146,13 @@ void AxisPass(const T* src, T* dst, int64_t outer, int64_t length, int64_t inner
     for (int64_t w = b; w < e; ++w) {
       const int64_t o = w / strips;
       const int64_t c0 = (w % strips) * kStrip;
-      CorrelateRows(src + o * block + c0, dst + o * block + c0, length, inner,
-                    std::min(kStrip, inner - c0), t, reach, 0, length);
+      const int64_t width = std::min(kStrip, inner - c0);
+      T* d = dst + o * block + c0;
+      CorrelateRows(src + o * block + c0, d, length, inner, width, t, reach, 0, length);
+      if (nonfinite == nullptr) continue;
+      T probe = 0;
+      for (int64_t i = 0; i < length; ++i) probe += ZeroIfFinite(d + i * inner, width);
+      if (probe != T(0)) nonfinite->store(true, std::memory_order_relaxed);
     }
   });
 }
@@ -176,7 +202,8 @@ Status CheckTaps(const Grid& grid, const std::vector<AxisTaps<T>>& axes) {
 
 template <typename T>
 Status SeparableCorrelate(const Grid& grid, const std::vector<AxisTaps<T>>& axes, const T* in,
-                          T* out, T* scratch, const Parallel& par) {
+                          T* out, T* scratch, const Parallel& par, int64_t* first_nonfinite) {
+  if (first_nonfinite != nullptr) *first_nonfinite = -1;
   Status s = CheckTaps(grid, axes);
   if (!s.ok()) return s;
   std::vector<int> active;
@@ -184,12 +211,14 @@ Status SeparableCorrelate(const Grid& grid, const std::vector<AxisTaps<T>>& axes
     if (!IsIdentity(axes[a])) active.push_back(static_cast<int>(a));
   }
   const int64_t total = grid.size();
+  bool nonfinite = false;
   if (active.empty()) {
     if (total > 0) std::memcpy(out, in, static_cast<size_t>(total) * sizeof(T));
-    return Status::Ok();
+    nonfinite = first_nonfinite != nullptr;  // no pass to ride on: scan the values
   }
   const int passes = static_cast<int>(active.size());
   const T* src = in;
+  std::atomic<bool> last_nonfinite{false};
   for (int p = 0; p < passes; ++p) {
     const size_t a = static_cast<size_t>(active[static_cast<size_t>(p)]);
     // the last pass writes out; earlier ones alternate so that none reads what it writes
@@ -197,8 +226,21 @@ Status SeparableCorrelate(const Grid& grid, const std::vector<AxisTaps<T>>& axes
     int64_t outer = 0, length = 0, inner = 0;
     AxisShape(grid, a, &outer, &length, &inner);
     const AxisTaps<T>& axis = axes[a];
-    AxisPass(src, dst, outer, length, inner, axis.taps.data() + axis.radius, axis.radius, par);
+    // Every pass gives each voxel its centre tap times its own value, so a NaN or Inf value
+    // leaves its voxel non-finite through every pass: checking the last pass's output suffices.
+    std::atomic<bool>* check = first_nonfinite != nullptr && p + 1 == passes ? &last_nonfinite
+                                                                             : nullptr;
+    AxisPass(src, dst, outer, length, inner, axis.taps.data() + axis.radius, axis.radius, par,
+             check);
     src = dst;
+  }
+  if (nonfinite || last_nonfinite.load()) {
+    *first_nonfinite = FirstNonFinite(in, total);
+    if (*first_nonfinite >= 0) {
+      std::ostringstream m;
+      m << "separable filter: values contains NaN or Inf (flat index " << *first_nonfinite << ")";
+      return Status::Invalid(m.str());
+    }
   }
   return Status::Ok();
 }
@@ -310,9 +352,11 @@ std::vector<T> SeparableOnes(const Grid& grid, const std::vector<AxisTaps<T>>& a
 template Status CheckTaps<float>(const Grid&, const std::vector<AxisTaps<float>>&);
 template Status CheckTaps<double>(const Grid&, const std::vector<AxisTaps<double>>&);
 template Status SeparableCorrelate<float>(const Grid&, const std::vector<AxisTaps<float>>&,
-                                          const float*, float*, float*, const Parallel&);
+                                          const float*, float*, float*, const Parallel&,
+                                          int64_t*);
 template Status SeparableCorrelate<double>(const Grid&, const std::vector<AxisTaps<double>>&,
-                                           const double*, double*, double*, const Parallel&);
+                                           const double*, double*, double*, const Parallel&,
+                                           int64_t*);
 template Status SeparableTapsGradient<float>(const Grid&, const std::vector<AxisTaps<float>>&,
                                              const float*, const float*, float*, float*,
                                              const Parallel&);

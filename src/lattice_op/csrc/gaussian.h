@@ -52,9 +52,17 @@ Status CheckTaps(const Grid& grid, const std::vector<AxisTaps<T>>& axes);
 
 // out = the separable correlation above. in, out and scratch hold grid.size() values each and
 // must not overlap. Axes whose kernel is the single tap 1 are skipped.
+//
+// first_nonfinite (optional): the NaN and Inf check. When it is given, the last pass also reads
+// back what it wrote, while it is still in cache; a NaN or Inf value leaves its own voxel
+// non-finite (its centre tap), so only then are the values scanned for the first non-finite one.
+// If there is one, its flat index goes to *first_nonfinite and the call fails with
+// kInvalidArgument (out is then not meaningful); otherwise *first_nonfinite is -1 and out is as
+// without the check (an overflow of finite values is left as it is).
 template <typename T>
 Status SeparableCorrelate(const Grid& grid, const std::vector<AxisTaps<T>>& axes, const T* in,
-                          T* out, T* scratch, const Parallel& par);
+                          T* out, T* scratch, const Parallel& par,
+                          int64_t* first_nonfinite = nullptr);
 
 // The derivative of sum(grad * SeparableCorrelate(values)) with respect to every tap:
 // taps_grad[at_a + o + r_a] = sum_{i, c} grad[i, c] * y_a[i + o e_a, c], where y_a is values
@@ -75,11 +83,12 @@ std::vector<T> SeparableOnes(const Grid& grid, const std::vector<AxisTaps<T>>& a
 extern template Status CheckTaps<float>(const Grid&, const std::vector<AxisTaps<float>>&);
 extern template Status CheckTaps<double>(const Grid&, const std::vector<AxisTaps<double>>&);
 extern template Status SeparableCorrelate<float>(const Grid&, const std::vector<AxisTaps<float>>&,
-                                                 const float*, float*, float*, const Parallel&);
+                                                 const float*, float*, float*, const Parallel&,
+                                                 int64_t*);
 extern template Status SeparableCorrelate<double>(const Grid&,
                                                   const std::vector<AxisTaps<double>>&,
                                                   const double*, double*, double*,
-                                                  const Parallel&);
+                                                  const Parallel&, int64_t*);
 extern template Status SeparableTapsGradient<float>(const Grid&,
                                                     const std::vector<AxisTaps<float>>&,
                                                     const float*, const float*, float*, float*,

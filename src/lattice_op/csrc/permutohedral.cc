@@ -581,9 +581,11 @@ namespace {
 // Splat: each lattice point gathers the barycentric-weighted values of the voxels of its CSR
 // list into its row of `lattice_values` ([M + 1, C]). values == nullptr: the filter of ones
 // (the weights alone, no voxel is read; C = 1). Adams et al.'s splatting.
+// With `nonfinite` given, each range also sums 0 * every row it wrote (NaN exactly when a row
+// holds a NaN or Inf) and sets *nonfinite when that sum is not 0.
 template <int kChannels>
 bool Splat(const LatticeView& lat, const float* values, int channels, float* lattice_values,
-           const Parallel& par) {
+           const Parallel& par, std::atomic<bool>* nonfinite) {
   const int64_t C = kChannels > 0 ? kChannels : channels;
   const int64_t m = lat.num_points;
   const int64_t n_entries = lat.num_voxels * (lat.d + 1);
@@ -592,6 +594,7 @@ bool Splat(const LatticeView& lat, const float* values, int channels, float* lat
   std::atomic<bool> bad{false};
   par.For(m, 4 * per_point * (C + 2), [&](int64_t b, int64_t e) {
     bool ok = true;
+    float probe = 0.0f;  // stays 0 unless a row holds a NaN or Inf (and nonfinite is given)
     for (int64_t p = b; p < e; ++p) {
       float* row = lattice_values + p * C;
       for (int64_t c = 0; c < C; ++c) row[c] = 0.0f;
@@ -615,8 +618,12 @@ bool Splat(const LatticeView& lat, const float* values, int channels, float* lat
         const float* v = values + static_cast<int64_t>(voxel) * C;
         for (int64_t c = 0; c < C; ++c) row[c] += w * v[c];
       }
+      if (nonfinite != nullptr) {
+        for (int64_t c = 0; c < C; ++c) probe += 0.0f * row[c];
+      }
     }
     if (!ok) bad.store(true, std::memory_order_relaxed);
+    if (probe != 0.0f) nonfinite->store(true, std::memory_order_relaxed);
   });
   return !bad.load();
 }
@@ -685,9 +692,11 @@ bool Slice(const LatticeView& lat, const float* lattice_values, int channels, fl
 
 // The whole filter, S^T B_d ... B_0 S (or, reversed, S^T B_0 ... B_d S): splat into one half of
 // the scratch, blur back and forth between the halves, slice from the last one written.
+// With first_nonfinite given, values holding a NaN or Inf stop the filter after the splat
+// (*first_nonfinite >= 0; see Filter).
 template <int kChannels>
 bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool reverse,
-                float* out, float* scratch, const Parallel& par) {
+                float* out, float* scratch, const Parallel& par, int64_t* first_nonfinite) {
   const int64_t C = kChannels > 0 ? kChannels : channels;
   const int d1 = lat.d + 1;
   const int64_t m = lat.num_points;
@@ -695,7 +704,13 @@ bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool 
   float* next = scratch + (m + 1) * C;
   // Row m of both buffers is the absent neighbour: always zero.
   for (int64_t c = 0; c < C; ++c) cur[m * C + c] = next[m * C + c] = 0.0f;
-  bool ok = Splat<kChannels>(lat, values, channels, cur, par);
+  std::atomic<bool> nonfinite{false};
+  const bool check = first_nonfinite != nullptr && values != nullptr;
+  bool ok = Splat<kChannels>(lat, values, channels, cur, par, check ? &nonfinite : nullptr);
+  if (check) {
+    *first_nonfinite = nonfinite.load() ? FirstNonFinite(values, lat.num_voxels * C) : -1;
+    if (*first_nonfinite >= 0) return ok;
+  }
   for (int s = 0; s < d1; ++s) {
     ok = BlurDirection<kChannels>(lat, reverse ? d1 - 1 - s : s, channels, cur, next, par) && ok;
     std::swap(cur, next);
@@ -706,7 +721,8 @@ bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool 
 }  // namespace
 
 Status Filter(const LatticeView& lat, const float* values, int channels, bool reverse,
-              float* out, float* scratch, const Parallel& par) {
+              float* out, float* scratch, const Parallel& par, int64_t* first_nonfinite) {
+  if (first_nonfinite != nullptr) *first_nonfinite = -1;
   if (values == nullptr && channels != 1) {
     return Status::Invalid("lattice: a filter of ones (no values) has one channel");
   }
@@ -717,20 +733,26 @@ Status Filter(const LatticeView& lat, const float* values, int channels, bool re
         "lattice: splat_offsets must start at 0 and end at the number of vertex entries; pass "
         "the tensors of one lattice build unchanged");
   }
+  int64_t* const nf = first_nonfinite;
   bool ok = false;
   switch (channels) {
-    case 1: ok = FilterImpl<1>(lat, values, channels, reverse, out, scratch, par); break;
-    case 2: ok = FilterImpl<2>(lat, values, channels, reverse, out, scratch, par); break;
-    case 3: ok = FilterImpl<3>(lat, values, channels, reverse, out, scratch, par); break;
-    case 4: ok = FilterImpl<4>(lat, values, channels, reverse, out, scratch, par); break;
-    case 5: ok = FilterImpl<5>(lat, values, channels, reverse, out, scratch, par); break;
-    case 8: ok = FilterImpl<8>(lat, values, channels, reverse, out, scratch, par); break;
-    default: ok = FilterImpl<0>(lat, values, channels, reverse, out, scratch, par); break;
+    case 1: ok = FilterImpl<1>(lat, values, channels, reverse, out, scratch, par, nf); break;
+    case 2: ok = FilterImpl<2>(lat, values, channels, reverse, out, scratch, par, nf); break;
+    case 3: ok = FilterImpl<3>(lat, values, channels, reverse, out, scratch, par, nf); break;
+    case 4: ok = FilterImpl<4>(lat, values, channels, reverse, out, scratch, par, nf); break;
+    case 5: ok = FilterImpl<5>(lat, values, channels, reverse, out, scratch, par, nf); break;
+    case 8: ok = FilterImpl<8>(lat, values, channels, reverse, out, scratch, par, nf); break;
+    default: ok = FilterImpl<0>(lat, values, channels, reverse, out, scratch, par, nf); break;
   }
   if (!ok) {
     return Status::Invalid(
         "lattice: an index in vertex_index, blur_neighbours or splat_voxels is out of range; "
         "pass the tensors of one lattice build unchanged");
+  }
+  if (first_nonfinite != nullptr && *first_nonfinite >= 0) {
+    std::ostringstream m;
+    m << "lattice: values contains NaN or Inf (flat index " << *first_nonfinite << ")";
+    return Status::Invalid(m.str());
   }
   return Status::Ok();
 }

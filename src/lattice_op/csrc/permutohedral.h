@@ -25,6 +25,7 @@
 #ifndef CRF3D_PERMUTOHEDRAL_H_
 #define CRF3D_PERMUTOHEDRAL_H_
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -42,6 +43,17 @@ struct Status {
   static Status Invalid(std::string m) { return {Code::kInvalidArgument, std::move(m)}; }
   static Status Exhausted(std::string m) { return {Code::kResourceExhausted, std::move(m)}; }
 };
+
+// Flat index of the first NaN or Inf among x[0], ..., x[n-1], or -1 when every value is finite.
+// A serial scan: the filters call it only after their own pass has seen a non-finite value, to
+// say where it is.
+template <typename T>
+int64_t FirstNonFinite(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) return i;
+  }
+  return -1;
+}
 
 // Constants of the d-dimensional embedding, derived once per lattice.
 class Embedding {
@@ -190,8 +202,17 @@ inline int64_t FilterScratchSize(const LatticeView& lat, int channels) {
 // [num_voxels, channels]. values may be null with channels = 1 for the filter of ones (the
 // splat then sums the weights alone). scratch holds FilterScratchSize floats. Fails with
 // kInvalidArgument when the lattice arrays are inconsistent (indices out of range).
+//
+// first_nonfinite (optional): the NaN and Inf check. When it is given, the splat, which reads
+// every value, also adds 0 * (each lattice point's sum), which is NaN exactly when some value it
+// gathered is NaN or Inf (or the sum overflowed); only then are the values scanned for the
+// first non-finite one. If there is one, its flat index goes to *first_nonfinite and Filter
+// fails with kInvalidArgument before the blur (out is then not written); otherwise
+// *first_nonfinite is -1 and the filter runs as without the check (an overflow of finite
+// values is left as it is).
 Status Filter(const LatticeView& lat, const float* values, int channels, bool reverse,
-              float* out, float* scratch, const Parallel& par);
+              float* out, float* scratch, const Parallel& par,
+              int64_t* first_nonfinite = nullptr);
 
 }  // namespace crf3d
 

@@ -71,6 +71,26 @@ inline int64_t MemoryBudget() {
 
 inline std::string ShapeText(const TensorShape& s) { return s.DebugString(); }
 
+// The error for a NaN or Inf at flat index `flat` of a tensor of shape `shape` named `what`:
+// "values contains NaN or Inf at [b, i, j, k, c] (shape [...]) ...".
+inline ::tensorflow::Status NonFiniteError(const char* what, const TensorShape& shape,
+                                           int64_t flat) {
+  std::string index;
+  int64_t rest = flat;
+  std::vector<int64_t> coords(static_cast<size_t>(shape.dims()), 0);
+  for (int i = shape.dims() - 1; i >= 0; --i) {
+    const int64_t size = std::max<int64_t>(1, shape.dim_size(i));
+    coords[static_cast<size_t>(i)] = rest % size;
+    rest /= size;
+  }
+  for (size_t i = 0; i < coords.size(); ++i) {
+    index += (i == 0 ? "" : ", ") + std::to_string(coords[i]);
+  }
+  return errors::InvalidArgument(what, " contains NaN or Inf at [", index, "] (shape ",
+                                 ShapeText(shape),
+                                 "); non-finite input is an error (docs/reliability.md)");
+}
+
 // Checks the six lattice tensors at inputs first .. first + 5 (vertex_index, vertex_weight,
 // blur_neighbours, splat_offsets, splat_voxels, splat_weights) against a [B, *spatial, C]
 // tensor of shape `grid` (named `what` in messages) and points *lat at them.

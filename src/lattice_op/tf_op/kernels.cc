@@ -21,6 +21,7 @@ using ::tensorflow::TensorShape;
 using tf_adapter::CheckGridShape;
 using tf_adapter::GridOf;
 using tf_adapter::MemoryBudget;
+using tf_adapter::NonFiniteError;
 using tf_adapter::ReadLattice;
 using tf_adapter::ReadTaps;
 using tf_adapter::ShapeText;
@@ -126,6 +127,7 @@ class LatticeFilterOp : public OpKernel {
  public:
   explicit LatticeFilterOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("reverse", &reverse_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("check_finite", &check_finite_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -164,13 +166,18 @@ class LatticeFilterOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_FLOAT,
                                            TensorShape({FilterScratchSize(lat, static_cast<int>(channels))}),
                                            &scratch));
-    OP_REQUIRES_OK(ctx, ToTf(Filter(lat, values.flat<float>().data(), static_cast<int>(channels),
-                                    reverse_, output->flat<float>().data(),
-                                    scratch.flat<float>().data(), TfParallel(ctx))));
+    int64_t first_nonfinite = -1;
+    const crf3d::Status s =
+        Filter(lat, values.flat<float>().data(), static_cast<int>(channels), reverse_,
+               output->flat<float>().data(), scratch.flat<float>().data(), TfParallel(ctx),
+               check_finite_ ? &first_nonfinite : nullptr);
+    OP_REQUIRES(ctx, first_nonfinite < 0, NonFiniteError("values", vs, first_nonfinite));
+    OP_REQUIRES_OK(ctx, ToTf(s));
   }
 
  private:
   bool reverse_ = false;
+  bool check_finite_ = true;
 };
 
 template <typename T>
@@ -178,6 +185,7 @@ class SeparableFilterOp : public OpKernel {
  public:
   explicit SeparableFilterOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("adjoint", &adjoint_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("check_finite", &check_finite_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -195,13 +203,17 @@ class SeparableFilterOp : public OpKernel {
     Tensor scratch;
     OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DataTypeToEnum<T>::value, shape,
                                            &scratch));
-    OP_REQUIRES_OK(ctx, ToTf(SeparableCorrelate<T>(grid, axes, values.flat<T>().data(),
-                                                   output->flat<T>().data(),
-                                                   scratch.flat<T>().data(), TfParallel(ctx))));
+    int64_t first_nonfinite = -1;
+    const crf3d::Status s = SeparableCorrelate<T>(
+        grid, axes, values.flat<T>().data(), output->flat<T>().data(), scratch.flat<T>().data(),
+        TfParallel(ctx), check_finite_ ? &first_nonfinite : nullptr);
+    OP_REQUIRES(ctx, first_nonfinite < 0, NonFiniteError("values", shape, first_nonfinite));
+    OP_REQUIRES_OK(ctx, ToTf(s));
   }
 
  private:
   bool adjoint_ = false;
+  bool check_finite_ = true;
 };
 
 template <typename T>

@@ -61,6 +61,7 @@ REGISTER_OP("Crf3dLatticeFilter")
     .Input("splat_voxels: int32")
     .Input("splat_weights: float")
     .Attr("reverse: bool = false")
+    .Attr("check_finite: bool = true")
     .Output("output: float")
     .SetShapeFn(::tensorflow::shape_inference::UnchangedShape)
     .Doc(R"doc(
@@ -68,6 +69,9 @@ Filters values [B, *spatial, C] with a lattice from Crf3dLatticeBuild: splat, bl
 F+1 lattice directions (in reverse order when reverse is true, which gives the adjoint), slice.
 features [B, *spatial, F] are the features the lattice was built from: the kernel only checks
 their shape; the registered gradient uses them for the gradient with respect to the features.
+check_finite: values holding NaN or Inf are an InvalidArgument error that gives the index of
+the first one (checked during the splat, which reads every value); false lets them through
+(the registered gradient filters incoming gradients so).
 )doc");
 
 REGISTER_OP("Crf3dSeparableFilter")
@@ -76,6 +80,7 @@ REGISTER_OP("Crf3dSeparableFilter")
     .Input("radii: int32")
     .Attr("T: {float, double}")
     .Attr("adjoint: bool = false")
+    .Attr("check_finite: bool = true")
     .Output("output: T")
     .SetShapeFn(::tensorflow::shape_inference::UnchangedShape)
     .Doc(R"doc(
@@ -83,7 +88,9 @@ Separable correlation of values [B, *spatial, C], zero outside the grid: radii [
 radius r_a per spatial axis and taps [sum_a 2 r_a + 1] the 2 r_a + 1 taps of every axis in
 turn; tap o + r_a weighs the value o voxels further along axis a. With symmetric Gaussian taps
 this is an exact, truncated Gaussian filter. adjoint: each axis's taps reversed, the adjoint
-(the values' gradient).
+(the values' gradient). check_finite: values holding NaN or Inf are an InvalidArgument error
+that gives the index of the first one (checked on the last pass's output, still in cache);
+false lets them through (the registered gradient filters incoming gradients so).
 )doc");
 
 REGISTER_OP("Crf3dSeparableFilterTapsGrad")
