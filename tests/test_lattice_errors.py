@@ -140,3 +140,17 @@ def test_missing_library_is_named(monkeypatch, tmp_path) -> None:
     finally:
         monkeypatch.delenv("CRF3D_LATTICE_LIB")
         _library.load.cache_clear()
+
+
+def test_missing_crf_library_is_named(monkeypatch, tmp_path) -> None:
+    """The CRF's op library goes through the same loader (crf_rnn_3d.lattice_op.loader)."""
+    from crf_rnn_3d.crf import _ops
+
+    monkeypatch.setenv("CRF3D_CRF_LIB", str(tmp_path / "nope.so"))
+    _ops.load.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match=r"CRF op library .*nope\.so.*CRF3D_CRF_LIB"):
+            _ops.load()
+    finally:
+        monkeypatch.delenv("CRF3D_CRF_LIB")
+        _ops.load.cache_clear()

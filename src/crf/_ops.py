@@ -8,9 +8,7 @@ this package; it links the lattice core itself and takes the lattice as the six 
 
 from __future__ import annotations
 
-import importlib.machinery
 import math
-import os
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -19,41 +17,23 @@ from types import ModuleType
 import tensorflow as tf
 
 from crf_rnn_3d.lattice_op import LatticeTensors
+from crf_rnn_3d.lattice_op.loader import load_op_library, op_library_path
 
 HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "_crf_ops"
+ENV_VAR = "CRF3D_CRF_LIB"
 NORMALISATIONS = ("mean", "symmetric")
 
 
 def library_path() -> Path:
     """Path of the compiled CRF op library: $CRF3D_CRF_LIB, else the one inside this package."""
-    override = os.environ.get("CRF3D_CRF_LIB")
-    if override:
-        return Path(override)
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = HERE / f"{LIBRARY_NAME}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return HERE / f"{LIBRARY_NAME}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    return op_library_path(HERE, LIBRARY_NAME, ENV_VAR)
 
 
 @cache
 def load() -> ModuleType:
     """Loads the CRF op library once and returns its generated Python module."""
-    path = library_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the compiled CRF op library {path} does not exist: install the package with "
-            "`pip install .` (or `make build` in a clone), or set CRF3D_CRF_LIB to a compiled copy"
-        )
-    try:
-        return tf.load_op_library(str(path))
-    except tf.errors.NotFoundError as exc:
-        raise ImportError(
-            f"the CRF op library {path} does not load into TensorFlow {tf.__version__}: it is "
-            "built for TensorFlow 2.21; reinstall crf-rnn-3d against the TensorFlow you use "
-            f"({exc.message.splitlines()[0]})"
-        ) from exc
+    return load_op_library(library_path(), "CRF op", ENV_VAR)
 
 
 def fused_mean_field(
