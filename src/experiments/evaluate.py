@@ -25,6 +25,7 @@ from crf_rnn_3d.datasets.cache import export_prediction
 from crf_rnn_3d.datasets.io import atomic_output, atomic_write_json
 from crf_rnn_3d.experiments import common
 from crf_rnn_3d.experiments.cli import hydra_app, run_stage
+from crf_rnn_3d.experiments.metrics import dice as dice_score  # the one Dice of the package
 from crf_rnn_3d.experiments.model_io import restore_model
 
 
@@ -41,16 +42,6 @@ class Evaluation:
         """Mean over cases of each region's Dice."""
         regions = next(iter(self.dice.values())).keys() if self.dice else []
         return {r: float(np.mean([d[r] for d in self.dice.values()])) for r in regions}
-
-
-def dice_score(pred: np.ndarray, true: np.ndarray, empty: float = 1.0) -> float:
-    """2 |A and B| / (|A| + |B|) of two boolean masks; ``empty`` when both are empty."""
-    pred = np.asarray(pred, bool)
-    true = np.asarray(true, bool)
-    denom = int(pred.sum()) + int(true.sum())
-    if denom == 0:
-        return float(empty)
-    return 2.0 * float(np.logical_and(pred, true).sum()) / denom
 
 
 def region_dice(
