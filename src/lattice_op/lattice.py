@@ -1,5 +1,6 @@
-"""Permutohedral-lattice Gaussian filtering as TensorFlow ops (CPU kernels in tf_op/ over the
-framework-free core in csrc/).
+"""Permutohedral-lattice Gaussian filtering as TensorFlow ops: the compiled backend (CPU kernels
+in tf_op/ over the framework-free core in csrc/) or the same lattice in TensorFlow's own ops
+(tf_lattice.py, every device); ``backend=`` picks one (backend.py: "auto", "compiled", "tf").
 
 A lattice is built once from a reference image's features and then filters any number of value
 arrays: a caller that filters many arrays with the same features (iterations of one forward
@@ -9,42 +10,22 @@ hidden state), so it works eagerly, inside ``tf.function`` and inside ``model.fi
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import tensorflow as tf
 
-from crf_rnn_3d.lattice_op import _library
+from crf_rnn_3d.lattice_op import _library, tf_lattice
+from crf_rnn_3d.lattice_op._common import as_float32 as _as_float32
+from crf_rnn_3d.lattice_op._common import check_static_rank as _check_static_rank
+from crf_rnn_3d.lattice_op._common import feature_gradient
+from crf_rnn_3d.lattice_op._common import invalid as _invalid
+from crf_rnn_3d.lattice_op.backend import resolve_backend
+
+__all__ = ["Lattice", "LatticeTensors", "feature_gradient", "permutohedral_filter"]
 
 
 def _ops():
     return _library.load()
-
-
-def _invalid(message: str) -> tf.errors.InvalidArgumentError:
-    return tf.errors.InvalidArgumentError(None, None, message)
-
-
-def _as_float32(tensor: tf.Tensor | object, name: str) -> tf.Tensor:
-    """Converts to a tensor that must be float32; anything else is an InvalidArgumentError."""
-    try:
-        converted = tf.convert_to_tensor(tensor)
-    except (TypeError, ValueError) as err:
-        raise _invalid(f"{name} could not be converted to a float32 tensor: {err}") from err
-    if converted.dtype != tf.float32:
-        raise _invalid(f"{name} must be float32, got {converted.dtype.name}")
-    return converted
-
-
-def _check_static_rank(tensor: tf.Tensor, name: str) -> None:
-    rank = tensor.shape.rank
-    if rank is not None and rank < 3:
-        raise _invalid(
-            f"{name} must have shape [batch, *spatial, channels] with at least one spatial "
-            f"dimension (rank >= 3); got shape {tensor.shape}"
-        )
-    if rank is not None and tensor.shape[-1] == 0:
-        raise _invalid(f"{name} has 0 channels (shape {tensor.shape})")
 
 
 class LatticeTensors(NamedTuple):
@@ -76,13 +57,19 @@ class Lattice:
         Each channel is already divided by its kernel width (e.g. position in mm / theta_alpha,
         intensity / theta_beta), so the kernel is k(f_i, f_j) = exp(-|f_i - f_j|^2 / 2).
         Batch items get lattices of their own and never mix.
+      backend: "auto" (default), "compiled" or "tf" (crf_rnn_3d.lattice_op.backend): the
+        compiled CPU kernels, or the same lattice built and filtered with TensorFlow ops
+        (tf_lattice.py; any device). "auto" is resolved here, once, from this call's device
+        scope and the features (``resolve_backend``) and stored as ``self.backend``. Both build
+        the same lattice points and filter to within float32 rounding (docs/lattice_op.md).
 
     Raises:
       tf.errors.InvalidArgumentError: wrong dtype or rank, no channels or voxels, NaN or Inf in
         features, or a feature channel spread too widely to resolve in single precision. (NaN
         or Inf in the values is refused by :meth:`filter`: docs/reliability.md, "NaN and Inf".)
       tf.errors.ResourceExhaustedError: the lattice would not fit in memory (the budget is the
-        machine's memory, or CRF3D_LATTICE_MAX_BYTES when set).
+        machine's memory, or CRF3D_LATTICE_MAX_BYTES when set; compiled backend only).
+      ValueError: an unknown backend.
 
     Gradients: every filter output is differentiable with respect to the values (the adjoint
     filter) and to the features (see :func:`_filter_gradient`: the derivative of the Gaussian
@@ -90,12 +77,19 @@ class Lattice:
     constant in the features and has no gradient of its own.
     """
 
-    def __init__(self, features: tf.Tensor) -> None:
+    def __init__(self, features: tf.Tensor, backend: str = "auto") -> None:
         features = _as_float32(features, "features")
         _check_static_rank(features, "features")
+        self.backend = resolve_backend(backend, features)
         self.features = features
         self.features_shape = features.shape
-        self.tensors = LatticeTensors(*_ops().crf3d_lattice_build(features))
+        self._tf_lattice = None
+        if self.backend == "tf":
+            self._tf_lattice = tf_lattice.TfLattice(features)
+            # TfLatticeTensors: vertex_index, vertex_weight, blur_neighbours
+            self.tensors = self._tf_lattice.tensors
+        else:
+            self.tensors = LatticeTensors(*_ops().crf3d_lattice_build(features))
 
     @property
     def num_points(self) -> tf.Tensor:
@@ -137,68 +131,25 @@ class Lattice:
                     f"values of shape {values.shape} do not match the lattice's batch and "
                     f"spatial shape {spatial} (features had shape {self.features_shape})"
                 )
+        if self._tf_lattice is not None:
+            return self._tf_lattice.filter(values, reverse=reverse, check_finite=check_finite)
         return _ops().crf3d_lattice_filter(
             values, self.features, *self.tensors, reverse=reverse, check_finite=bool(check_finite)
         )
 
 
 def permutohedral_filter(
-    values: tf.Tensor, features: tf.Tensor, reverse: bool = False, check_finite: bool = True
-) -> tf.Tensor:
-    """One-shot form: ``Lattice(features).filter(values, reverse, check_finite)``; see both."""
-    return Lattice(features).filter(values, reverse=reverse, check_finite=check_finite)
-
-
-def _outer(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    """[..., C] x [..., F] -> [..., C * F] (channel c * F + k is a_c * b_k)."""
-    product = a[..., :, None] * b[..., None, :]
-    shape = tf.shape(a)
-    return tf.reshape(product, tf.concat([shape[:-1], [shape[-1] * tf.shape(b)[-1]]], 0))
-
-
-def feature_gradient(
-    filter_fn: Callable[[tf.Tensor, bool], tf.Tensor],
     values: tf.Tensor,
     features: tf.Tensor,
-    grad: tf.Tensor,
-    out: tf.Tensor,
-    adjoint_grad: tf.Tensor,
+    reverse: bool = False,
+    check_finite: bool = True,
+    backend: str = "auto",
 ) -> tf.Tensor:
-    """Gradient of sum(grad * A v) with respect to the features, for a Gaussian filter A.
-
-    With k_ij = exp(-|f_i - f_j|^2 / 2), dk_ij / df_i = k_ij (f_j - f_i), so for out = A v the
-    gradient at voxel a is
-
-        sum_c  g_ac [A (v_c f)]_a - f_a g_ac [A v_c]_a          (a as the output voxel)
-             + v_ac [A^T (g_c f)]_a - f_a v_ac [A^T g_c]_a      (a as an input voxel)
-
-    i.e. two more filters, of C * F channels each, on the same lattice (Adams et al.'s lattice
-    stands in for the exact kernel, as in the forward pass). The features are centred per batch
-    item first: the expression is invariant to a common shift, and centring keeps the
-    differences of large products out of single precision's way.
-
-    Args:
-      filter_fn: filter_fn(x, adjoint) applies A (adjoint=False) or A^T to [B, *spatial, n].
-      values: [B, *spatial, C]; features: [B, *spatial, F]; grad: [B, *spatial, C], the
-        gradient of the loss w.r.t. out; out: A values; adjoint_grad: A^T grad.
-
-    Returns:
-      [B, *spatial, F], float32.
-    """
-    spatial_axes = tf.range(1, tf.rank(features) - 1)
-    f = features - tf.reduce_mean(features, axis=spatial_axes, keepdims=True)
-    num_f = tf.shape(f)[-1]
-    num_c = tf.shape(values)[-1]
-    ext_shape = tf.concat([tf.shape(values)[:-1], [num_c, num_f]], 0)
-    a_vf = tf.reshape(filter_fn(_outer(values, f), False), ext_shape)
-    at_gf = tf.reshape(filter_fn(_outer(grad, f), True), ext_shape)
-    as_output = tf.reduce_sum(grad[..., None] * a_vf, axis=-2) - f * tf.reduce_sum(
-        grad * out, axis=-1, keepdims=True
+    """One-shot form: ``Lattice(features, backend).filter(values, reverse, check_finite)``; see
+    both."""
+    return Lattice(features, backend=backend).filter(
+        values, reverse=reverse, check_finite=check_finite
     )
-    as_input = tf.reduce_sum(values[..., None] * at_gf, axis=-2) - f * tf.reduce_sum(
-        values * adjoint_grad, axis=-1, keepdims=True
-    )
-    return as_output + as_input
 
 
 @tf.RegisterGradient("Crf3dLatticeFilter")

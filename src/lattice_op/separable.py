@@ -7,6 +7,11 @@ computes, per batch item and channel, sum over offsets o of prod_a taps_a[o_a + 
 values[i + o], over the voxels i + o inside the grid (zero outside). One pass per axis, each a
 multiply-add per tap, in C++ with TensorFlow's intra-op threads, in float32 or float64. The taps
 may be tensors (a learnt width): the op then also differentiates with respect to them.
+
+``backend="tf"`` computes the same correlation with TensorFlow's own ops (every device): per axis,
+zero padding and one multiply-add of a shifted slice per tap, summed in the compiled kernel's
+order (tap -r first); its gradients (values and tensor taps) are TensorFlow's own derivatives
+of those ops. "auto" picks as crf_rnn_3d.lattice_op.backend.resolve_backend says.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from crf_rnn_3d.lattice_op import _library
+from crf_rnn_3d.lattice_op._common import invalid
+from crf_rnn_3d.lattice_op.backend import resolve_backend
 
 
 def gaussian_taps(sigma: float, truncate: float, length: int | None = None) -> list[float]:
@@ -38,9 +45,9 @@ def gaussian_taps(sigma: float, truncate: float, length: int | None = None) -> l
 Taps = Sequence[Sequence[float] | tf.Tensor]
 
 
-def _flatten(taps: Taps, dtype: tf.DType) -> tuple[tf.Tensor, list[int]]:
-    """One taps tensor [sum_a 2 r_a + 1] of `dtype` and the radii r_a, from one sequence of
-    numbers or one 1-D tensor (of static length) per axis."""
+def _flatten(taps: Taps, dtype: tf.DType) -> tuple[tf.Tensor, list[int], list[tf.Tensor]]:
+    """One taps tensor [sum_a 2 r_a + 1] of `dtype`, the radii r_a and the per-axis tap tensors,
+    from one sequence of numbers or one 1-D tensor (of static length) per axis."""
     parts, radii = [], []
     for axis, axis_taps in enumerate(taps):
         if isinstance(axis_taps, tf.Tensor | tf.Variable):
@@ -64,10 +71,12 @@ def _flatten(taps: Taps, dtype: tf.DType) -> tuple[tf.Tensor, list[int]]:
         parts.append(part)
         radii.append(length // 2)
     flat = tf.concat(parts, 0) if parts else tf.zeros([0], dtype)
-    return flat, radii
+    return flat, radii, parts
 
 
-def separable_filter(values: tf.Tensor, taps: Taps, check_finite: bool = True) -> tf.Tensor:
+def separable_filter(
+    values: tf.Tensor, taps: Taps, check_finite: bool = True, backend: str = "auto"
+) -> tf.Tensor:
     """Separable correlation of values [B, *spatial, C] (zero outside the grid).
 
     Args:
@@ -79,6 +88,8 @@ def separable_filter(values: tf.Tensor, taps: Taps, check_finite: bool = True) -
         or Inf at [b, ..., c]"); the check reads back the last pass's output while it is in
         cache (docs/reliability.md measures its cost). False lets them through (each NaN then
         spreads over its taps' reach).
+      backend: "auto" (default), "compiled" (the C++ op) or "tf" (TensorFlow ops, any device);
+        see crf_rnn_3d.lattice_op.backend. Same result to float rounding, same errors.
 
     Returns:
       [B, *spatial, C] in the values' dtype. Differentiable with respect to the values (the
@@ -96,17 +107,88 @@ def separable_filter(values: tf.Tensor, taps: Taps, check_finite: bool = True) -
         raise ValueError(
             f"separable_filter: values must be float32 or float64, got {values.dtype.name}"
         )
-    flat, radii = _flatten(taps, values.dtype)
+    flat, radii, parts = _flatten(taps, values.dtype)
     rank = values.shape.rank
     if rank is not None and rank - 2 != len(radii):
         raise ValueError(
             f"separable_filter: values of shape {values.shape} have {rank - 2} spatial axes "
             f"but {len(radii)} tap sequences were given"
         )
+    if resolve_backend(backend, values) == "tf":
+        return _separable_tf(values, parts, radii, bool(check_finite))
     radii_t = tf.constant(radii, tf.int32, shape=[len(radii)])
     return _library.load().crf3d_separable_filter(
         values, flat, radii_t, check_finite=bool(check_finite)
     )
+
+
+def _correlate_axis(x: tf.Tensor, taps: tf.Tensor, radius: int, axis: int) -> tf.Tensor:
+    """out[i] = sum_{o=-r..r} taps[o + r] * x[i + o e_axis] (zero outside), summed from o = -r
+    up, one multiply-add per tap (the compiled kernel's order)."""
+    rank = x.shape.rank
+    if radius == 0:
+        return taps[0] * x
+    paddings = [[0, 0]] * rank
+    paddings[axis] = [radius, radius]
+    padded = tf.pad(x, paddings)
+    shape = tf.shape(x)
+    size = tf.tensor_scatter_nd_update(-tf.ones([rank], tf.int32), [[axis]], [shape[axis]])
+    out = None
+    for o in range(-radius, radius + 1):
+        begin = [0] * rank
+        begin[axis] = radius + o
+        term = taps[o + radius] * tf.slice(padded, begin, size)
+        out = term if out is None else out + term
+    return out
+
+
+def _separable_tf(
+    values: tf.Tensor, parts: list[tf.Tensor], radii: list[int], check_finite: bool
+) -> tf.Tensor:
+    """The "tf" backend of separable_filter: one zero-padded correlation per spatial axis, in
+    TensorFlow ops; checks and errors as the compiled op's."""
+    rank = values.shape.rank
+    if rank is not None and rank < 3:
+        raise invalid(
+            "values must have shape [batch, *spatial, channels] with at least one spatial "
+            f"dimension (rank >= 3); got shape {values.shape}"
+        )
+    if rank is not None and values.shape[-1] == 0:
+        raise invalid(f"values has 0 channels (shape {values.shape})")
+    checks = [
+        tf.debugging.Assert(
+            tf.shape(values)[-1] >= 1,
+            [tf.strings.format("values has 0 channels (shape {})", tf.shape(values))],
+        )
+    ]
+    for axis, part in enumerate(parts):
+        checks.append(
+            tf.debugging.Assert(
+                tf.reduce_all(tf.math.is_finite(part)),
+                [f"separable filter: axis {axis} has a tap that is not finite"],
+            )
+        )
+    if check_finite:
+        bad = tf.logical_not(tf.math.is_finite(values))
+        first = tf.argmax(tf.cast(tf.reshape(bad, [-1]), tf.int32), output_type=tf.int64)
+        index = tf.unravel_index(first, tf.shape(values, out_type=tf.int64))
+        checks.append(
+            tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(bad)),
+                [
+                    tf.strings.format(
+                        "values contains NaN or Inf at {} (shape {}); non-finite input is an "
+                        "error (docs/reliability.md)",
+                        (index, tf.shape(values)),
+                    )
+                ],
+            )
+        )
+    with tf.control_dependencies([c for c in checks if c is not None]):
+        out = tf.identity(values)
+    for axis, (part, radius) in enumerate(zip(parts, radii, strict=True)):
+        out = _correlate_axis(out, part, radius, axis + 1)
+    return out
 
 
 @tf.RegisterGradient("Crf3dSeparableFilter")

@@ -1,0 +1,443 @@
+"""The permutohedral lattice built and applied with TensorFlow's own ops only (the "tf" backend).
+
+The compiled lattice op (csrc/permutohedral.cc behind tf_op/) has CPU kernels only. This module
+computes the same lattice with ops that TensorFlow runs on every device (elementwise arithmetic,
+scan, top_k sorts, gather, Unique, unsorted_segment_sum/min, while loops), so the lattice and
+the filter run where the rest of the model runs, GPUs included. No Python loop runs over voxels,
+and every size may be unknown when a ``tf.function`` is traced (the feature count too: the
+loops over channels and lattice directions are TensorFlow loops).
+
+Build (:func:`build`), mirroring permutohedral.cc's arithmetic step for step in float32 (the
+same constants, the same order of every rounding), so that on the same features it gives the
+same lattice points and barycentric weights:
+  - per batch item, each feature channel minus its minimum (the compiled build's shift);
+  - elevation onto the hyperplane sum(x) = 0 of R^{F+1} with the compiled op's scale factors
+    (computed in double, rounded to float); its running sum is a sequential scan;
+  - the nearest remainder-0 point (the same ceil/floor rounding), the rank of each coordinate
+    (a stable descending sort: ties go to the lower coordinate, as the compiled op's pairwise
+    comparisons do), the wrap back onto the hyperplane, and the barycentric weights;
+  - the F+1 vertex keys of each voxel's simplex, with the batch item as one more key column,
+    so batch items never share lattice points;
+  - the lattice points: :func:`dense_ids` numbers distinct keys in order of first occurrence,
+    exactly (below), which is also the compiled op's numbering when it builds in one chunk;
+  - blur neighbours: the keys one step away along each lattice direction, looked up with the
+    same exact numbering over [points; neighbour keys].
+
+Exact keys: :func:`dense_ids` never merges two different keys. When the key columns' value
+ranges (measured at run time) fit ``key_bits`` (62) bits together, each key is packed into one
+int64 (disjoint bit fields) and numbered by one Unique; otherwise the columns are folded in one
+at a time, each time renumbering the pair (number so far, column) with Unique, whose values stay
+below (rows)^2 < 2^62. Both paths give the same numbers; tests force the second one.
+
+Filter (:class:`TfLattice` ``.filter``): splat (products weight x value summed per lattice point
+with unsorted_segment_sum, in entry order like the compiled splat), blur (F+1 directions, the
+[1/2, 1, 1/2] stencil, reverse order for the adjoint), slice (times 1 / (1 + 2^-F)), with the
+compiled op's normalisation and scale conventions (``Lattice.filter``). Gradients
+(``tf.custom_gradient``): values get the adjoint filter, features get
+:func:`crf_rnn_3d.lattice_op.lattice.feature_gradient` evaluated with this filter on this
+lattice, exactly as the compiled op's registered gradient does; nothing is differentiated
+through the barycentric weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from crf_rnn_3d.lattice_op._common import (
+    as_float32,
+    check_static_rank,
+    feature_gradient,
+    invalid,
+)
+
+# Bits available to one packed key in an int64 (the sign bit and one spare bit kept clear).
+KEY_BITS = 62
+# The compiled build keeps |elevated| below 2^20 so that float32 resolves 1/8 lattice unit.
+_MAX_COORDINATE_BITS = 20
+
+
+class TfLatticeTensors(NamedTuple):
+    """The lattice of a batch of feature maps, as :func:`build` returns it.
+
+    vertex_index:    int32 [B, *spatial, F+1]  lattice point of each simplex vertex of each voxel
+    vertex_weight:   float32 [B, *spatial, F+1]  barycentric weight of that vertex
+    blur_neighbours: int32 [F+1, M, 2]  the two neighbours of each lattice point per direction
+                     (M, one past the last point, marks an absent neighbour)
+    The first three tensors of the compiled op's LatticeTensors, with the same meaning (and the
+    same numbers when the compiled build runs in one chunk); the splat needs no CSR lists here.
+    """
+
+    vertex_index: tf.Tensor
+    vertex_weight: tf.Tensor
+    blur_neighbours: tf.Tensor
+
+
+def _assert(ok: tf.Tensor, message: tf.Tensor | str) -> tf.Operation | None:
+    """An InvalidArgumentError carrying `message` when `ok` is false (eagerly: raised now)."""
+    return tf.debugging.Assert(ok, [message], summarize=1)
+
+
+def _after(checks: list, tensor: tf.Tensor) -> tf.Tensor:
+    checks = [c for c in checks if c is not None]
+    if not checks:
+        return tensor
+    with tf.control_dependencies(checks):
+        return tf.identity(tensor)
+
+
+def embedding_constants(d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(scale [d] float32, alpha float32, max_span float64) for d feature channels, computed as
+    the compiled Embedding does: scale_i = float(sqrt(2/3) (d+1) / sqrt((i+1)(i+2))) in double,
+    alpha = float(1 / (1 + 2^-d)), max_span = 2^20 / (2 sum_i scale_i) (the widest channel span
+    that single precision resolves)."""
+    d64 = tf.cast(d, tf.float64)
+    inv_std = math.sqrt(2.0 / 3.0) * (d64 + 1.0)
+    i = tf.range(d64, dtype=tf.float64)
+    scale = tf.cast(inv_std / tf.sqrt((i + 1.0) * (i + 2.0)), tf.float32)
+    power = tf.cast(
+        tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.cast(d, tf.int64)), tf.float64
+    )
+    alpha = tf.cast(1.0 / (1.0 + 1.0 / power), tf.float32)
+    max_span = 2.0**_MAX_COORDINATE_BITS / (2.0 * tf.reduce_sum(tf.cast(scale, tf.float64)))
+    return scale, alpha, max_span
+
+
+def dense_ids(columns: tf.Tensor, key_bits: int = KEY_BITS) -> tuple[tf.Tensor, tf.Tensor]:
+    """Numbers the distinct rows of an int32 [R, c] key table exactly.
+
+    Returns (ids int32 [R], count int32): equal rows get equal ids, different rows different
+    ones, ids 0..count-1 in order of each row's first occurrence. Packs every row into one int64
+    when the columns' ranges fit `key_bits` bits together (one Unique), else folds the columns
+    in one by one (two Uniques per column); `key_bits` is a parameter so that tests can force
+    the second path.
+    """
+    columns = tf.convert_to_tensor(columns, tf.int32)
+    lo = tf.cast(tf.reduce_min(columns, axis=0), tf.int64)
+    hi = tf.cast(tf.reduce_max(columns, axis=0), tf.int64)
+    span = hi - lo  # >= 0, < 2^32
+    powers = tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.range(63, dtype=tf.int64))
+    # bits needed for 0..span: the number of powers of two <= span (exact integer comparisons)
+    bits = tf.reduce_sum(tf.cast(span[:, None] >= powers[None, :], tf.int64), axis=1)
+    total = tf.reduce_sum(bits)
+
+    def packed() -> tuple[tf.Tensor, tf.Tensor]:
+        offset = tf.cumsum(bits, exclusive=True)
+        field = tf.bitwise.left_shift(tf.ones_like(offset), offset)
+        code = tf.reduce_sum((tf.cast(columns, tf.int64) - lo) * field, axis=1)
+        unique = tf.unique(code, out_idx=tf.int32)
+        return unique.idx, tf.size(unique.y, out_type=tf.int32)
+
+    def folded() -> tuple[tf.Tensor, tf.Tensor]:
+        rows = tf.shape(columns)[0]
+
+        def body(c: tf.Tensor, ids: tf.Tensor, count: tf.Tensor):
+            column = tf.unique(columns[:, c], out_idx=tf.int32)
+            width = tf.size(column.y, out_type=tf.int64)
+            # ids < rows and column.idx < width <= rows, so the pair code stays below rows^2
+            pair = tf.cast(ids, tf.int64) * width + tf.cast(column.idx, tf.int64)
+            unique = tf.unique(pair, out_idx=tf.int32)
+            return c + 1, unique.idx, tf.size(unique.y, out_type=tf.int32)
+
+        _, ids, count = tf.while_loop(
+            lambda c, ids, count: c < tf.shape(columns)[1],
+            body,
+            (tf.constant(0), tf.zeros([rows], tf.int32), tf.minimum(rows, 1)),
+        )
+        return ids, count
+
+    return tf.cond(total <= key_bits, packed, folded)
+
+
+def _first_index_message(bad: tf.Tensor, template: str, shape: tf.Tensor) -> tf.Tensor:
+    """template formatted with the multi-index of the first true entry of `bad` and `shape`."""
+    flat = tf.reshape(bad, [-1])
+    first = tf.argmax(tf.cast(flat, tf.int32), output_type=tf.int64)
+    index = tf.unravel_index(first, tf.cast(shape, tf.int64))
+    return tf.strings.format(template, (index, shape))
+
+
+def _check_features(features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Run-time checks of the compiled build (rank, sizes, NaN/Inf, spans), same messages.
+    Returns (features [B, n, F] after the checks, the per-item channel minima [B, F], d)."""
+    shape = tf.shape(features)
+    checks = [
+        _assert(
+            tf.rank(features) >= 3,
+            tf.strings.format(
+                "features must have shape [batch, *spatial, channels] with at least one spatial "
+                "dimension (rank >= 3); got shape {}",
+                shape,
+            ),
+        )
+    ]
+    features = _after(checks, features)
+    d = tf.shape(features)[-1]
+    checks = [
+        _assert(
+            d >= 1,
+            tf.strings.format(
+                "features has 0 channels (shape {}); at least one feature channel is needed",
+                shape,
+            ),
+        ),
+        _assert(
+            tf.size(features) > 0,
+            tf.strings.format(
+                "features has no voxels (shape {}); batch and spatial sizes must be >= 1", shape
+            ),
+        ),
+    ]
+    features = _after(checks, features)
+    flat = tf.reshape(features, [shape[0], -1, d])
+    bad = tf.logical_not(tf.math.is_finite(flat))
+    any_bad = tf.reduce_any(bad)
+    first = tf.argmax(tf.cast(tf.reshape(bad, [-1]), tf.int32), output_type=tf.int32)
+    per_item = tf.shape(flat)[1] * d
+    within = first % tf.maximum(per_item, 1)
+    checks = [
+        _assert(
+            tf.logical_not(any_bad),
+            tf.strings.format(
+                "features contains NaN or Inf (voxel {}, channel {} of the batch item {})",
+                (within // tf.maximum(d, 1), within % tf.maximum(d, 1), first // per_item),
+            ),
+        )
+    ]
+    flat = _after(checks, flat)
+    lo = tf.reduce_min(flat, axis=1)  # [B, F]
+    hi = tf.reduce_max(flat, axis=1)
+    _, _, max_span = embedding_constants(d)
+    span = tf.cast(hi, tf.float64) - tf.cast(lo, tf.float64)
+    too_wide = span > max_span
+    first = tf.argmax(tf.cast(tf.reshape(too_wide, [-1]), tf.int32), output_type=tf.int32)
+    checks = [
+        _assert(
+            tf.logical_not(tf.reduce_any(too_wide)),
+            tf.strings.format(
+                "features channel {} spans {} (max - min), beyond the {} the lattice resolves in "
+                "single precision for {} channels; features must be divided by the kernel "
+                "widths (theta)",
+                (first % d, tf.reshape(span, [-1])[first], max_span, d),
+            ),
+        )
+    ]
+    return _after(checks, flat), lo, d
+
+
+def _embed(f: tf.Tensor, d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Embedding::Embed for the rows of f [N, d] (already shifted): (rem0 int32 [N, d+1],
+    rank int32 [N, d+1], barycentric weights float32 [N, d+1]), the same float32 operations in
+    the same order as the compiled op."""
+    d1 = d + 1
+    scale, _, _ = embedding_constants(d)
+    cf = f * scale  # [N, d]
+    n = tf.shape(f)[0]
+    # running sums from the last channel down, one float addition at a time (like the loop
+    # j = d..1 of the compiled op): top[t] = cf[d-1] + ... + cf[d-1-t]
+    top = tf.scan(lambda acc, x: acc + x, tf.reverse(tf.transpose(cf), [0]), tf.zeros([n]))
+    running = tf.reverse(tf.concat([tf.zeros([1, n]), top], 0), [0])  # [d+1, N]: S[d - j]
+    j = tf.range(1, d1, dtype=tf.float32)
+    elevated = tf.transpose(running) - tf.concat([tf.zeros([n, 1]), j * cf], 1)  # [N, d+1]
+
+    # nearest remainder-0 point
+    d1_f = tf.cast(d1, tf.float32)
+    down = tf.constant(1.0, tf.float32) / d1_f
+    v = elevated * down
+    up = tf.math.ceil(v) * d1_f
+    low = tf.math.floor(v) * d1_f
+    rem0 = tf.cast(tf.where(up - elevated < elevated - low, up, low), tf.int32)
+    total = tf.truncatediv(tf.reduce_sum(rem0, axis=1), d1)
+
+    # rank: elements with a larger differential first, ties to the lower coordinate (top_k's
+    # order), which is what the compiled op's pairwise counts give
+    differential = elevated - tf.cast(rem0, tf.float32)
+    order = tf.argsort(differential, axis=1, direction="DESCENDING", stable=True)
+    rank = tf.argsort(order, axis=1, stable=True) + total[:, None]
+    below, above = rank < 0, rank > d
+    rank = tf.where(below, rank + d1, tf.where(above, rank - d1, rank))
+    rem0 = tf.where(below, rem0 + d1, tf.where(above, rem0 - d1, rem0))
+
+    # barycentric weights: vertex k gets v(rank d-k) - v(rank d-k+1); vertex 0 gets
+    # v(rank d) + (1 - v(rank 0)) (each a single rounding, whatever the order of the loop)
+    v = (elevated - tf.cast(rem0, tf.float32)) * down
+    by_rank = tf.argsort(rank, axis=1, stable=True)
+    w = tf.reverse(tf.gather(v, by_rank, batch_dims=1), [1])  # w[k] = v(rank d-k)
+    bary = tf.concat([w[:, :1] + (1.0 - w[:, -1:]), w[:, 1:] - w[:, :-1]], axis=1)
+    return rem0, rank, bary
+
+
+def build(features: tf.Tensor, key_bits: int = KEY_BITS) -> TfLatticeTensors:
+    """The lattice of features [B, *spatial, F] (float32), in TensorFlow ops; see the module
+    docstring. Raises InvalidArgumentError for the compiled build's bad inputs (rank < 3, no
+    channels or voxels, NaN or Inf, a channel spread too widely for single precision)."""
+    features = as_float32(features, "features")
+    check_static_rank(features, "features")
+    shape = tf.shape(features)
+    flat, lo, d = _check_features(features)
+    d1 = d + 1
+    batch, n = tf.shape(flat)[0], tf.shape(flat)[1]
+    shifted = tf.reshape(flat - lo[:, None, :], [-1, d])  # [N, d], N = B * n
+    rem0, rank, bary = _embed(shifted, d)
+
+    # vertex k of each simplex: rem0 + k, minus d+1 where rank > d - k (first d coordinates;
+    # the last is implied by the zero sum), with the batch item as the leading key column
+    k = tf.range(d1)[None, :, None]
+    keys = rem0[:, None, :d] + tf.where(rank[:, None, :d] <= d - k, k, k - d1)  # [N, d+1, d]
+    item = tf.repeat(tf.range(batch), n)[:, None, None]
+    columns = tf.concat([tf.broadcast_to(item, [batch * n, d1, 1]), keys], axis=2)
+    columns = tf.reshape(columns, [-1, d1])  # [E, d+1], entries in (voxel, vertex) order
+    ids, num_points = dense_ids(columns, key_bits)
+    first = tf.math.unsorted_segment_min(tf.range(tf.shape(ids)[0]), ids, num_points)
+    points = tf.gather(columns, first)  # [M, d+1]: batch item, d coordinates
+
+    # neighbours along direction j: the key minus (sign 0) or plus (sign 1)
+    # u_j = (d+1) e_j - (1, ..., 1) on the d stored coordinates (u_d = -(1, ..., 1))
+    u = d1 * tf.eye(d1, d, dtype=tf.int32) - 1  # [d+1, d]
+    u = tf.concat([tf.zeros([d1, 1], tf.int32), u], axis=1)  # the batch column stays
+    sign = tf.constant([-1, 1], tf.int32)
+    queries = points[None, :, None, :] + sign[None, None, :, None] * u[:, None, None, :]
+    table = tf.concat([points, tf.reshape(queries, [-1, d1])], axis=0)
+    # the points come first and are distinct, so their ids are 0..M-1 and a query that is a
+    # point gets that point's id; any other query gets an id >= M
+    found, _ = dense_ids(table, key_bits)
+    found = found[num_points:]
+    neighbours = tf.where(found < num_points, found, num_points)
+    vertex_shape = tf.concat([shape[:-1], [d1]], 0)
+    return TfLatticeTensors(
+        vertex_index=tf.reshape(ids, vertex_shape),
+        vertex_weight=tf.stop_gradient(tf.reshape(bary, vertex_shape)),
+        blur_neighbours=tf.reshape(neighbours, [d1, num_points, 2]),
+    )
+
+
+def _values_check(values: tf.Tensor) -> tf.Operation | None:
+    bad = tf.logical_not(tf.math.is_finite(values))
+    return _assert(
+        tf.logical_not(tf.reduce_any(bad)),
+        _first_index_message(
+            bad,
+            "values contains NaN or Inf at {} (shape {}); non-finite input is an error "
+            "(docs/reliability.md)",
+            tf.shape(values),
+        ),
+    )
+
+
+def filter_values(
+    lattice: TfLatticeTensors, values: tf.Tensor, reverse: bool = False, check_finite: bool = False
+) -> tf.Tensor:
+    """Splat, blur (directions 0..F, or F..0 with reverse), slice: the compiled Filter's
+    arithmetic in TensorFlow ops. values float32 [B, *spatial, C] on the lattice's grid."""
+    shape = tf.shape(values)
+    checks = [
+        _assert(
+            tf.reduce_all(tf.equal(shape[:-1], tf.shape(lattice.vertex_index)[:-1])),
+            tf.strings.format(
+                "values of shape {} do not match the lattice's batch and spatial shape "
+                "(vertex_index has shape {})",
+                (shape, tf.shape(lattice.vertex_index)),
+            ),
+        ),
+        _assert(
+            shape[-1] >= 1,
+            tf.strings.format(
+                "values has 0 channels (shape {}); at least one value channel is needed", shape
+            ),
+        ),
+    ]
+    if check_finite:
+        checks.append(_values_check(values))
+    values = _after(checks, values)
+    channels = shape[-1]
+    nbrs = lattice.blur_neighbours
+    d1 = tf.shape(nbrs)[0]
+    m = tf.shape(nbrs)[1]
+    index = tf.reshape(lattice.vertex_index, [-1, d1])  # [N, d+1]
+    weight = tf.reshape(lattice.vertex_weight, [-1, d1])
+    flat = tf.reshape(values, [-1, channels])  # [N, C]
+
+    # splat: entry (i, k) adds weight * value to its point, summed in entry order
+    products = tf.reshape(weight[:, :, None] * flat[:, None, :], [-1, channels])
+    splat = tf.math.unsorted_segment_sum(products, tf.reshape(index, [-1]), m)
+    zero_row = tf.zeros([1, channels])
+    cur = tf.concat([splat, zero_row], 0)  # row M: the absent neighbour, always zero
+
+    def blur(s: tf.Tensor, cur: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        j = d1 - 1 - s if reverse else s
+        pair = nbrs[j]
+        new = cur[:m] + 0.5 * (tf.gather(cur, pair[:, 0]) + tf.gather(cur, pair[:, 1]))
+        return s + 1, tf.concat([new, zero_row], 0)
+
+    _, cur = tf.while_loop(
+        lambda s, cur: s < d1,
+        blur,
+        (tf.constant(0), cur),
+        shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, values.shape[-1]])),
+    )
+
+    # slice: out = sum_k (alpha * weight_k) * lattice[index_k], k = 0..F in turn
+    _, alpha, _ = embedding_constants(d1 - 1)
+    scaled = alpha * weight
+
+    def gather_add(k: tf.Tensor, out: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return k + 1, out + scaled[:, k : k + 1] * tf.gather(cur, index[:, k])
+
+    _, out = tf.while_loop(lambda k, out: k < d1, gather_add, (tf.constant(0), tf.zeros_like(flat)))
+    return tf.reshape(out, shape)
+
+
+class TfLattice:
+    """A lattice built with TensorFlow ops (:func:`build`) and its filter; the "tf" backend of
+    :class:`crf_rnn_3d.lattice_op.Lattice` (same arguments, errors and conventions).
+
+    ``_key_bits`` (private, for tests): the bit budget of a packed key (:func:`dense_ids`).
+    """
+
+    def __init__(self, features: tf.Tensor, _key_bits: int = KEY_BITS) -> None:
+        features = as_float32(features, "features")
+        check_static_rank(features, "features")
+        self.features = features
+        self.features_shape = features.shape
+        self.tensors = build(features, _key_bits)
+
+    @property
+    def num_points(self) -> tf.Tensor:
+        """Number of lattice points M over all batch items (int32 scalar tensor)."""
+        return tf.shape(self.tensors.blur_neighbours)[1]
+
+    def filter(
+        self, values: tf.Tensor, reverse: bool = False, check_finite: bool = True
+    ) -> tf.Tensor:
+        """As :meth:`crf_rnn_3d.lattice_op.Lattice.filter`."""
+        values = as_float32(values, "values")
+        check_static_rank(values, "values")
+        spatial = self.features_shape[:-1]
+        if values.shape.rank is not None and spatial.rank is not None:
+            if not values.shape[:-1].is_compatible_with(spatial):
+                raise invalid(
+                    f"values of shape {values.shape} do not match the lattice's batch and "
+                    f"spatial shape {spatial} (features had shape {self.features_shape})"
+                )
+        lattice = self.tensors
+        reverse, check_finite = bool(reverse), bool(check_finite)
+
+        @tf.custom_gradient
+        def run(values: tf.Tensor, features: tf.Tensor):
+            out = filter_values(lattice, values, reverse, check_finite)
+
+            def gradient(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                def filter_fn(x: tf.Tensor, adjoint: bool) -> tf.Tensor:
+                    return filter_values(lattice, x, reverse != adjoint, False)
+
+                adjoint_grad = filter_fn(upstream, True)
+                d_features = feature_gradient(
+                    filter_fn, values, features, upstream, out, adjoint_grad
+                )
+                return adjoint_grad, d_features
+
+            return out, gradient
+
+        return run(values, self.features)
