@@ -16,6 +16,10 @@ pydensecrf's -w I because the normalised messages of all classes sum to the same
 approximates the smoothness kernel on a lattice too; the exact one here changes at most a few
 voxels in 100,000 of its labels (docs/crf.md). The default mode uses the "mean" normalisation
 of the CrfRnn layer.
+
+``backend="tf"`` (or "auto" on a GPU) runs the same inference with TensorFlow ops only (the
+composed mean field of functional.py over the TensorFlow-ops lattice and separable filter)
+instead of the compiled kernels, which have CPU kernels only.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from crf_rnn_3d.crf import functional as mf
+from crf_rnn_3d.lattice_op import BACKENDS, resolve_backend
 
 MODES = ("default", "pydensecrf")
 
@@ -67,6 +72,7 @@ def dense_crf(
     mode: str = "default",
     clip: float = 1e-5,
     exact: bool = False,
+    backend: str = "auto",
 ) -> np.ndarray:
     """Refines class probabilities with a fully connected CRF.
 
@@ -84,6 +90,11 @@ def dense_crf(
       clip: smallest probability used for the unaries (pydensecrf's default 1e-5).
       exact: replace the lattice by a dense N x N appearance kernel and the exact separable
         spatial kernel (at most 8192 voxels; for checks on small inputs).
+      backend: "auto" (default), "compiled" or "tf" (crf_rnn_3d.lattice_op.backend). The inputs
+        are NumPy arrays, so "auto" looks at the device scope only: the compiled kernels unless
+        a GPU is visible and the call is not inside a CPU ``tf.device`` scope. "tf" computes
+        with TensorFlow ops only (same result to float32 rounding; more memory, as every
+        iteration is separate ops).
 
     Returns:
       float32 [*spatial, K] refined probabilities (rows sum to 1).
@@ -95,6 +106,8 @@ def dense_crf(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     probs = np.asarray(probabilities)
     img = np.asarray(image)
     if probs.ndim < 2:
@@ -168,9 +181,15 @@ def dense_crf(
     )
     unaries_t, image_t = _as_tensor(unaries), _as_tensor(reference)
     del unaries, reference  # the tensors hold them now
-    if exact:
+    backend = resolve_backend(backend)
+    if exact or backend == "tf":
         logits = mf.mean_field(
-            unaries_t, image_t, bilateral_filter="exact", spatial_filter="separable", **settings
+            unaries_t,
+            image_t,
+            bilateral_filter="exact" if exact else "lattice",
+            spatial_filter="separable",
+            backend=backend,
+            **settings,
         )
         flat = tf.reshape(logits, [-1, num_classes])
         return tf.reshape(tf.nn.softmax(flat), probs.shape).numpy()

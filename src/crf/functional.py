@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 
 from crf_rnn_3d.crf._ops import fused_mean_field
-from crf_rnn_3d.lattice_op import Lattice, gaussian_taps, separable_filter
+from crf_rnn_3d.lattice_op import Lattice, gaussian_taps, resolve_backend, separable_filter
 
 NORMALISATIONS = ("mean", "symmetric")
 BILATERAL_FILTERS = ("lattice", "exact")
@@ -129,11 +129,12 @@ def _normalised(apply: Filter, ones_filtered: tf.Tensor, normalisation: str) -> 
     return lambda q: apply(q * norm) * norm
 
 
-def lattice_filter(features: tf.Tensor, normalisation: str) -> Filter:
+def lattice_filter(features: tf.Tensor, normalisation: str, backend: str = "auto") -> Filter:
     """Normalised Gaussian filter over a permutohedral lattice built once from `features`
     [B, *spatial, F] (already divided by the kernel widths). The returned function filters
-    [B, *spatial, C] tensors of any float dtype (computed in float32) and reuses the lattice."""
-    lattice = Lattice(tf.cast(features, tf.float32))
+    [B, *spatial, C] tensors of any float dtype (computed in float32) and reuses the lattice.
+    backend: "auto", "compiled" or "tf" (crf_rnn_3d.lattice_op.backend)."""
+    lattice = Lattice(tf.cast(features, tf.float32), backend=backend)
     dtype = features.dtype
 
     def apply(values: tf.Tensor) -> tf.Tensor:
@@ -183,6 +184,7 @@ def separable_spatial_filter(
     dtype: tf.DType,
     static_shape: Sequence[int | None] | None = None,
     theta_max: float | None = None,
+    backend: str = "auto",
 ) -> Filter:
     """Spatial Gaussian exp(-|p_i - p_j|^2 / (2 theta^2)) as a separable convolution, one 1-D
     kernel per axis, zero outside the volume (so the sum runs over voxels inside it only).
@@ -208,6 +210,7 @@ def separable_spatial_filter(
       normalisation: "mean" or "symmetric"; dtype: the values' dtype.
       static_shape: the tensors' static shape (None entries allowed), to cap the radius.
       theta_max: mm, sets the radius when theta is a tensor (required then, ignored otherwise).
+      backend: "auto", "compiled" or "tf" for separable_filter (crf_rnn_3d.lattice_op.backend).
     """
     learnt = isinstance(theta, tf.Tensor | tf.Variable)
     if learnt and theta_max is None:
@@ -227,7 +230,7 @@ def separable_spatial_filter(
         taps = spatial_taps(spacing, float(theta), static_shape)
 
     def apply(values: tf.Tensor) -> tf.Tensor:
-        return separable_filter(values, taps)
+        return separable_filter(values, taps, backend=backend)
 
     ones = tf.ones(tf.concat([shape[:-1], [1]], 0), dtype=dtype)
     return _normalised(apply, apply(ones), normalisation)
@@ -249,6 +252,7 @@ def mean_field(
     bilateral_filter: str = "lattice",
     spatial_filter: str = "separable",
     theta_gamma_max: float | None = None,
+    backend: str = "auto",
 ) -> tf.Tensor:
     """Mean-field inference of the fully connected CRF (see the module docstring).
 
@@ -269,6 +273,10 @@ def mean_field(
         position-only lattice).
       theta_gamma_max: mm; with a tensor theta_gamma and the separable kernel, sets its radius
         (see separable_spatial_filter).
+      backend: "auto" (default), "compiled" or "tf": which implementation runs the lattice and
+        separable filters (crf_rnn_3d.lattice_op.backend; "auto" is resolved once here, from
+        the device scope and the unaries, so both kernels use the same one). Everything else
+        here is TensorFlow ops already, so with "tf" no compiled op runs.
 
     Returns:
       [B, *spatial, K] refined logits U - p after the last iteration (softmax them for Q).
@@ -286,11 +294,12 @@ def mean_field(
         )
     if spatial_filter not in SPATIAL_FILTERS:
         raise ValueError(f"spatial_filter must be one of {SPATIAL_FILTERS}, got {spatial_filter!r}")
+    backend = resolve_backend(backend, unaries)
     unaries = require_finite(unaries, "unaries")
     image = require_finite(image, "image")
     features = bilateral_features(image, spacing, theta_alpha, theta_beta)
     if bilateral_filter == "lattice":
-        appearance = lattice_filter(features, normalisation)
+        appearance = lattice_filter(features, normalisation, backend)
     else:
         voxels = math.prod(d for d in unaries.shape[1:-1] if d is not None)
         if voxels > EXACT_BILATERAL_MAX_VOXELS:
@@ -309,10 +318,13 @@ def mean_field(
             unaries.dtype,
             unaries.shape,
             theta_max=theta_gamma_max,
+            backend=backend,
         )
     else:
         smoothness = lattice_filter(
-            positions(tf.shape(unaries), spacing, theta_gamma, unaries.dtype), normalisation
+            positions(tf.shape(unaries), spacing, theta_gamma, unaries.dtype),
+            normalisation,
+            backend,
         )
     logits = unaries
     shape, num_classes = tf.shape(unaries), unaries.shape[-1]
@@ -349,7 +361,8 @@ def mean_field_inference(
     Returns:
       (logits, probabilities): float32 [B, *spatial, K], the refined logits after the last
       iteration and their softmax; logits is None with ``return_logits=False`` (the kernel then
-      never writes them). Not differentiable: use :func:`mean_field` to train.
+      never writes them). Not differentiable: use :func:`mean_field` to train. Compiled
+      kernels only (CPU): the "tf" backend's equivalent is :func:`mean_field` with backend="tf".
 
     Raises:
       tf.errors.InvalidArgumentError: NaN or Inf in unaries ("unaries contain NaN or Inf",
@@ -364,7 +377,7 @@ def mean_field_inference(
     features = bilateral_features(
         image, spacing, float(theta_alpha), [float(t) for t in theta_beta]
     )
-    lattice = Lattice(features).tensors
+    lattice = Lattice(features, backend="compiled").tensors
     del features  # not needed by the kernel: free it before the kernel's buffers are taken
     taps = spatial_taps(spacing, float(theta_gamma), unaries.shape)
     logits, probabilities = fused_mean_field(

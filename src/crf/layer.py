@@ -1,6 +1,7 @@
 """CRF-as-RNN: the fully connected CRF's mean-field inference as a trainable Keras 3 layer.
 
-The layer needs the TensorFlow backend (its message passing is the compiled lattice op).
+The layer needs Keras' TensorFlow backend. Its message passing runs on the compiled lattice ops
+(CPU) or on the same lattice in TensorFlow ops (any device): the ``backend`` setting.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from crf_rnn_3d.crf import functional as mf
+from crf_rnn_3d.lattice_op import BACKENDS, resolve_backend
 
 
 def _positive(name: str, value: Any) -> float:
@@ -119,7 +121,14 @@ class CrfRnn(keras.layers.Layer):
         kernel dense_crf uses) instead of composed TF ops: same result to float32 rounding,
         1.2-1.5x faster on the benchmark phantoms (docs/crf.md), but with no gradient, so a
         gradient taken through such a call raises LookupError. Default False. Needs the
-        default filters (lattice, separable) and fixed widths (not learn_theta).
+        default filters (lattice, separable) and fixed widths (not learn_theta), and runs only
+        where the backend resolves to "compiled" (with "auto" on a GPU the composed path runs).
+      backend: which implementation runs the lattice and separable filters (docs/crf.md):
+        "auto" (default: the compiled kernels on the CPU, TensorFlow ops when the call runs on
+        a GPU; crf_rnn_3d.lattice_op.backend.resolve_backend, resolved at each call),
+        "compiled" (the C++ ops, CPU kernels only) or "tf" (TensorFlow ops only, any device:
+        the composed mean field of functional.py, never the fused kernel nor any compiled op).
+        The two agree to float32 rounding (tests/test_backend.py).
 
     Weights (trainable): ``bilateral_weight`` w1 [K], ``spatial_weight`` w2 [K],
     ``compatibility`` mu [K, K], whose diagonal is held at zero (masked in call, so the stored
@@ -155,6 +164,7 @@ class CrfRnn(keras.layers.Layer):
         learn_theta: bool = False,
         theta_gamma_max: float | None = None,
         fused_inference: bool = False,
+        backend: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -189,6 +199,12 @@ class CrfRnn(keras.layers.Layer):
         if not isinstance(fused_inference, bool | np.bool_):
             raise ValueError(f"fused_inference must be True or False, got {fused_inference!r}")
         self.fused_inference = bool(fused_inference)
+        self.backend = _choice("backend", backend, BACKENDS)
+        if self.fused_inference and self.backend == "tf":
+            raise ValueError(
+                "fused_inference runs the compiled kernel, which backend='tf' never uses; set "
+                "fused_inference=False or backend='auto' / 'compiled'"
+            )
         if self.fused_inference and (
             self.learn_theta
             or self.bilateral_filter != "lattice"
@@ -340,7 +356,13 @@ class CrfRnn(keras.layers.Layer):
             num_iterations=iterations,
             normalisation=self.normalisation,
         )
-        if self.fused_inference and not training and unaries.dtype == tf.float32:
+        backend = resolve_backend(self.backend, unaries)
+        if (
+            self.fused_inference
+            and backend == "compiled"
+            and not training
+            and unaries.dtype == tf.float32
+        ):
             return mf.mean_field_inference(unaries, image, **settings)[0]
         return mf.mean_field(
             unaries,
@@ -348,6 +370,7 @@ class CrfRnn(keras.layers.Layer):
             bilateral_filter=self.bilateral_filter,
             spatial_filter=self.spatial_filter,
             theta_gamma_max=gamma_max,
+            backend=backend,
             **settings,
         )
 
@@ -372,5 +395,6 @@ class CrfRnn(keras.layers.Layer):
             learn_theta=self.learn_theta,
             theta_gamma_max=self.theta_gamma_max,
             fused_inference=self.fused_inference,
+            backend=self.backend,
         )
         return config

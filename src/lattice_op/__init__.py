@@ -6,15 +6,20 @@ Public API (every caller, benchmarks included, uses exactly this):
   permutohedral_filter(values, features)  the one-shot form
   separable_filter(values, taps)      separable (e.g. Gaussian) filter of a grid, zero outside
   gaussian_taps(sigma, truncate, n)   the taps of one axis of a truncated Gaussian
+  BACKENDS, resolve_backend           the backend switch ("auto", "compiled", "tf") that every
+                                      filtering entry point takes as backend=
 """
 
+from crf_rnn_3d.lattice_op.backend import BACKENDS, resolve_backend
 from crf_rnn_3d.lattice_op.lattice import Lattice, LatticeTensors, permutohedral_filter
 from crf_rnn_3d.lattice_op.separable import gaussian_taps, separable_filter
 
 __all__ = [
+    "BACKENDS",
     "Lattice",
     "LatticeTensors",
     "gaussian_taps",
     "permutohedral_filter",
+    "resolve_backend",
     "separable_filter",
 ]

@@ -383,7 +383,7 @@ def filter_values(
     scaled = alpha * weight
 
     def gather_add(k: tf.Tensor, out: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return k + 1, out + scaled[:, k : k + 1] * tf.gather(cur, index[:, k])
+        return k + 1, out + scaled[:, k][:, None] * tf.gather(cur, index[:, k])
 
     _, out = tf.while_loop(lambda k, out: k < d1, gather_add, (tf.constant(0), tf.zeros_like(flat)))
     return tf.reshape(out, shape)
