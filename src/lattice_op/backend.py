@@ -1,15 +1,15 @@
 """Which implementation runs the lattice and separable filters: the backend switch.
 
-    "compiled"  the C++ ops of this package (CPU kernels only: src/lattice_op/tf_op, and the
-                CRF's fused mean-field op);
+    "compiled"  the C++ ops of this package (CPU kernels only: src/lattice_op/tf_op, and any
+                compiled op built on them);
     "tf"        the same lattice and filters written with TensorFlow's own ops only
                 (src/lattice_op/tf_lattice.py), which TensorFlow runs on any device, GPUs
                 included;
     "auto"      the compiled kernels on the CPU, the TensorFlow ops when the computation runs
                 on a GPU (:func:`resolve_backend` states the rule).
 
-Every entry point that filters (``Lattice``, ``permutohedral_filter``, ``separable_filter``,
-``CrfRnn``, ``mean_field``, ``dense_crf``) takes ``backend=`` with these names.
+Every entry point that filters takes ``backend=`` with these names: ``Lattice``,
+``permutohedral_filter`` and ``separable_filter`` here, and the layers built on them.
 """
 
 from __future__ import annotations
