@@ -191,6 +191,17 @@ def test_unavailable_original_label_is_said_not_skipped(built, tmp_path):
     assert lines[2] == f"0,Case00,vnet,original,prostate,,,,,original label unavailable: {why}"
 
 
+def test_label_file_on_another_grid_than_recorded_is_an_error(built):
+    import dataclasses
+
+    from crf_rnn_3d.datasets.errors import DataError
+
+    cfg, entry, _, geometry, _ = built
+    other = dataclasses.replace(geometry, original_shape=(40, 80, 81))
+    with pytest.raises(DataError, match=r"Case00_segmentation\.mhd.*grid recorded in the cache"):
+        OriginalLabels(cfg).read("Case00", entry, other)
+
+
 def test_bad_nsd_tolerance_is_named():
     from crf_rnn_3d.datasets.errors import ConfigError
     from crf_rnn_3d.experiments.evaluate import settings

@@ -124,3 +124,16 @@ def test_smoke_chain_report_content(tmp_path):
     second = report(cfg)
     assert second.folder != folder and folder.is_dir()
     assert (second.folder / "per_case.csv").read_text() == (folder / "per_case.csv").read_text()
+
+    # an evaluation written before the surface metrics, or with another NSD tolerance than
+    # the other runs, stops the report with the file named
+    from crf_rnn_3d.datasets.errors import DataError
+
+    path = common.run_dir(cfg, 1, "vnet_crf") / "evaluation.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "nsd_tolerance_mm": 1.0}))
+    with pytest.raises(DataError, match=r"conventions of the other runs"):
+        report(cfg)
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "metrics"}))
+    with pytest.raises(DataError, match=r"evaluation\.json.*Dice only.*evaluate fold=1"):
+        report(cfg)
