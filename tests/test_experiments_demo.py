@@ -30,5 +30,5 @@ def test_demo_vnet_reaches_dice_0_7(tmp_path):
     assert len(per_variant["vnet"]) == len(per_variant["vnet_crf"]) == 10
     assert np.mean(per_variant["vnet"]) >= 0.7
     summary = json.loads((result.report.folder / "summary.json").read_text())
-    got = summary["regions"]["prostate"]["variants"]["vnet"]["mean"]
+    got = summary["grids"]["resampled"]["dice"]["prostate"]["variants"]["vnet"]["mean"]
     assert got == pytest.approx(np.mean(per_variant["vnet"]))

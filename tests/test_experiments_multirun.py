@@ -43,7 +43,7 @@ def test_joblib_multirun_then_report(tmp_path):
     assert sorted({(r["fold"], r["variant"]) for r in rows}) == [
         ("0", "vnet"), ("0", "vnet_crf"), ("1", "vnet"), ("1", "vnet_crf"),
     ]  # fmt: skip
-    assert len(rows) == 8  # 4 cases x 2 variants, one region
+    assert len(rows) == 16  # 4 cases x 2 variants x 2 grids, one region
 
 
 def test_slurm_launcher_config_composes():

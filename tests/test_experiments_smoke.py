@@ -23,7 +23,8 @@ def test_smoke_chain_report_content(tmp_path):
     folder = result.report.folder
     assert folder.parent == tmp_path / "results" / "smoke"
     names = {p.name for p in folder.iterdir()}
-    assert {"per_case.csv", "summary.json", "report.md", "dice.png", "config.yaml"} <= names
+    figures = {f"box_{m}.png" for m in ("dice", "hd95", "assd", "nsd")}
+    assert {"per_case.csv", "summary.json", "report.md", "config.yaml"} | figures <= names
     assert any(n.startswith("example_") and n.endswith(".png") for n in names)
     for png in folder.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -34,20 +35,22 @@ def test_smoke_chain_report_content(tmp_path):
     cases = sorted(c for s in splits for c in s["val"])
     assert len(cases) == 4
     for variant in ("vnet", "vnet_crf", "vnet_crf_theta"):
-        got = sorted(r["case"] for r in rows if r["variant"] == variant)
-        assert got == cases  # every case predicted once, by the fold that did not see it
+        for grid in ("resampled", "original"):  # the phantoms' source files are all there
+            got = sorted(r["case"] for r in rows if r["variant"] == variant and r["grid"] == grid)
+            assert got == cases  # every case predicted once, by the fold that did not see it
     for r in rows:
         fold = int(r["fold"])
-        assert r["case"] in splits[fold]["val"]
-        assert 0.0 <= float(r["dice"]) <= 1.0
+        assert r["case"] in splits[fold]["val"] and r["note"] == ""
+        assert 0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["nsd"]) <= 1.0
+        assert float(r["assd"]) >= 0.0 and float(r["hd95"]) >= 0.0
 
-    dice = {
-        v: np.array([float(r["dice"]) for r in sorted(rows, key=lambda r: r["case"])
-                     if r["variant"] == v])
-        for v in ("vnet", "vnet_crf")
-    }  # fmt: skip
+    def column(variant, grid="resampled", metric="dice"):
+        return np.array([float(r[metric]) for r in sorted(rows, key=lambda r: r["case"])
+                         if r["variant"] == variant and r["grid"] == grid])  # fmt: skip
+
+    dice = {v: column(v) for v in ("vnet", "vnet_crf")}
     summary = json.loads((folder / "summary.json").read_text())
-    region = summary["regions"]["prostate"]
+    region = summary["grids"]["resampled"]["dice"]["prostate"]
     for v, x in dice.items():
         assert region["variants"][v]["mean"] == pytest.approx(x.mean())
         assert region["variants"][v]["std"] == pytest.approx(x.std(ddof=1))
@@ -59,6 +62,14 @@ def test_smoke_chain_report_content(tmp_path):
         assert test["p_ttest"] == pytest.approx(
             stats.ttest_rel(dice["vnet_crf"], dice["vnet"]).pvalue
         )
+        assert test["d_z"] == pytest.approx(d.mean() / d.std(ddof=1))
+    # the original grid's HD95 of the learnt-theta variant, recomputed from the CSV
+    hd = column("vnet_crf_theta", "original", "hd95") - column("vnet", "original", "hd95")
+    other = summary["grids"]["original"]["hd95"]["prostate"]["tests"]["vnet_crf_theta"]
+    assert other["mean_difference"] == pytest.approx(hd.mean()) and other["n"] == 4
+    assert summary["family"]["size"] == 2 * 4 * 1 * 2  # grids x metrics x regions x comparisons
+    assert summary["original_unavailable"] == {}
+    assert summary["conventions"] == {"nsd_tolerance_mm": 2.0, "empty_dice": 1.0}
 
     md = (folder / "report.md").read_text()
     assert "| Method | prostate (this run) | prostate (paper) |" in md
@@ -67,7 +78,10 @@ def test_smoke_chain_report_content(tmp_path):
     assert re.search(r"\| V-Net \+ CRF \| [0-9.]+ ± [0-9.]+ \| 0\.780 ± 0\.110 \|", md)
     assert re.search(r"\| V-Net \+ CRF \(learnt theta\) \| [0-9.]+ ± [0-9.]+ \|", md)
     assert "p (paired t-test)" in md and "p (Wilcoxon)" in md and "95% CI" in md
-    assert "![Dice per case](dice.png)" in md
+    assert "p Holm (t)" in md and "p Holm (W)" in md and "cases for 80% power" in md
+    assert "## Conventions" in md and "Cases without original-grid numbers: none." in md
+    for name in sorted(figures):
+        assert f"]({name})" in md
     assert "steps: 4" in (folder / "config.yaml").read_text()
 
     # TensorBoard: scalars and the image summary of every run
@@ -98,8 +112,28 @@ def test_smoke_chain_report_content(tmp_path):
     np.testing.assert_allclose(exported.GetSpacing(), raw.GetSpacing(), rtol=1e-6)
     np.testing.assert_allclose(exported.GetOrigin(), raw.GetOrigin(), atol=1e-6)
     assert set(np.unique(sitk.GetArrayFromImage(exported))) <= {0, 1}
+    # the original-grid Dice is the exported file against the raw label file (counted here)
+    p = sitk.GetArrayFromImage(exported) > 0
+    g = sitk.GetArrayFromImage(raw) > 0
+    want = 2 * np.logical_and(p, g).sum() / (p.sum() + g.sum()) if p.sum() + g.sum() else 1.0
+    got = next(float(r["dice"]) for r in rows if r["case"] == case and r["variant"] == "vnet"
+               and r["grid"] == "original")  # fmt: skip
+    assert got == pytest.approx(want, abs=1e-12)
 
     # a second report never overwrites the first
     second = report(cfg)
     assert second.folder != folder and folder.is_dir()
     assert (second.folder / "per_case.csv").read_text() == (folder / "per_case.csv").read_text()
+
+    # an evaluation written before the surface metrics, or with another NSD tolerance than
+    # the other runs, stops the report with the file named
+    from crf_rnn_3d.datasets.errors import DataError
+
+    path = common.run_dir(cfg, 1, "vnet_crf") / "evaluation.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "nsd_tolerance_mm": 1.0}))
+    with pytest.raises(DataError, match=r"conventions of the other runs"):
+        report(cfg)
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "metrics"}))
+    with pytest.raises(DataError, match=r"evaluation\.json.*Dice only.*evaluate fold=1"):
+        report(cfg)

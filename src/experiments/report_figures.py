@@ -1,9 +1,11 @@
-"""The report's figures (matplotlib, Agg): ``dice.png`` (box plot per region with each case's
-paired dots joined by a line) and ``example_<case>.png`` overlays (the slice with most
-foreground: image, label and each variant's prediction outline)."""
+"""The report's figures (matplotlib, Agg): ``box_<metric>.png`` (one per metric: a panel per
+grid and region, a box per variant with each case's paired values joined by a line) and
+``example_<case>.png`` overlays (the slice with most foreground: image, label and each
+variant's prediction outline)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,33 +14,46 @@ import numpy as np
 from crf_rnn_3d.datasets import cache
 from crf_rnn_3d.experiments import common
 
+AXIS_LABELS = {"dice": "Dice", "hd95": "HD95 (mm)", "assd": "ASSD (mm)", "nsd": "NSD"}
 
-def plot_dice(rows: list[dict], variants: list[str], labels: dict, path: Path) -> None:
-    """``path`` (PNG, 100 dpi): per region a box plot of each variant's Dice over the cases of
-    ``rows`` ({case, variant, region, dice}), each case's values joined across variants."""
+
+def plot_metric(
+    rows: list[dict], variants: list[str], labels: dict, metric: str, path: Path
+) -> None:
+    """``path`` (PNG, 100 dpi): for each grid (a row of panels) and region (a column) a box plot
+    of each variant's ``metric`` over the cases that have it for every variant, each case's
+    values joined across variants. ``rows``: {case, variant, grid, region, <metric>}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    grids = list(dict.fromkeys(r["grid"] for r in rows))
     regions = list(dict.fromkeys(r["region"] for r in rows))
-    fig, axes = plt.subplots(1, len(regions), figsize=(2.2 + 1.6 * len(variants) * len(regions), 4))
-    axes = np.atleast_1d(axes)
-    for ax, region in zip(axes, regions, strict=True):
-        cases = sorted({r["case"] for r in rows if r["region"] == region})
-        data = []
-        for v in variants:
-            by_case = {
-                r["case"]: r["dice"] for r in rows if r["region"] == region and r["variant"] == v
-            }
-            data.append([by_case[c] for c in cases])
-        ax.boxplot(data, showfliers=False)
-        ax.set_xticks(range(1, len(variants) + 1), [labels[v] for v in variants])
-        arr = np.array(data)
-        for j in range(arr.shape[1]):
-            ax.plot(range(1, len(variants) + 1), arr[:, j], "-o", color="0.4", alpha=0.5, ms=3)
-        ax.set_title(region)
-        ax.set_ylabel("Dice")
+    width = 2.2 + 1.6 * len(variants) * len(regions)
+    fig, axes = plt.subplots(len(grids), len(regions), figsize=(width, 3.6 * len(grids)),
+                             squeeze=False)  # fmt: skip
+    for i, grid in enumerate(grids):
+        for j, region in enumerate(regions):
+            ax = axes[i, j]
+            values = {v: {} for v in variants}
+            for r in rows:
+                if r["grid"] == grid and r["region"] == region and r["variant"] in values:
+                    values[r["variant"]][r["case"]] = float(r[metric])
+            complete = [all(math.isfinite(values[v].get(c, math.nan)) for v in variants)
+                        for c in values[variants[0]]]  # fmt: skip
+            cases = sorted(c for c, ok in zip(values[variants[0]], complete, strict=True) if ok)
+            ax.set_title(f"{region}, {grid} grid")
+            ax.set_ylabel(AXIS_LABELS.get(metric, metric))
+            if cases:
+                data = np.array([[values[v][c] for c in cases] for v in variants])
+                ax.boxplot(list(data), showfliers=False)
+                for k in range(data.shape[1]):
+                    ax.plot(range(1, len(variants) + 1), data[:, k], "-o", color="0.4",
+                            alpha=0.5, ms=3)  # fmt: skip
+            else:
+                ax.text(0.5, 0.5, "no case", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks(range(1, len(variants) + 1), [labels[v] for v in variants])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -46,7 +61,8 @@ def plot_dice(rows: list[dict], variants: list[str], labels: dict, path: Path) -
 
 def plot_examples(cfg: Mapping, rows: list[dict], folder: Path) -> list[str]:
     """Overlay PNGs of the lowest, median and highest baseline-Dice cases (``report.example_cases``
-    of them) written into ``folder``; returns their file names."""
+    of them; Dice of the first region on the resampled grid, where the cached case lies) written
+    into ``folder``; returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,6 +70,7 @@ def plot_examples(cfg: Mapping, rows: list[dict], folder: Path) -> list[str]:
 
     variants = common.variant_names(cfg)
     labels = {v: str(cfg["variants"][v].get("label", v)) for v in variants}
+    rows = [r for r in rows if r["grid"] == "resampled"]
     region = rows[0]["region"]
     base = sorted(
         (r["dice"], r["case"], r["fold"]) for r in rows
