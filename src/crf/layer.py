@@ -319,6 +319,9 @@ class CrfRnn(keras.layers.Layer):
 
     def call(self, inputs: Sequence[tf.Tensor], training: bool | None = None) -> tf.Tensor:
         unaries, image = inputs
+        if unaries.dtype in (tf.float16, tf.bfloat16):  # a mixed policy: mean field in float32
+            full = [tf.cast(unaries, tf.float32), tf.cast(image, tf.float32)]
+            return tf.cast(self.call(full, training=training), unaries.dtype)
         self._check_shapes(unaries.shape, image.shape)
         unaries = tf.convert_to_tensor(unaries)
         image = tf.cast(image, unaries.dtype)

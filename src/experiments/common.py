@@ -22,8 +22,9 @@ from crf_rnn_3d.datasets.errors import ConfigError, DataError
 from crf_rnn_3d.datasets.splits import read_splits, split_file
 
 # train settings that steer the process but not the result: not part of a run's identity
+# (distribute: one device or mirrored replicas train the same run, equal to float rounding)
 PROCESS_ONLY = ("checkpoint_every", "keep_checkpoints", "stop_after", "log_every", "image_every",
-                "progress", "save_model")  # fmt: skip
+                "progress", "save_model", "distribute")  # fmt: skip
 
 
 def integer(setting: str, value: Any, minimum: int | None = None) -> int:
@@ -90,6 +91,8 @@ def variant_crf(cfg: Mapping, variant: str) -> dict | None:
 def run_identity(cfg: Mapping, fold: int, variant: str) -> dict:
     """Everything that changes the result of the (fold, variant) run, as plain data."""
     train = {k: v for k, v in plain(cfg["train"]).items() if k not in PROCESS_ONLY}
+    if train.get("precision") == "float32":  # the default keeps the folders of earlier runs
+        train.pop("precision")
     data = plain(cfg["data"])
     data.pop("root", None)  # where the files are does not change the result
     data.pop("processed", None)

@@ -13,16 +13,20 @@ import tensorflow as tf
 
 from crf_rnn_3d.datasets.errors import ConfigError, DataError
 from crf_rnn_3d.experiments import common
-from crf_rnn_3d.models.vnet import VNetConfigError, build_vnet
+from crf_rnn_3d.models.vnet import PRECISIONS, VNetConfigError, build_vnet
 
 CHECKPOINTS = "checkpoints"  # the checkpoint folder inside a run folder
 
 
 def build_model(cfg: Mapping, variant: str, input_shape: tuple, spacing: tuple) -> keras.Model:
     """The variant's model for cases of ``input_shape`` (Z, Y, X, C) and ``spacing`` (z, y, x)
-    in mm: logits [B, Z, Y, X, K] with K = len(data.labels). A CRF setting the layer refuses
+    in mm: logits [B, Z, Y, X, K] with K = len(data.labels), in the dtype policy of
+    ``train.precision`` (the CRF head and the logits float32). A CRF setting the layer refuses
     (``crf.theta_alpha=-1``, ``crf.num_iterations=0``) is a ConfigError naming ``crf.<key>``."""
     crf = common.variant_crf(cfg, variant)
+    precision = str(cfg["train"].get("precision", "float32"))
+    if precision not in PRECISIONS:
+        raise ConfigError("train.precision", f"one of {PRECISIONS}", precision)
     try:
         return build_vnet(
             input_shape,
@@ -31,6 +35,7 @@ def build_model(cfg: Mapping, variant: str, input_shape: tuple, spacing: tuple) 
             crf=crf,
             spacing=spacing,
             name=variant,
+            precision=precision,
         )
     except VNetConfigError:
         raise

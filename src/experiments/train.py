@@ -14,8 +14,16 @@ optimiser, step), ``tensorboard/`` (loss, Dice, learning rate; a slice of image 
 prediction), ``state.json`` (progress and the steps each invocation started from),
 ``model.keras`` and ``config.yaml``; :class:`RunRecord` is their one writer. A run started
 again with the same config resumes from its last checkpoint and sees the batches it has not
-seen yet; a finished run is not trained again. With more than one GPU visible, training is
-mirrored over them (tf.distribute.MirroredStrategy; the batch is split between the replicas).
+seen yet; a finished run is not trained again.
+
+``train.distribute``: ``none`` trains on one device; ``mirrored`` is data-parallel training
+through tf.distribute.MirroredStrategy over the visible GPUs (over the logical CPU devices when
+there is no GPU), the global batch ``train.batch_size`` split evenly between the replicas (a
+batch that the replicas do not divide is a ConfigError) and each replica's loss scaled by its
+share of the global batch, so that the summed gradients are those of the global batch's mean
+loss. ``train.precision``: ``float32``, ``mixed_float16`` (with Keras' dynamic loss scaling,
+``keras.optimizers.LossScaleOptimizer``) or ``mixed_bfloat16``; the CRF head and the loss are
+computed in float32 whatever the policy (src/models/vnet.py). docs/training.md has the commands.
 
 :func:`train` reads as its steps: :func:`check_settings`, :class:`RunRecord` (open the folder,
 read the state), :func:`set_up` (cases, seeded model, optimiser), ``RunRecord.resume`` (the
@@ -27,6 +35,7 @@ last checkpoint), :func:`run_steps` (the step loop, logging and checkpoints) and
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -46,10 +55,12 @@ from crf_rnn_3d.experiments import common
 from crf_rnn_3d.experiments.cli import hydra_app, run_stage
 from crf_rnn_3d.experiments.evaluate import Evaluation, evaluate
 from crf_rnn_3d.experiments.model_io import CHECKPOINTS, build_model, restore_checkpoint
+from crf_rnn_3d.models.vnet import PRECISIONS
 
 LOSSES = ("dice", "ce", "dice_ce")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "exponential")
+DISTRIBUTE = ("none", "mirrored")
 
 
 @dataclass
@@ -141,19 +152,72 @@ def learning_rate(train_cfg: Mapping) -> float | keras.optimizers.schedules.Lear
 
 
 def make_optimizer(train_cfg: Mapping) -> keras.optimizers.Optimizer:
-    """Adam, AdamW or SGD (momentum) as ``train.optimizer`` says."""
+    """Adam, AdamW or SGD (momentum) as ``train.optimizer`` says; under
+    ``train.precision=mixed_float16`` wrapped in ``keras.optimizers.LossScaleOptimizer``
+    (dynamic loss scale: steps whose gradients overflow are skipped and the scale halved)."""
     opt = train_cfg["optimizer"]
     name = str(opt["name"])
     lr = learning_rate(train_cfg)
     clip = opt.get("clipnorm")
     extra = {} if clip is None else {"clipnorm": float(clip)}
     if name == "adam":
-        return keras.optimizers.Adam(lr, **extra)
-    if name == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=float(opt["weight_decay"]), **extra)
-    if name == "sgd":
-        return keras.optimizers.SGD(lr, momentum=float(opt["momentum"]), **extra)
-    raise ConfigError("train.optimizer.name", f"one of {OPTIMIZERS}", name)
+        inner = keras.optimizers.Adam(lr, **extra)
+    elif name == "adamw":
+        inner = keras.optimizers.AdamW(lr, weight_decay=float(opt["weight_decay"]), **extra)
+    elif name == "sgd":
+        inner = keras.optimizers.SGD(lr, momentum=float(opt["momentum"]), **extra)
+    else:
+        raise ConfigError("train.optimizer.name", f"one of {OPTIMIZERS}", name)
+    if precision_of(train_cfg) == "mixed_float16":
+        return keras.optimizers.LossScaleOptimizer(inner)
+    return inner
+
+
+def precision_of(train_cfg: Mapping) -> str:
+    """``train.precision`` (float32 when the setting is absent); ConfigError when unknown."""
+    precision = str(train_cfg.get("precision", "float32"))
+    if precision not in PRECISIONS:
+        raise ConfigError("train.precision", f"one of {PRECISIONS}", precision)
+    return precision
+
+
+# One MirroredStrategy per device list and process: the runs one process trains in turn
+# (cross_validate) share it, because the collective all-reduce keys of a second strategy over
+# the same devices collide with the first one's (a shape mismatch at the next run). A plain
+# dict, not functools.cache: `python -m ...train -m` pickles this module's functions by value
+# for the submitit launchers, and a cache wrapper does not survive that.
+_MIRRORED: dict[tuple[str, ...], tf.distribute.MirroredStrategy] = {}
+
+
+def _mirrored(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+    if devices not in _MIRRORED:
+        _MIRRORED[devices] = tf.distribute.MirroredStrategy(devices=list(devices))
+    return _MIRRORED[devices]
+
+
+def make_strategy(train_cfg: Mapping) -> tf.distribute.Strategy:
+    """The strategy of ``train.distribute``: ``none``, TensorFlow's default strategy (one
+    device, no replicas); ``mirrored``, a MirroredStrategy over the logical GPUs, or over the
+    logical CPU devices when there is no GPU (one unless configured otherwise, as the tests do
+    with tf.config.set_logical_device_configuration). ConfigError when the setting is unknown
+    or the replicas do not divide ``train.batch_size``."""
+    kind = str(train_cfg.get("distribute", "none"))
+    if kind not in DISTRIBUTE:
+        raise ConfigError("train.distribute", f"one of {DISTRIBUTE}", kind)
+    if kind == "none":
+        return tf.distribute.get_strategy()
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    strategy = _mirrored(tuple(d.name for d in devices))
+    replicas = strategy.num_replicas_in_sync
+    batch = int(train_cfg["batch_size"])
+    if batch % replicas:
+        raise ConfigError(
+            "train.batch_size",
+            f"a multiple of the {replicas} replicas of train.distribute=mirrored "
+            f"({', '.join(d.name for d in devices)})",
+            batch,
+        )
+    return strategy
 
 
 def seed_for(cfg: Mapping, fold: int) -> int:
@@ -327,9 +391,9 @@ class RunRecord:
 
 @dataclass
 class Session:
-    """What one invocation trains with: the distribution strategy (mirrored over the GPUs when
-    there are several), the model, its optimiser, the step counter (checkpointed), the fold's
-    cases, the seed, and the label value -> class index table."""
+    """What one invocation trains with: the distribution strategy (``train.distribute``), the
+    model, its optimiser, the step counter (checkpointed), the fold's cases, the seed, and the
+    label value -> class index table."""
 
     strategy: tf.distribute.Strategy
     model: keras.Model
@@ -364,6 +428,10 @@ def check_settings(train_cfg: Mapping) -> int:
     name = train_cfg["schedule"]["name"]
     if str(name) not in SCHEDULES:
         raise ConfigError("train.schedule.name", f"one of {SCHEDULES}", name)
+    common.integer("train.batch_size", train_cfg["batch_size"], minimum=1)
+    if str(train_cfg.get("distribute", "none")) not in DISTRIBUTE:
+        raise ConfigError("train.distribute", f"one of {DISTRIBUTE}", train_cfg["distribute"])
+    precision_of(train_cfg)
     return steps
 
 
@@ -375,8 +443,15 @@ def set_up(cfg: Mapping, fold: int, variant: str) -> Session:
     input_shape, spacing = common.manifest_shape_and_spacing(cfg, cases["train"])
     lut = tf.constant(common.label_lut(common.label_values(cfg)))
     seed = seed_for(cfg, fold)
-    gpus = tf.config.list_logical_devices("GPU")
-    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    strategy = make_strategy(cfg["train"])
+    if (
+        precision_of(cfg["train"]) == "mixed_bfloat16"
+        and not tf.config.list_logical_devices("GPU")
+        and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0"
+    ):
+        print("warning: train.precision=mixed_bfloat16 on the CPU with TensorFlow's oneDNN "
+              "kernels gave NaN losses at random here; set TF_ENABLE_ONEDNN_OPTS=0 "
+              "(docs/training.md)", file=sys.stderr)  # fmt: skip
     with strategy.scope():
         keras.utils.set_random_seed(seed)
         model = build_model(cfg, variant, input_shape, spacing)
@@ -395,7 +470,12 @@ def last_step(train_cfg: Mapping, start: int) -> int:
 
 def make_train_step(session: Session, train_cfg: Mapping) -> Callable:
     """The compiled step: (image [B, Z, Y, X, C], label values [B, Z, Y, X]) -> mean loss,
-    mean hard Dice over the replicas, and the first replica's picture (:func:`_slice_image`)."""
+    mean hard Dice over the replicas, and the first replica's picture (:func:`_slice_image`).
+
+    Each replica's loss (the mean over its cases) is scaled by its share of the global batch
+    (its cases / ``train.batch_size``, 1 on one device), so that the gradients the optimiser
+    sums over the replicas are those of the global batch's mean loss; under mixed_float16 the
+    LossScaleOptimizer scales it further and unscales the gradients."""
     strategy, model, optimizer, lut = (
         session.strategy,
         session.model,
@@ -403,13 +483,18 @@ def make_train_step(session: Session, train_cfg: Mapping) -> Callable:
         session.lut,
     )
     loss_cfg = common.plain(train_cfg)
+    global_batch = int(train_cfg["batch_size"])
+    loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         classes = tf.gather(lut, tf.cast(label, tf.int32))
+        share = int(image.shape[0]) / global_batch  # static: batches drop their remainder
         with tf.GradientTape() as tape:
             logits = model(image, training=True)
             loss = segmentation_loss(classes, logits, loss_cfg)
-            scaled = loss / strategy.num_replicas_in_sync
+            scaled = loss * share
+            if loss_scaling:
+                scaled = optimizer.scale_loss(scaled)
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss, hard_dice(classes, logits), _slice_image(image, classes, logits)

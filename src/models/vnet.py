@@ -17,11 +17,18 @@ Spatial sizes that are not multiples of ``2**levels`` (PROMISE12's 63 slices) ar
 symmetrically before the network and cropped after the output convolution, so the output has
 the input's size. The CRF head (``crf`` settings, see src/crf/layer.py) refines the logits with
 the input image as the reference; its widths are in mm, converted with ``spacing``.
+
+``precision`` is the Keras dtype policy of the network's layers: ``float32``, or
+``mixed_float16`` / ``mixed_bfloat16`` (variables in float32, computations in half precision).
+Under a mixed policy the logits are cast back to float32 (layer ``logits_float32``) and the CRF
+head is built with ``dtype="float32"``: its variables and its mean field stay in float32 (the
+lattice op and the positions it filters have float32 kernels only), as does the output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import keras
@@ -29,6 +36,7 @@ import keras
 from crf_rnn_3d.crf import CrfRnn
 
 ACTIVATIONS = ("prelu", "relu")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 class VNetConfigError(ValueError):
@@ -59,6 +67,20 @@ def _stage(x: Any, residual: Any, n_convs: int, channels: int, cfg: Mapping, nam
             x = _activation(cfg["activation"], f"{name}_act{i}")(x)
     x = keras.layers.Add(name=f"{name}_add")([x, residual])
     return _activation(cfg["activation"], f"{name}_out")(x)
+
+
+@contextmanager
+def _dtype_policy(name: str) -> Iterator[None]:
+    """Keras' global dtype policy set to ``name`` while the layers are made (each layer keeps
+    the policy it was made with), and restored afterwards."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
+    prior = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(prior)
 
 
 def padding_for(shape: Sequence[int], multiple: int) -> list[tuple[int, int]]:
@@ -101,6 +123,7 @@ def build_vnet(
     crf: Mapping | None = None,
     spacing: Sequence[float] | None = None,
     name: str = "vnet",
+    precision: str = "float32",
 ) -> keras.Model:
     """The V-Net as a functional Keras model.
 
@@ -112,9 +135,25 @@ def build_vnet(
       crf: None for the plain V-Net, or CrfRnn keyword settings (theta_alpha in mm, theta_beta in
         image units, theta_gamma in mm, iterations, initial weights, filters) for the CRF head.
       spacing: voxel size (z, y, x) in mm, passed to the CRF head (required with ``crf``).
-    Returns a model mapping image [B, Z, Y, X, C] float32 to logits [B, Z, Y, X, K].
-    Raises VNetConfigError for a bad setting or shape.
+      precision: the layers' dtype policy, float32 | mixed_float16 | mixed_bfloat16 (see the
+        module docstring; the CRF head is float32 under all three).
+    Returns a model mapping image [B, Z, Y, X, C] float32 to logits [B, Z, Y, X, K] float32.
+    Raises VNetConfigError for a bad setting or shape, ValueError for an unknown precision.
     """
+    with _dtype_policy(precision):
+        return _build(input_shape, num_classes, cfg, crf, spacing, name, precision)
+
+
+def _build(
+    input_shape: Sequence[int],
+    num_classes: int,
+    cfg: Mapping,
+    crf: Mapping | None,
+    spacing: Sequence[float] | None,
+    name: str,
+    precision: str,
+) -> keras.Model:
+    """build_vnet under its dtype policy."""
     cfg = check_config(cfg)
     shape = tuple(input_shape)
     if len(shape) != 4 or any(
@@ -156,6 +195,8 @@ def build_vnet(
     logits = keras.layers.Conv3D(num_classes, 1, name="logits")(x)
     if any(sum(p) for p in pads):
         logits = keras.layers.Cropping3D(pads, name="crop")(logits)
+    if precision != "float32":  # half-precision logits back to float32 for the loss and head
+        logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(logits)
     if crf is not None:
         if spacing is None or len(spacing) != 3:
             raise VNetConfigError("spacing", "(z, y, x) voxel size in mm for the CRF head", spacing)
@@ -163,7 +204,7 @@ def build_vnet(
         theta_beta = settings.get("theta_beta")
         if isinstance(theta_beta, Sequence) and not isinstance(theta_beta, str):
             settings["theta_beta"] = [float(t) for t in theta_beta]
-        logits = CrfRnn(spacing=[float(s) for s in spacing], name="crf", **settings)(
-            [logits, image]
-        )
+        # the head in float32 under every policy: its inputs are cast to float32 on the way in
+        head = CrfRnn(spacing=[float(s) for s in spacing], name="crf", dtype="float32", **settings)
+        logits = head([logits, image])
     return keras.Model(image, logits, name=name)
