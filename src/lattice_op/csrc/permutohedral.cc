@@ -64,9 +64,20 @@ double Embedding::max_feature_span() const {
 
 namespace {
 
+// floor(v) and ceil(v), exactly, for |v| < 2^31: truncation toward zero, then one step down or
+// up where it went the wrong way (a few instructions without SSE4.1's rounding instruction,
+// where std::floor and std::ceil are a longer sequence each).
+inline void FloorCeil(float v, float* lo, float* up) {
+  const float t = static_cast<float>(static_cast<int32_t>(v));
+  *lo = t > v ? t - 1.0f : t;
+  *up = t < v ? t + 1.0f : t;
+}
+
 // Embedding::Embed with d fixed at compile time when D > 0 (so that its loops unroll), read from
-// `dim` when D == 0.
-template <int D>
+// `dim` when D == 0. kBounded: the caller guarantees |f * scale| * (d+1) < 2^30 (Build's span
+// check), so floor and ceil may go through int32 (FloorCeil; same results as std::floor and
+// std::ceil).
+template <int D, bool kBounded>
 inline void EmbedImpl(int dim, const float* scale, const float* f, float* elevated, int32_t* rem0,
                       int32_t* rank, float* bary) {
   const int d = D > 0 ? D : dim;
@@ -84,8 +95,15 @@ inline void EmbedImpl(int dim, const float* scale, const float* f, float* elevat
   int32_t sum = 0;
   for (int i = 0; i <= d; ++i) {
     const float v = elevated[i] * down;
-    const float up = std::ceil(v) * static_cast<float>(d + 1);
-    const float lo = std::floor(v) * static_cast<float>(d + 1);
+    float v_lo, v_up;
+    if (kBounded) {
+      FloorCeil(v, &v_lo, &v_up);
+    } else {
+      v_lo = std::floor(v);
+      v_up = std::ceil(v);
+    }
+    const float up = v_up * static_cast<float>(d + 1);
+    const float lo = v_lo * static_cast<float>(d + 1);
     rem0[i] = static_cast<int32_t>((up - elevated[i] < elevated[i] - lo) ? up : lo);
     sum += rem0[i];
   }
@@ -130,7 +148,7 @@ inline void EmbedImpl(int dim, const float* scale, const float* f, float* elevat
 
 void Embedding::Embed(const float* f, float* elevated, int32_t* rem0, int32_t* rank,
                       float* bary) const {
-  EmbedImpl<0>(d_, scale_.data(), f, elevated, rem0, rank, bary);
+  EmbedImpl<0, false>(d_, scale_.data(), f, elevated, rem0, rank, bary);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -160,14 +178,6 @@ uint64_t KeyTable::Linear(const int32_t* key) const {
   return h;
 }
 
-bool KeyTable::Equal(int32_t index, const int32_t* key) const {
-  const int32_t* k = keys_.data() + static_cast<int64_t>(index) * d_;
-  for (int i = 0; i < d_; ++i) {
-    if (k[i] != key[i]) return false;
-  }
-  return true;
-}
-
 void KeyTable::Rehash(size_t capacity) {
   slots_.assign(capacity, 0);
   mask_ = capacity - 1;
@@ -186,12 +196,7 @@ void KeyTable::Reserve(int64_t points) {
   if (capacity != slots_.size()) Rehash(capacity);
 }
 
-int32_t KeyTable::FindOrInsert(const int32_t* key, uint64_t h) {
-  uint64_t s = h & mask_;
-  for (uint64_t e = slots_[s]; e != 0; e = slots_[s]) {
-    if (SameTag(e, h) && Equal(Index(e), key)) return Index(e);
-    s = (s + 1) & mask_;
-  }
+int32_t KeyTable::Insert(const int32_t* key, uint64_t h, uint64_t s) {
   if (size() >= max_points_) return -1;
   const auto p = static_cast<int32_t>(size());
   keys_.insert(keys_.end(), key, key + d_);
@@ -199,26 +204,6 @@ int32_t KeyTable::FindOrInsert(const int32_t* key, uint64_t h) {
   slots_[s] = Entry(h, p);
   if (2 * static_cast<size_t>(size_) > slots_.size()) Rehash(2 * slots_.size());  // load <= 1/2
   return p;
-}
-
-int32_t KeyTable::Find(const int32_t* key, uint64_t h) const {
-  uint64_t s = h & mask_;
-  for (uint64_t e = slots_[s]; e != 0; e = slots_[s]) {
-    if (SameTag(e, h) && Equal(Index(e), key)) return Index(e);
-    s = (s + 1) & mask_;
-  }
-  return -1;
-}
-
-void KeyTable::FindMany(const int32_t* keys, const uint64_t* h, int count, int32_t* out) const {
-  // Three passes over the batch overlap the cache misses of its lookups: prefetch the home
-  // slots, then the keys they point at, then compare.
-  for (int i = 0; i < count; ++i) __builtin_prefetch(&slots_[h[i] & mask_]);
-  for (int i = 0; i < count; ++i) {
-    const uint64_t e = slots_[h[i] & mask_];
-    if (e != 0) __builtin_prefetch(keys_.data() + static_cast<int64_t>(Index(e)) * d_);
-  }
-  for (int i = 0; i < count; ++i) out[i] = Find(keys + static_cast<int64_t>(i) * d_, h[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -283,7 +268,7 @@ bool EmbedRangeImpl(const float* features, int64_t begin, int64_t end, const Emb
       for (int k = 0; k < d; ++k) {
         f[static_cast<size_t>(k)] = features[i * d + k] - shift[static_cast<size_t>(k)];
       }
-      EmbedImpl<D>(d, emb.scale(), f.data(), elevated.data(), rem0, rank, bary.data());
+      EmbedImpl<D, true>(d, emb.scale(), f.data(), elevated.data(), rem0, rank, bary.data());
       for (int k = 0; k < d1; ++k) vertex_weight[i * d1 + k] = bary[static_cast<size_t>(k)];
       const bool same =
           have_previous && std::equal(simplex.begin(), simplex.begin() + 2 * d1, previous.begin());
@@ -312,7 +297,7 @@ bool EmbedRangeImpl(const float* features, int64_t begin, int64_t end, const Emb
       }
       for (int k = 0; k < d1; ++k) {
         const int64_t slot = (i - g0) * d1 + k;
-        const int32_t p = table.FindOrInsert(keys.data() + slot * d, hashes[static_cast<size_t>(slot)]);
+        const int32_t p = table.FindOrInsert<D>(keys.data() + slot * d, hashes[static_cast<size_t>(slot)]);
         if (p < 0) return false;
         out[k] = p + index_base;
       }
@@ -473,54 +458,89 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   return Status::Ok();
 }
 
-void LatticeBuilder::BlurNeighbours(int64_t total_points, int32_t index_base, int32_t* nbrs,
-                                    const Parallel& par) const {
-  const int d = d_;
-  const int64_t m = num_points();
+namespace {
+
+// LatticeBuilder::BlurNeighbours for the points [0, table.size()) of one table, with d fixed at
+// compile time when D > 0.
+//
+// Only the step forward is looked up: q = p + u_j exists exactly when p = q - u_j does, so a
+// found q gives both p's forward neighbour and q's backward one (each backward slot has one
+// writer, the unique point one step behind it, so ranges on different threads never write the
+// same slot). A first pass marks every backward slot absent.
+template <int D>
+void BlurNeighboursImpl(const KeyTable& table, int dim, int64_t total_points, int32_t index_base,
+                        int32_t* nbrs, const Parallel& par) {
+  const int d = D > 0 ? D : dim;
+  const int64_t m = table.size();
   const auto absent = static_cast<int32_t>(total_points);
-  // Neighbour keys of a few points at a time go to FindMany as one batch; slot q of the batch
-  // is (point p0 + q / (2 (d+1)), direction (q / 2) mod (d+1), minus or plus).
-  const int per_point = 2 * (d + 1);
-  const uint64_t coefficient_sum = table_->coefficient_sum();
-  par.For(m, 60 * d * (d + 1), [&](int64_t b, int64_t e) {
+  par.For(m, 2 * (d + 1), [&](int64_t b, int64_t e) {
+    for (int j = 0; j <= d; ++j) {
+      int32_t* row = nbrs + (j * total_points + index_base) * 2;
+      for (int64_t p = b; p < e; ++p) row[2 * p] = absent;
+    }
+  });
+  const uint64_t coefficient_sum = table.coefficient_sum();
+  // Forward neighbour keys of a few points at a time go to FindMany as one batch: (d+1) per
+  // point, direction j of point p0 + q / (d+1) in slot q.
+  const int per_batch = std::max(1, KeyTable::kMaxBatch / (d + 1));
+  par.For(m, 30 * d * (d + 1), [&](int64_t b, int64_t e) {
     std::vector<int32_t> keys(static_cast<size_t>(KeyTable::kMaxBatch) * d);
     uint64_t hashes[KeyTable::kMaxBatch];
     int32_t found[KeyTable::kMaxBatch];
-    int count = 0;
-    int64_t first = b * per_point;  // slot number (p * per_point + offset) of keys[0]
-    auto flush = [&] {
-      table_->FindMany(keys.data(), hashes, count, found);
-      for (int q = 0; q < count; ++q) {
-        const int64_t slot = first + q;
-        const int64_t p = slot / per_point;
-        const int j = static_cast<int>(slot % per_point) / 2;
-        nbrs[(j * total_points + index_base + p) * 2 + slot % 2] =
-            found[q] < 0 ? absent : found[q] + index_base;
-      }
-      first += count;
-      count = 0;
-    };
-    for (int64_t p = b; p < e; ++p) {
-      const int32_t* key = table_->key(p);
-      const uint64_t linear = table_->Linear(key);
-      for (int j = 0; j <= d; ++j) {
-        // One step along direction j adds (d+1) e_j - (1, ..., 1); for j == d the d+1 lands
-        // on the implied last coordinate (no hash coefficient). sign 0 is the step back, 1 the
-        // step forward.
-        const uint64_t step = (j < d ? static_cast<uint64_t>(d + 1) * table_->coefficient(j) : 0) -
-                              coefficient_sum;
-        for (int sign = 0; sign < 2; ++sign) {
+    for (int64_t p0 = b; p0 < e; p0 += per_batch) {
+      const int64_t p1 = std::min<int64_t>(e, p0 + per_batch);
+      int count = 0;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int32_t* key = table.key(p);
+        const uint64_t linear = table.Linear(key);
+        // One step forward along direction j adds (d+1) e_j - (1, ..., 1); for j == d the d+1
+        // lands on the implied last coordinate (no hash coefficient).
+        for (int j = 0; j <= d; ++j, ++count) {
           int32_t* out = keys.data() + static_cast<int64_t>(count) * d;
-          const int32_t ones = sign ? -1 : 1;
-          for (int k = 0; k < d; ++k) out[k] = key[k] + ones;
-          if (j < d) out[j] = key[j] + (sign ? d : -d);
-          hashes[count] = KeyTable::Mix(sign ? linear + step : linear - step);
-          if (++count == KeyTable::kMaxBatch) flush();
+          for (int k = 0; k < d; ++k) out[k] = key[k] - 1;
+          if (j < d) out[j] = key[j] + d;
+          const uint64_t step =
+              (j < d ? static_cast<uint64_t>(d + 1) * table.coefficient(j) : 0) - coefficient_sum;
+          hashes[count] = KeyTable::Mix(linear + step);
+        }
+      }
+      table.FindMany<D>(keys.data(), hashes, count, found);
+      int q = 0;
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int j = 0; j <= d; ++j, ++q) {
+          int32_t* row = nbrs + (j * total_points + index_base) * 2;
+          if (found[q] < 0) {
+            row[2 * p + 1] = absent;
+          } else {
+            row[2 * p + 1] = found[q] + index_base;
+            row[2 * static_cast<int64_t>(found[q])] = static_cast<int32_t>(p) + index_base;
+          }
         }
       }
     }
-    if (count > 0) flush();
   });
+}
+
+}  // namespace
+
+void LatticeBuilder::BlurNeighbours(int64_t total_points, int32_t index_base, int32_t* nbrs,
+                                    const Parallel& par) const {
+  switch (d_) {
+#define CRF3D_BLUR_CASE(D)                                                        \
+  case D:                                                                         \
+    BlurNeighboursImpl<D>(*table_, d_, total_points, index_base, nbrs, par); \
+    return;
+    CRF3D_BLUR_CASE(2)
+    CRF3D_BLUR_CASE(3)
+    CRF3D_BLUR_CASE(4)
+    CRF3D_BLUR_CASE(5)
+    CRF3D_BLUR_CASE(6)
+    CRF3D_BLUR_CASE(7)
+    CRF3D_BLUR_CASE(8)
+#undef CRF3D_BLUR_CASE
+    default:
+      BlurNeighboursImpl<0>(*table_, d_, total_points, index_base, nbrs, par);
+  }
 }
 
 void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int64_t num_voxels,

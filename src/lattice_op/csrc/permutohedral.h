@@ -116,13 +116,42 @@ class KeyTable {
   // Starts loading the home slot of hash h (a hint that overlaps cache misses).
   void Prefetch(uint64_t h) const { __builtin_prefetch(&slots_[h & mask_]); }
   // Index of key (whose hash is h), inserted if absent; -1 when that would exceed max_points.
-  int32_t FindOrInsert(const int32_t* key, uint64_t h);
+  // D > 0 fixes the key length d at compile time (D == d; the comparison then unrolls), D == 0
+  // reads it from the table.
+  template <int D = 0>
+  int32_t FindOrInsert(const int32_t* key, uint64_t h) {
+    uint64_t s = h & mask_;
+    for (uint64_t e = slots_[s]; e != 0; e = slots_[s]) {
+      if (SameTag(e, h) && Equal<D>(Index(e), key)) return Index(e);
+      s = (s + 1) & mask_;
+    }
+    return Insert(key, h, s);
+  }
   // Index of key (whose hash is h), or -1 if absent. Safe to call concurrently once insertion
   // is over.
-  int32_t Find(const int32_t* key, uint64_t h) const;
+  template <int D = 0>
+  int32_t Find(const int32_t* key, uint64_t h) const {
+    uint64_t s = h & mask_;
+    for (uint64_t e = slots_[s]; e != 0; e = slots_[s]) {
+      if (SameTag(e, h) && Equal<D>(Index(e), key)) return Index(e);
+      s = (s + 1) & mask_;
+    }
+    return -1;
+  }
   // Finds count <= kMaxBatch keys (count * d ints, with their hashes) at once; out[i] is -1
   // for an absent key.
-  void FindMany(const int32_t* keys, const uint64_t* hashes, int count, int32_t* out) const;
+  template <int D = 0>
+  void FindMany(const int32_t* keys, const uint64_t* h, int count, int32_t* out) const {
+    // Three passes over the batch overlap the cache misses of its lookups: prefetch the home
+    // slots, then the keys they point at, then compare.
+    for (int i = 0; i < count; ++i) __builtin_prefetch(&slots_[h[i] & mask_]);
+    for (int i = 0; i < count; ++i) {
+      const uint64_t e = slots_[h[i] & mask_];
+      if (e != 0) __builtin_prefetch(keys_.data() + static_cast<int64_t>(Index(e)) * d_);
+    }
+    const int d = D > 0 ? D : d_;
+    for (int i = 0; i < count; ++i) out[i] = Find<D>(keys + static_cast<int64_t>(i) * d, h[i]);
+  }
   int64_t size() const { return size_; }
   const int32_t* key(int64_t i) const { return keys_.data() + i * d_; }
   void Reserve(int64_t points);
@@ -133,7 +162,18 @@ class KeyTable {
   }
   static int32_t Index(uint64_t entry) { return static_cast<int32_t>((entry & 0xFFFFFFFFull) - 1); }
   static bool SameTag(uint64_t entry, uint64_t h) { return (entry ^ h) >> 32 == 0; }
-  bool Equal(int32_t index, const int32_t* key) const;
+  template <int D>
+  bool Equal(int32_t index, const int32_t* key) const {
+    const int d = D > 0 ? D : d_;
+    const int32_t* k = keys_.data() + static_cast<int64_t>(index) * d;
+    // Differences ORed together: no early exit, so that a fixed D compiles to straight-line
+    // code (a tag match is almost always a key match).
+    int32_t diff = 0;
+    for (int i = 0; i < d; ++i) diff |= k[i] ^ key[i];
+    return diff == 0;
+  }
+  // Appends key as a new point in empty slot s; -1 when the table is at max_points.
+  int32_t Insert(const int32_t* key, uint64_t h, uint64_t s);
   void Rehash(size_t capacity);
   int d_;
   int64_t max_points_;
