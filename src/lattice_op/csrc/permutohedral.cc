@@ -418,8 +418,8 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
                              int32_t index_base, int32_t* vertex_index, float* vertex_weight,
                              const Parallel& par) {
   d_ = d;
-  table_ = nullptr;
-  table_storage_.clear();
+  shards_.clear();
+  shard_begin_.clear();
   const Embedding emb(d);
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>(par.num_threads(), n / kMinVoxelsPerChunk));
@@ -458,27 +458,43 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
     }
   }
 
-  // 2. Embed and hash. Each chunk fills a table of its own in parallel; the chunk tables are
-  // then merged in order, so point numbering depends only on the chunk count.
+  // 2. Embed and hash. Each chunk fills a table of its own in parallel. With one chunk that
+  // table is the lattice; otherwise the chunk tables are merged in parallel into as many
+  // hash shards, so that point numbering depends only on the chunk count.
   if (chunks == 1) {
-    table_storage_.emplace_back(d, max_points);
-    if (!EmbedRange(features, 0, n, emb, lo, table_storage_[0], index_base, vertex_index,
+    shards_.emplace_back(d, max_points);
+    if (!EmbedRange(features, 0, n, emb, lo, shards_[0], index_base, vertex_index,
                     vertex_weight)) {
+      shards_.clear();
       return Status::Exhausted(TooManyPoints(max_points, n, d));
     }
-    table_ = &table_storage_[0];
+    shard_begin_ = {0, shards_[0].size()};
     return Status::Ok();
   }
+  const int shards = static_cast<int>(std::min<int64_t>(chunks, 1 << 16));
   std::vector<KeyTable> local;
   local.reserve(static_cast<size_t>(chunks));
   for (int64_t c = 0; c < chunks; ++c) local.emplace_back(d, max_points);
+  // Per chunk: the shard of each of its points, and how many of its points each shard gets.
+  std::vector<std::vector<uint16_t>> shard_of(static_cast<size_t>(chunks));
+  std::vector<int64_t> shard_count(static_cast<size_t>(chunks * shards), 0);
   std::vector<char> full(static_cast<size_t>(chunks), 0);
   par.For(chunks, 200 * d * d * (n / chunks + 1), [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       try {  // an exception must not escape a worker thread
-        full[static_cast<size_t>(c)] =
-            !EmbedRange(features, chunk_begin(c), chunk_begin(c + 1), emb, lo,
-                        local[static_cast<size_t>(c)], 0, vertex_index, vertex_weight);
+        KeyTable& t = local[static_cast<size_t>(c)];
+        full[static_cast<size_t>(c)] = !EmbedRange(features, chunk_begin(c), chunk_begin(c + 1),
+                                                   emb, lo, t, 0, vertex_index, vertex_weight);
+        if (full[static_cast<size_t>(c)]) continue;
+        std::vector<uint16_t>& of = shard_of[static_cast<size_t>(c)];
+        of.resize(static_cast<size_t>(t.size()));
+        int64_t* count = shard_count.data() + c * shards;
+        for (int64_t p = 0; p < t.size(); ++p) {
+          const int s = KeyTable::Shard(t.Hash(t.key(p)), shards);
+          of[static_cast<size_t>(p)] = static_cast<uint16_t>(s);
+          ++count[s];
+        }
+        t.ReleaseSlots();  // the merge reads the chunk's keys only
       } catch (const std::bad_alloc&) {
         full[static_cast<size_t>(c)] = 1;
       }
@@ -487,66 +503,91 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   if (std::find(full.begin(), full.end(), 1) != full.end()) {
     return Status::Exhausted(TooManyPoints(max_points, n, d));
   }
-  // Chunk 0's table becomes the global one: merging it first would number its points as it
-  // already does. The others are merged into it in order.
-  table_storage_.push_back(std::move(local[0]));
-  KeyTable& global = table_storage_[0];
-  // The other chunks mostly revisit chunk 0's points (neighbouring voxels share simplices); a
-  // quarter more room is a guess that avoids most regrowth during the merge.
-  global.Reserve(global.size() * 5 / 4);
-  std::vector<std::vector<int32_t>> to_global(static_cast<size_t>(chunks));
-  for (int64_t c = 1; c < chunks; ++c) {
-    const KeyTable& t = local[static_cast<size_t>(c)];
-    std::vector<int32_t>& map = to_global[static_cast<size_t>(c)];
-    map.resize(static_cast<size_t>(t.size()));
-    for (int64_t p0 = 0; p0 < t.size(); p0 += KeyTable::kMaxBatch) {
-      const int64_t p1 = std::min<int64_t>(t.size(), p0 + KeyTable::kMaxBatch);
-      uint64_t hashes[KeyTable::kMaxBatch];
-      for (int64_t p = p0; p < p1; ++p) {
-        hashes[p - p0] = global.Hash(t.key(p));
-        global.Prefetch(hashes[p - p0]);
-      }
-      for (int64_t p = p0; p < p1; ++p) {
-        const int32_t g = global.FindOrInsert(t.key(p), hashes[p - p0]);
-        if (g < 0) return Status::Exhausted(TooManyPoints(max_points, n, d));
-        map[static_cast<size_t>(p)] = g + index_base;
-      }
-    }
-    local[static_cast<size_t>(c)] = KeyTable(d, 0);  // free the chunk's table
+  // The merge: shard s takes, chunk by chunk in order, the chunk points whose hash falls in it
+  // (so its numbering is fixed by the chunk count alone); to_shard[c][p] is chunk c's point p's
+  // number within its shard. Shards touch disjoint entries, so they run concurrently.
+  std::vector<std::vector<int32_t>> to_shard(static_cast<size_t>(chunks));
+  for (int64_t c = 0; c < chunks; ++c) {
+    to_shard[static_cast<size_t>(c)].resize(static_cast<size_t>(local[static_cast<size_t>(c)].size()));
   }
-  const int64_t d1 = d + 1;
-  par.For(chunks, 4 * d1 * (n / chunks + 1), [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      if (c == 0) {  // chunk 0's points keep their numbers
-        if (index_base != 0) {
-          for (int64_t i = 0; i < chunk_begin(1) * d1; ++i) vertex_index[i] += index_base;
+  shards_.reserve(static_cast<size_t>(shards));
+  for (int s = 0; s < shards; ++s) shards_.emplace_back(d, max_points);
+  std::vector<char> shard_full(static_cast<size_t>(shards), 0);
+  const int64_t points_per_shard = n * (d + 1) / (chunks * shards) + 1;  // a rough guess
+  par.For(shards, 150 * d * points_per_shard, [&](int64_t b, int64_t e) {
+    for (int64_t s = b; s < e; ++s) {
+      try {
+        KeyTable& t = shards_[static_cast<size_t>(s)];
+        // Chunks are contiguous slabs of voxels and share few points: the sum of the counts
+        // is close to the shard's final size.
+        int64_t expected = 0;
+        for (int64_t c = 0; c < chunks; ++c) expected += shard_count[static_cast<size_t>(c * shards + s)];
+        t.Reserve(std::min(expected, max_points));
+        for (int64_t c = 0; c < chunks && !shard_full[static_cast<size_t>(s)]; ++c) {
+          const KeyTable& from = local[static_cast<size_t>(c)];
+          const std::vector<uint16_t>& of = shard_of[static_cast<size_t>(c)];
+          std::vector<int32_t>& map = to_shard[static_cast<size_t>(c)];
+          for (int64_t p = 0; p < from.size(); ++p) {
+            if (of[static_cast<size_t>(p)] != s) continue;
+            const int32_t* key = from.key(p);
+            const int32_t i = t.FindOrInsert(key, t.Hash(key));
+            if (i < 0) {
+              shard_full[static_cast<size_t>(s)] = 1;
+              break;
+            }
+            map[static_cast<size_t>(p)] = i;
+          }
         }
-        continue;
-      }
-      const std::vector<int32_t>& map = to_global[static_cast<size_t>(c)];
-      for (int64_t i = chunk_begin(c) * d1; i < chunk_begin(c + 1) * d1; ++i) {
-        vertex_index[i] = map[static_cast<size_t>(vertex_index[i])];
+      } catch (const std::bad_alloc&) {
+        shard_full[static_cast<size_t>(s)] = 1;
       }
     }
   });
-  table_ = &global;
+  local.clear();
+  if (std::find(shard_full.begin(), shard_full.end(), 1) != shard_full.end()) {
+    shards_.clear();
+    return Status::Exhausted(TooManyPoints(max_points, n, d));
+  }
+  shard_begin_.assign(static_cast<size_t>(shards) + 1, 0);
+  for (int s = 0; s < shards; ++s) {
+    shard_begin_[static_cast<size_t>(s) + 1] =
+        shard_begin_[static_cast<size_t>(s)] + shards_[static_cast<size_t>(s)].size();
+  }
+  if (shard_begin_.back() > max_points) {
+    shards_.clear();
+    shard_begin_.clear();
+    return Status::Exhausted(TooManyPoints(max_points, n, d));
+  }
+  // Chunk-local point numbers in vertex_index become lattice numbers.
+  const int64_t d1 = d + 1;
+  par.For(chunks, 4 * d1 * (n / chunks + 1), [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const std::vector<uint16_t>& of = shard_of[static_cast<size_t>(c)];
+      const std::vector<int32_t>& map = to_shard[static_cast<size_t>(c)];
+      for (int64_t i = chunk_begin(c) * d1; i < chunk_begin(c + 1) * d1; ++i) {
+        const auto p = static_cast<size_t>(vertex_index[i]);
+        vertex_index[i] = static_cast<int32_t>(shard_begin_[of[p]] + map[p]) + index_base;
+      }
+    }
+  });
   return Status::Ok();
 }
-
 namespace {
 
-// LatticeBuilder::BlurNeighbours for the points [0, table.size()) of one table, with d fixed at
-// compile time when D > 0.
+// LatticeBuilder::BlurNeighbours for the points [0, shard_begin.back()) of hash-sharded tables,
+// with d fixed at compile time when D > 0.
 //
 // Only the step forward is looked up: q = p + u_j exists exactly when p = q - u_j does, so a
 // found q gives both p's forward neighbour and q's backward one (each backward slot has one
 // writer, the unique point one step behind it, so ranges on different threads never write the
 // same slot). A first pass marks every backward slot absent.
-template <int D>
-void BlurNeighboursImpl(const KeyTable& table, int dim, int64_t total_points, int32_t index_base,
-                        int32_t* nbrs, const Parallel& par) {
+template <int D, bool kSharded>
+void BlurNeighboursImpl(const std::vector<KeyTable>& shards, const std::vector<int64_t>& begin,
+                        int dim, int64_t total_points, int32_t index_base, int32_t* nbrs,
+                        const Parallel& par) {
   const int d = D > 0 ? D : dim;
-  const int64_t m = table.size();
+  const int64_t m = begin.back();
+  const int count_shards = static_cast<int>(shards.size());
   const auto absent = static_cast<int32_t>(total_points);
   par.For(m, 2 * (d + 1), [&](int64_t b, int64_t e) {
     for (int j = 0; j <= d; ++j) {
@@ -554,19 +595,24 @@ void BlurNeighboursImpl(const KeyTable& table, int dim, int64_t total_points, in
       for (int64_t p = b; p < e; ++p) row[2 * p] = absent;
     }
   });
-  const uint64_t coefficient_sum = table.coefficient_sum();
-  // Forward neighbour keys of a few points at a time go to FindMany as one batch: (d+1) per
-  // point, direction j of point p0 + q / (d+1) in slot q.
+  const uint64_t coefficient_sum = shards[0].coefficient_sum();
+  // Forward neighbour keys of a few points at a time are looked up as one batch: (d+1) per
+  // point, direction j of point p0 + q / (d+1) in slot q. Three passes over the batch overlap
+  // the cache misses of its lookups: prefetch the home slots, then the keys they point at,
+  // then compare.
   const int per_batch = std::max(1, KeyTable::kMaxBatch / (d + 1));
   par.For(m, 30 * d * (d + 1), [&](int64_t b, int64_t e) {
     std::vector<int32_t> keys(static_cast<size_t>(KeyTable::kMaxBatch) * d);
     uint64_t hashes[KeyTable::kMaxBatch];
-    int32_t found[KeyTable::kMaxBatch];
+    int shard[KeyTable::kMaxBatch];
+    int s = static_cast<int>(std::upper_bound(begin.begin(), begin.end(), b) - begin.begin()) - 1;
     for (int64_t p0 = b; p0 < e; p0 += per_batch) {
       const int64_t p1 = std::min<int64_t>(e, p0 + per_batch);
       int count = 0;
       for (int64_t p = p0; p < p1; ++p) {
-        const int32_t* key = table.key(p);
+        while (p >= begin[static_cast<size_t>(s) + 1]) ++s;
+        const KeyTable& table = shards[static_cast<size_t>(s)];
+        const int32_t* key = table.key(p - begin[static_cast<size_t>(s)]);
         const uint64_t linear = table.Linear(key);
         // One step forward along direction j adds (d+1) e_j - (1, ..., 1); for j == d the d+1
         // lands on the implied last coordinate (no hash coefficient).
@@ -577,18 +623,23 @@ void BlurNeighboursImpl(const KeyTable& table, int dim, int64_t total_points, in
           const uint64_t step =
               (j < d ? static_cast<uint64_t>(d + 1) * table.coefficient(j) : 0) - coefficient_sum;
           hashes[count] = KeyTable::Mix(linear + step);
+          shard[count] = kSharded ? KeyTable::Shard(hashes[count], count_shards) : 0;
         }
       }
-      table.FindMany<D>(keys.data(), hashes, count, found);
+      for (int q = 0; q < count; ++q) shards[static_cast<size_t>(shard[q])].Prefetch(hashes[q]);
+      for (int q = 0; q < count; ++q) shards[static_cast<size_t>(shard[q])].PrefetchKey(hashes[q]);
       int q = 0;
       for (int64_t p = p0; p < p1; ++p) {
         for (int j = 0; j <= d; ++j, ++q) {
           int32_t* row = nbrs + (j * total_points + index_base) * 2;
-          if (found[q] < 0) {
+          const int32_t found = shards[static_cast<size_t>(shard[q])].Find<D>(
+              keys.data() + static_cast<int64_t>(q) * d, hashes[q]);
+          if (found < 0) {
             row[2 * p + 1] = absent;
           } else {
-            row[2 * p + 1] = found[q] + index_base;
-            row[2 * static_cast<int64_t>(found[q])] = static_cast<int32_t>(p) + index_base;
+            const int64_t g = begin[static_cast<size_t>(shard[q])] + found;
+            row[2 * p + 1] = static_cast<int32_t>(g) + index_base;
+            row[2 * g] = static_cast<int32_t>(p) + index_base;
           }
         }
       }
@@ -600,10 +651,13 @@ void BlurNeighboursImpl(const KeyTable& table, int dim, int64_t total_points, in
 
 void LatticeBuilder::BlurNeighbours(int64_t total_points, int32_t index_base, int32_t* nbrs,
                                     const Parallel& par) const {
+  if (num_points() == 0) return;
+  const bool sharded = shards_.size() > 1;
   switch (d_) {
-#define CRF3D_BLUR_CASE(D)                                                        \
-  case D:                                                                         \
-    BlurNeighboursImpl<D>(*table_, d_, total_points, index_base, nbrs, par); \
+#define CRF3D_BLUR_CASE(D)                                                                     \
+  case D:                                                                                      \
+    (sharded ? BlurNeighboursImpl<D, true> : BlurNeighboursImpl<D, false>)(                    \
+        shards_, shard_begin_, d_, total_points, index_base, nbrs, par);                       \
     return;
     CRF3D_BLUR_CASE(2)
     CRF3D_BLUR_CASE(3)
@@ -614,7 +668,8 @@ void LatticeBuilder::BlurNeighbours(int64_t total_points, int32_t index_base, in
     CRF3D_BLUR_CASE(8)
 #undef CRF3D_BLUR_CASE
     default:
-      BlurNeighboursImpl<0>(*table_, d_, total_points, index_base, nbrs, par);
+      (sharded ? BlurNeighboursImpl<0, true> : BlurNeighboursImpl<0, false>)(
+          shards_, shard_begin_, d_, total_points, index_base, nbrs, par);
   }
 }
 
@@ -638,17 +693,37 @@ void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int6
       for (int64_t i = part_begin(t) * d1; i < part_begin(t + 1) * d1; ++i) ++count[vertex_index[i]];
     }
   });
-  int32_t start = 0;
-  for (int64_t p = 0; p < num_points; ++p) {
-    offsets[p] = start;
-    for (int64_t t = 0; t < parts; ++t) {
-      int32_t& c = cursor[static_cast<size_t>(t * num_points + p)];
-      const int32_t count = c;
-      c = start;
-      start += count;
+  // The offsets, a prefix sum over (point, part), in blocks of points: each block's total in
+  // parallel, a serial prefix over the few block totals, then each block its own prefix.
+  const int64_t blocks = std::max<int64_t>(
+      1, std::min<int64_t>(4 * static_cast<int64_t>(par.num_threads()), num_points / 4096));
+  auto block_begin = [&](int64_t k) { return num_points * k / blocks; };
+  std::vector<int64_t> block_start(static_cast<size_t>(blocks) + 1, 0);
+  par.For(blocks, 2 * parts * (num_points / blocks + 1), [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      int64_t total = 0;
+      for (int64_t p = block_begin(k); p < block_begin(k + 1); ++p) {
+        for (int64_t t = 0; t < parts; ++t) total += cursor[static_cast<size_t>(t * num_points + p)];
+      }
+      block_start[static_cast<size_t>(k) + 1] = total;
     }
-  }
-  offsets[num_points] = start;
+  });
+  for (int64_t k = 0; k < blocks; ++k) block_start[static_cast<size_t>(k) + 1] += block_start[static_cast<size_t>(k)];
+  par.For(blocks, 3 * parts * (num_points / blocks + 1), [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      auto start = static_cast<int32_t>(block_start[static_cast<size_t>(k)]);
+      for (int64_t p = block_begin(k); p < block_begin(k + 1); ++p) {
+        offsets[p] = start;
+        for (int64_t t = 0; t < parts; ++t) {
+          int32_t& c = cursor[static_cast<size_t>(t * num_points + p)];
+          const int32_t count = c;
+          c = start;
+          start += count;
+        }
+      }
+    }
+  });
+  offsets[num_points] = static_cast<int32_t>(block_start.back());
   par.For(parts, 8 * d1 * (num_voxels / parts + 1), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       int32_t* next = cursor.data() + t * num_points;

@@ -90,7 +90,7 @@ class Embedding {
 // upper half of the key's hash beside its index, so most mismatches never touch the keys.
 class KeyTable {
  public:
-  // Most keys FindMany takes at once: enough lookups in flight to overlap their cache misses
+  // Most keys a batched lookup takes at once: enough lookups in flight to overlap their cache misses
   // (the prefetches of a batch are issued before its first comparison), few enough that the
   // batch's keys and hashes stay in L1.
   static constexpr int kMaxBatch = 128;
@@ -138,23 +138,26 @@ class KeyTable {
     }
     return -1;
   }
-  // Finds count <= kMaxBatch keys (count * d ints, with their hashes) at once; out[i] is -1
-  // for an absent key.
-  template <int D = 0>
-  void FindMany(const int32_t* keys, const uint64_t* h, int count, int32_t* out) const {
-    // Three passes over the batch overlap the cache misses of its lookups: prefetch the home
-    // slots, then the keys they point at, then compare.
-    for (int i = 0; i < count; ++i) __builtin_prefetch(&slots_[h[i] & mask_]);
-    for (int i = 0; i < count; ++i) {
-      const uint64_t e = slots_[h[i] & mask_];
-      if (e != 0) __builtin_prefetch(keys_.data() + static_cast<int64_t>(Index(e)) * d_);
-    }
-    const int d = D > 0 ? D : d_;
-    for (int i = 0; i < count; ++i) out[i] = Find<D>(keys + static_cast<int64_t>(i) * d, h[i]);
-  }
   int64_t size() const { return size_; }
   const int32_t* key(int64_t i) const { return keys_.data() + i * d_; }
   void Reserve(int64_t points);
+  // Starts loading the key that the home slot of hash h points at (the second prefetch of a
+  // batched lookup, after Prefetch(h) has brought the slot in).
+  void PrefetchKey(uint64_t h) const {
+    const uint64_t e = slots_[h & mask_];
+    if (e != 0) __builtin_prefetch(keys_.data() + static_cast<int64_t>(Index(e)) * d_);
+  }
+  // Frees the slots and keeps the keys: key(i) and size() still answer, lookups no longer do.
+  void ReleaseSlots() {
+    std::vector<uint64_t>().swap(slots_);
+    mask_ = 0;
+  }
+  // Which of `shards` hash-sharded tables holds a key of hash h: the upper 32 bits (the slot
+  // tag) scaled to [0, shards). The slot index within a table comes from the low bits, so the
+  // two stay independent.
+  static int Shard(uint64_t h, int shards) {
+    return static_cast<int>(((h >> 32) * static_cast<uint64_t>(shards)) >> 32);
+  }
 
  private:
   static uint64_t Entry(uint64_t h, int32_t index) {
@@ -194,7 +197,7 @@ class LatticeBuilder {
   // widely spread features (channel names in messages are 0-based).
   Status Build(const float* features, int64_t n, int d, int64_t max_points, int32_t index_base,
                int32_t* vertex_index, float* vertex_weight, const Parallel& par);
-  int64_t num_points() const { return table_ ? table_->size() : 0; }
+  int64_t num_points() const { return shard_begin_.empty() ? 0 : shard_begin_.back(); }
   // Fills rows [index_base, index_base + num_points()) of each direction's block of the blur
   // neighbour table nbrs [d+1, total_points, 2] (the - and + neighbour); an absent neighbour is
   // written as total_points, the index of an always-zero row.
@@ -203,8 +206,11 @@ class LatticeBuilder {
 
  private:
   int d_ = 0;
-  std::vector<KeyTable> table_storage_;
-  const KeyTable* table_ = nullptr;
+  // The lattice points, sharded by hash (KeyTable::Shard): one table when the build ran as one
+  // chunk, one per chunk otherwise (merged in parallel, a shard per thread). Point i of shard s
+  // is point shard_begin_[s] + i of the lattice.
+  std::vector<KeyTable> shards_;
+  std::vector<int64_t> shard_begin_;  // shards_.size() + 1 entries
 };
 
 // Most parts of BuildSplatCsr's counting sort, whatever the thread count: each part keeps a
