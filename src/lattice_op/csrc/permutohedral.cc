@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <new>
 #include <sstream>
 #include <utility>
@@ -475,9 +476,13 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   std::vector<KeyTable> local;
   local.reserve(static_cast<size_t>(chunks));
   for (int64_t c = 0; c < chunks; ++c) local.emplace_back(d, max_points);
-  // Per chunk: the shard of each of its points, and how many of its points each shard gets.
+  // Per chunk: the shard of each of its points; its point numbers grouped by shard, in
+  // increasing order within a shard (a counting sort), group s starting at
+  // shard_start[c * (shards + 1) + s]; and room for each point's number within its shard.
   std::vector<std::vector<uint16_t>> shard_of(static_cast<size_t>(chunks));
-  std::vector<int64_t> shard_count(static_cast<size_t>(chunks * shards), 0);
+  std::vector<std::vector<int32_t>> by_shard(static_cast<size_t>(chunks));
+  std::vector<std::vector<int32_t>> to_shard(static_cast<size_t>(chunks));
+  std::vector<int64_t> shard_start(static_cast<size_t>(chunks * (shards + 1)), 0);
   std::vector<char> full(static_cast<size_t>(chunks), 0);
   par.For(chunks, 200 * d * d * (n / chunks + 1), [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
@@ -488,12 +493,20 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
         if (full[static_cast<size_t>(c)]) continue;
         std::vector<uint16_t>& of = shard_of[static_cast<size_t>(c)];
         of.resize(static_cast<size_t>(t.size()));
-        int64_t* count = shard_count.data() + c * shards;
+        int64_t* start = shard_start.data() + c * (shards + 1);
         for (int64_t p = 0; p < t.size(); ++p) {
           const int s = KeyTable::Shard(t.Hash(t.key(p)), shards);
           of[static_cast<size_t>(p)] = static_cast<uint16_t>(s);
-          ++count[s];
+          ++start[s + 1];
         }
+        for (int s = 0; s < shards; ++s) start[s + 1] += start[s];
+        std::vector<int32_t>& order = by_shard[static_cast<size_t>(c)];
+        order.resize(static_cast<size_t>(t.size()));
+        std::vector<int64_t> next(start, start + shards);
+        for (int64_t p = 0; p < t.size(); ++p) {
+          order[static_cast<size_t>(next[of[static_cast<size_t>(p)]]++)] = static_cast<int32_t>(p);
+        }
+        to_shard[static_cast<size_t>(c)].resize(static_cast<size_t>(t.size()));
         t.ReleaseSlots();  // the merge reads the chunk's keys only
       } catch (const std::bad_alloc&) {
         full[static_cast<size_t>(c)] = 1;
@@ -506,10 +519,6 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   // The merge: shard s takes, chunk by chunk in order, the chunk points whose hash falls in it
   // (so its numbering is fixed by the chunk count alone); to_shard[c][p] is chunk c's point p's
   // number within its shard. Shards touch disjoint entries, so they run concurrently.
-  std::vector<std::vector<int32_t>> to_shard(static_cast<size_t>(chunks));
-  for (int64_t c = 0; c < chunks; ++c) {
-    to_shard[static_cast<size_t>(c)].resize(static_cast<size_t>(local[static_cast<size_t>(c)].size()));
-  }
   shards_.reserve(static_cast<size_t>(shards));
   for (int s = 0; s < shards; ++s) shards_.emplace_back(d, max_points);
   std::vector<char> shard_full(static_cast<size_t>(shards), 0);
@@ -521,14 +530,18 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
         // Chunks are contiguous slabs of voxels and share few points: the sum of the counts
         // is close to the shard's final size.
         int64_t expected = 0;
-        for (int64_t c = 0; c < chunks; ++c) expected += shard_count[static_cast<size_t>(c * shards + s)];
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t* start = shard_start.data() + c * (shards + 1);
+          expected += start[s + 1] - start[s];
+        }
         t.Reserve(std::min(expected, max_points));
         for (int64_t c = 0; c < chunks && !shard_full[static_cast<size_t>(s)]; ++c) {
           const KeyTable& from = local[static_cast<size_t>(c)];
-          const std::vector<uint16_t>& of = shard_of[static_cast<size_t>(c)];
+          const int64_t* start = shard_start.data() + c * (shards + 1);
+          const int32_t* order = by_shard[static_cast<size_t>(c)].data();
           std::vector<int32_t>& map = to_shard[static_cast<size_t>(c)];
-          for (int64_t p = 0; p < from.size(); ++p) {
-            if (of[static_cast<size_t>(p)] != s) continue;
+          for (int64_t q = start[s]; q < start[s + 1]; ++q) {
+            const int32_t p = order[q];
             const int32_t* key = from.key(p);
             const int32_t i = t.FindOrInsert(key, t.Hash(key));
             if (i < 0) {
@@ -544,6 +557,7 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
     }
   });
   local.clear();
+  by_shard.clear();
   if (std::find(shard_full.begin(), shard_full.end(), 1) != shard_full.end()) {
     shards_.clear();
     return Status::Exhausted(TooManyPoints(max_points, n, d));
@@ -686,10 +700,13 @@ void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int6
       1, std::min<int64_t>({static_cast<int64_t>(par.num_threads()), int64_t{kMaxSplatParts},
                             num_voxels / kMinVoxelsPerSplatPart}));
   auto part_begin = [&](int64_t t) { return num_voxels * t / parts; };
-  std::vector<int32_t> cursor(static_cast<size_t>(parts * num_points), 0);
+  // Each part zeroes its own cursors (a serial zeroing would be parts * M stores on one thread).
+  std::unique_ptr<int32_t[]> cursor_storage(new int32_t[static_cast<size_t>(parts * num_points)]);
+  int32_t* const cursor = cursor_storage.get();
   par.For(parts, 4 * d1 * (num_voxels / parts + 1), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      int32_t* count = cursor.data() + t * num_points;
+      int32_t* count = cursor + t * num_points;
+      std::fill(count, count + num_points, 0);
       for (int64_t i = part_begin(t) * d1; i < part_begin(t + 1) * d1; ++i) ++count[vertex_index[i]];
     }
   });
@@ -703,7 +720,7 @@ void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int6
     for (int64_t k = b; k < e; ++k) {
       int64_t total = 0;
       for (int64_t p = block_begin(k); p < block_begin(k + 1); ++p) {
-        for (int64_t t = 0; t < parts; ++t) total += cursor[static_cast<size_t>(t * num_points + p)];
+        for (int64_t t = 0; t < parts; ++t) total += cursor[t * num_points + p];
       }
       block_start[static_cast<size_t>(k) + 1] = total;
     }
@@ -715,7 +732,7 @@ void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int6
       for (int64_t p = block_begin(k); p < block_begin(k + 1); ++p) {
         offsets[p] = start;
         for (int64_t t = 0; t < parts; ++t) {
-          int32_t& c = cursor[static_cast<size_t>(t * num_points + p)];
+          int32_t& c = cursor[t * num_points + p];
           const int32_t count = c;
           c = start;
           start += count;
@@ -726,7 +743,7 @@ void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int6
   offsets[num_points] = static_cast<int32_t>(block_start.back());
   par.For(parts, 8 * d1 * (num_voxels / parts + 1), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      int32_t* next = cursor.data() + t * num_points;
+      int32_t* next = cursor + t * num_points;
       for (int64_t i = part_begin(t); i < part_begin(t + 1); ++i) {
         for (int64_t k = 0; k < d1; ++k) {
           const int32_t q = next[vertex_index[i * d1 + k]]++;
