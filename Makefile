@@ -30,7 +30,7 @@ CORE_FLAGS := -std=c++17 $(OPT) -fPIC -Wall -Wextra -Werror -pthread
 
 PYTEST_ARGS ?=
 
-.PHONY: setup build lint test test-core test-all bench-lattice bench-core study-feature-grad demo demo-lattice clean help
+.PHONY: setup build lint test test-core test-all bench-lattice bench-core bench-scaling study-feature-grad demo demo-lattice clean help
 .PHONY: reproduce-promise reproduce-brats smoke wheel-check
 .PHONY: data-promise data-brats data-synthetic
 .PHONY: bench-crf sanity-2d sanity-3d sanity-theta
@@ -130,6 +130,11 @@ bench-core: $(LIB) $(CORE_OBJ) scripts/bench_core.cc ## stage timings of the C++
 	$(CXX) $(CORE_FLAGS) $(CORE_INC) scripts/bench_core.cc $(CORE_OBJ) -o $(BUILD)/bench_core
 	$(PY) scripts/bench_lattice.py --dump $(BUILD)/bench_data $(ARGS)
 	@for ref in $(BUILD)/bench_data/*/; do for t in 1 2; do $(BUILD)/bench_core $$ref $$t 3; done; done
+
+# Build and filter over four crops of the BraTS reference, 1 and 2 threads, fitted exponent of N.
+bench-scaling: $(LIB) $(CORE_OBJ) scripts/bench_core.cc ## the C++ core's scaling in voxels and threads
+	$(CXX) $(CORE_FLAGS) $(CORE_INC) scripts/bench_core.cc $(CORE_OBJ) -o $(BUILD)/bench_core
+	$(PY) scripts/bench_scaling.py $(ARGS)
 
 # CRF (docs/crf.md): benchmark against pydensecrf2, and the paper's sanity experiment (Fig. 3).
 bench-crf: $(BENCH_STAMP) $(LIB) ## dense_crf against pydensecrf2 on phantoms (docs/crf.md)

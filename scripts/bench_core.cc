@@ -7,7 +7,10 @@
 //   bench_core DIR/<name> THREADS [REPEATS]
 //
 // Prints the minimum over REPEATS runs of each stage (the minimum is the figure least disturbed
-// by other work on the machine).
+// by other work on the machine), then the filter's bytes per voxel against a memory-bandwidth
+// floor: a STREAM-like copy measures the bandwidth with the same thread count, and the floor is
+// the time to move the bytes the filter must move at that rate (see PrintBandwidthFloor).
+// The last line, "RESULT ...", repeats the figures as key=value pairs for scripts.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -32,6 +35,43 @@ bool ReadRaw(const std::string& path, std::vector<float>& out) {
   if (!in) return false;
   in.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size() * 4));
   return static_cast<size_t>(in.gcount()) == out.size() * 4;
+}
+
+// Copy bandwidth in bytes per second (bytes read + bytes written): the best of `repeats`
+// copies of a 256 MiB float buffer, split between the threads as the core splits its loops.
+double CopyBandwidth(const crf3d::Parallel& par, int repeats) {
+  const int64_t count = int64_t{64} << 20;  // floats: 256 MiB per buffer
+  std::vector<float> a(static_cast<size_t>(count), 1.0f), b(static_cast<size_t>(count), 0.0f);
+  double best = 1e30;
+  for (int r = 0; r < repeats; ++r) {
+    const double t0 = Now();
+    par.For(count, 2, [&](int64_t begin, int64_t end) {
+      std::copy(a.data() + begin, a.data() + end, b.data() + begin);
+    });
+    best = std::min(best, Now() - t0);
+    a[static_cast<size_t>(r)] = b[static_cast<size_t>(count - 1 - r)];  // keep the copies live
+  }
+  return 2.0 * 4.0 * static_cast<double>(count) / best;
+}
+
+// The bytes a filter call must move, per voxel, from the data layout (each array read or
+// written once, at its size; gathers that hit the cache cost nothing more): n voxels, m lattice
+// points, d1 = d + 1 vertices per voxel, C channels, 4-byte indices and floats.
+//   splat: values 4C n, splat lists (voxel + weight) 8 d1 n, offsets 4 m, lattice rows 4C m;
+//   blur, per direction (d1 of them): neighbour pairs 8 m, rows read 4C m and written 4C m;
+//   slice: vertex_index + vertex_weight 8 d1 n, lattice rows 4C m, output 4C n.
+struct FilterBytes {
+  double splat, blur, slice;
+  double total() const { return splat + blur + slice; }
+};
+
+FilterBytes CountFilterBytes(int64_t n, int64_t m, int64_t d1, int64_t c) {
+  const double nv = static_cast<double>(n), mp = static_cast<double>(m);
+  FilterBytes b;
+  b.splat = 4.0 * c * nv + 8.0 * d1 * nv + 4.0 * mp + 4.0 * c * mp;
+  b.blur = d1 * (8.0 * mp + 8.0 * c * mp);
+  b.slice = 8.0 * d1 * nv + 4.0 * c * mp + 4.0 * c * nv;
+  return b;
 }
 
 }  // namespace
@@ -112,6 +152,25 @@ int main(int argc, char** argv) {
   std::printf("  embed + hash %.3f s | blur neighbours %.3f s | splat lists %.3f s | "
               "build total %.3f s | filter %.3f s\n",
               best[0], best[1], best[2], best[0] + best[1] + best[2], best[3]);
+
+  const FilterBytes bytes = CountFilterBytes(n, m, d1, channels);
+  const double bandwidth = CopyBandwidth(par, repeats);
+  const double per_voxel = bytes.total() / static_cast<double>(n);
+  const double floor_s = bytes.total() / bandwidth;
+  std::printf("  filter bytes per voxel: splat %.0f + blur %.0f + slice %.0f = %.0f B | copy "
+              "bandwidth %.2f GB/s (%d thread(s)) | floor %.3f s = %.1f ns/voxel | filter %.1f "
+              "ns/voxel = %.2fx the floor\n",
+              bytes.splat / static_cast<double>(n), bytes.blur / static_cast<double>(n),
+              bytes.slice / static_cast<double>(n), per_voxel, bandwidth * 1e-9, threads, floor_s,
+              floor_s * 1e9 / static_cast<double>(n), best[3] * 1e9 / static_cast<double>(n),
+              best[3] / floor_s);
+  std::printf("RESULT voxels=%lld features=%d channels=%d threads=%d points=%lld embed_s=%.6f "
+              "neighbours_s=%.6f splat_lists_s=%.6f build_s=%.6f filter_s=%.6f "
+              "filter_bytes_per_voxel=%.1f copy_gb_s=%.3f floor_s=%.6f\n",
+              static_cast<long long>(n), d, channels, threads, static_cast<long long>(m), best[0],
+              best[1], best[2], best[0] + best[1] + best[2], best[3], per_voxel, bandwidth * 1e-9,
+              floor_s);
+  if (std::getenv("BENCH_CORE_STAGES_ONLY") != nullptr) return 0;
 
   // Splat alternatives, single-threaded, C = channels (docs/lattice_op.md):
   //  a. gather by entry number: lists of voxel * (d+1) + k, weights read from vertex_weight;

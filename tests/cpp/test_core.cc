@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -217,6 +218,137 @@ void CheckThreadCount() {
   Check(out_a == out_b && a.m == b.m, "filter output independent of the thread count",
         Format("%.0f voxels, %.0f lattice points", static_cast<double>(n),
                static_cast<double>(a.m)));
+}
+
+// 3b. The lattice's structure against a reference built here from the public embedding, with a
+// std::map for the hash table: for thread counts 1, 2, 3 and 7 on sizes that split the build
+// into several chunks (16k voxels or more each; the chunk tables are then merged in parallel
+// into hash shards) and make every table grow many times. Point numbers may differ between
+// thread counts, so the check goes through the keys: entries share a lattice point exactly when
+// their vertex keys are equal, the weights are Embedding::Embed's bit for bit, each point's blur
+// neighbours are the points at key +- u_j (or absent), and each point's splat list holds its
+// entries in entry order. The lattice is built as the second batch item (index_base > 0, more
+// points in total than its own) as the TF op does.
+void CheckStructure(const std::vector<int64_t>& shape, int extra, uint32_t seed) {
+  std::mt19937 rng(seed);
+  int d = 0;
+  const std::vector<float> f = GridFeatures(shape, 0.45, extra, 0.8, rng, &d);
+  const int64_t n = static_cast<int64_t>(f.size()) / d;
+  const int d1 = d + 1;
+  // Reference: shift by the channel minima (as Build does), embed, list the vertex keys.
+  std::vector<float> lo(static_cast<size_t>(d), 1e30f);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int k = 0; k < d; ++k) {
+      lo[static_cast<size_t>(k)] = std::min(lo[static_cast<size_t>(k)], f[static_cast<size_t>(i * d + k)]);
+    }
+  }
+  const crf3d::Embedding emb(d);
+  std::vector<std::vector<int32_t>> entry_key(static_cast<size_t>(n * d1));
+  std::vector<float> entry_weight(static_cast<size_t>(n * d1));
+  {
+    std::vector<float> x(static_cast<size_t>(d)), elevated(static_cast<size_t>(d1)),
+        bary(static_cast<size_t>(d1 + 1));
+    std::vector<int32_t> rem0(static_cast<size_t>(d1)), rank(static_cast<size_t>(d1));
+    for (int64_t i = 0; i < n; ++i) {
+      for (int k = 0; k < d; ++k) {
+        x[static_cast<size_t>(k)] = f[static_cast<size_t>(i * d + k)] - lo[static_cast<size_t>(k)];
+      }
+      emb.Embed(x.data(), elevated.data(), rem0.data(), rank.data(), bary.data());
+      for (int k = 0; k < d1; ++k) {
+        std::vector<int32_t>& key = entry_key[static_cast<size_t>(i * d1 + k)];
+        key.resize(static_cast<size_t>(d));
+        crf3d::Embedding::VertexKey(d, rem0.data(), rank.data(), k, key.data());
+        entry_weight[static_cast<size_t>(i * d1 + k)] = bary[static_cast<size_t>(k)];
+      }
+    }
+  }
+  const int32_t base = 3;  // points of an earlier batch item
+  const int64_t after = 2;  // and of a later one
+  for (int threads : {1, 2, 3, 7}) {
+    const crf3d::StdThreadParallel par(threads);
+    std::vector<int32_t> vi(static_cast<size_t>(n * d1));
+    std::vector<float> vw(static_cast<size_t>(n * d1));
+    crf3d::LatticeBuilder builder;
+    const crf3d::Status status =
+        builder.Build(f.data(), n, d, int64_t{1} << 28, base, vi.data(), vw.data(), par);
+    const int64_t m = builder.num_points();
+    const int64_t total = base + m + after;
+    std::vector<int32_t> nbrs(static_cast<size_t>(d1 * total * 2), -7);
+    if (status.ok()) builder.BlurNeighbours(total, base, nbrs.data(), par);
+    std::string problem = status.ok() ? "" : status.message;
+    // Keys <-> points, both ways.
+    std::map<std::vector<int32_t>, int32_t> point_of;
+    std::vector<const std::vector<int32_t>*> key_of(static_cast<size_t>(m), nullptr);
+    for (int64_t e = 0; e < n * d1 && problem.empty(); ++e) {
+      const int32_t p = vi[static_cast<size_t>(e)] - base;
+      const std::vector<int32_t>& key = entry_key[static_cast<size_t>(e)];
+      if (p < 0 || p >= m) {
+        problem = "vertex_index out of range at entry " + std::to_string(e);
+      } else if (point_of.emplace(key, p).first->second != p) {  // emplace keeps an earlier one
+        problem = "entry " + std::to_string(e) + ": key's point differs from an earlier entry's";
+      } else if (key_of[static_cast<size_t>(p)] != nullptr && *key_of[static_cast<size_t>(p)] != key) {
+        problem = "point " + std::to_string(p) + " has two keys";
+      } else {
+        key_of[static_cast<size_t>(p)] = &key;
+      }
+      if (problem.empty() && vw[static_cast<size_t>(e)] != entry_weight[static_cast<size_t>(e)]) {
+        problem = "weight of entry " + std::to_string(e) + " differs from Embedding::Embed's";
+      }
+    }
+    if (problem.empty() && static_cast<int64_t>(point_of.size()) != m) problem = "unused points";
+    // Blur neighbours: key +- u_j, u_j = (d+1) e_j - (1, ..., 1) (e_d: the implied coordinate).
+    for (int64_t p = 0; p < m && problem.empty(); ++p) {
+      for (int j = 0; j < d1 && problem.empty(); ++j) {
+        for (int sign = 0; sign < 2; ++sign) {
+          std::vector<int32_t> key = *key_of[static_cast<size_t>(p)];
+          for (int k = 0; k < d; ++k) key[static_cast<size_t>(k)] += sign ? -1 : 1;
+          if (j < d) key[static_cast<size_t>(j)] += sign ? d + 1 : -(d + 1);
+          const auto it = point_of.find(key);
+          const int64_t expected = it == point_of.end() ? total : it->second + base;
+          if (nbrs[static_cast<size_t>((j * total + base + p) * 2 + sign)] != expected) {
+            problem = "blur neighbour of point " + std::to_string(p) + ", direction " +
+                      std::to_string(j) + (sign ? " +" : " -");
+          }
+        }
+      }
+    }
+    // Rows of the other batch items are left alone.
+    for (int j = 0; j < d1 && problem.empty(); ++j) {
+      for (int64_t r : {int64_t{0}, int64_t{base - 1}, base + m, total - 1}) {
+        if (nbrs[static_cast<size_t>((j * total + r) * 2)] != -7) problem = "wrote another item's row";
+      }
+    }
+    // Splat lists (indices relative to this item: subtract base first).
+    if (problem.empty()) {
+      std::vector<int32_t> local(vi);
+      for (int32_t& x : local) x -= base;
+      std::vector<int32_t> offsets(static_cast<size_t>(m + 1)), voxels(local.size());
+      std::vector<float> weights(local.size());
+      crf3d::BuildSplatCsr(local.data(), vw.data(), n, d, m, offsets.data(), voxels.data(),
+                           weights.data(), par);
+      std::vector<std::vector<int64_t>> lists(static_cast<size_t>(m));
+      for (int64_t e = 0; e < n * d1; ++e) lists[static_cast<size_t>(local[static_cast<size_t>(e)])].push_back(e);
+      for (int64_t p = 0; p < m && problem.empty(); ++p) {
+        const std::vector<int64_t>& list = lists[static_cast<size_t>(p)];
+        if (offsets[static_cast<size_t>(p) + 1] - offsets[static_cast<size_t>(p)] != static_cast<int32_t>(list.size())) {
+          problem = "splat list length of point " + std::to_string(p);
+          break;
+        }
+        for (size_t q = 0; q < list.size(); ++q) {
+          const size_t at = static_cast<size_t>(offsets[static_cast<size_t>(p)]) + q;
+          if (voxels[at] != list[q] / d1 || weights[at] != vw[static_cast<size_t>(list[q])]) {
+            problem = "splat list of point " + std::to_string(p);
+          }
+        }
+      }
+    }
+    char detail[200];
+    std::snprintf(detail, sizeof(detail), "%lld voxels, %lld points, %d thread(s)%s%s",
+                  static_cast<long long>(n), static_cast<long long>(m), threads,
+                  problem.empty() ? "" : ": ", problem.c_str());
+    Check(problem.empty(), "lattice structure vs std::map reference, F = " + std::to_string(d),
+          detail);
+  }
 }
 
 // 4. Lattice points of tiny cases counted by hand. In one dimension the embedding maps f to
@@ -442,6 +574,9 @@ int main() {
   CheckAgainstBruteForce({6, 5, 7}, 0, 2);
   CheckAdjoint();
   CheckThreadCount();
+  CheckStructure({30, 40, 100}, 1, 11);  // F = 4: 7 chunks with 7 threads
+  CheckStructure({20, 30, 60}, 4, 12);   // F = 7 (the BraTS feature count)
+  CheckStructure({16, 32, 70}, 7, 13);   // F = 10: the build's generic path
   CheckPointCounts();
   CheckSeparable<double>("double", 1e-12);
   CheckSeparable<float>("float", 1e-5);

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <new>
 #include <sstream>
 #include <utility>
@@ -64,9 +65,50 @@ double Embedding::max_feature_span() const {
 
 namespace {
 
-// Embedding::Embed with d fixed at compile time when D > 0 (so that its loops unroll), read from
-// `dim` when D == 0.
+// floor(v) and ceil(v), exactly, for |v| < 2^31: truncation toward zero, then one step down or
+// up where it went the wrong way (a few instructions without SSE4.1's rounding instruction,
+// where std::floor and std::ceil are a longer sequence each).
+inline void FloorCeil(float v, float* lo, float* up) {
+  const float t = static_cast<float>(static_cast<int32_t>(v));
+  *lo = t > v ? t - 1.0f : t;
+  *up = t < v ? t + 1.0f : t;
+}
+
+// The ranks of EmbedImpl for d = D fixed at compile time, four coordinates at a time (GCC / Clang
+// vector extensions, plain SSE2 on x86-64): for each x in turn, its comparisons with all y at
+// once. The same counts as the pairwise loop, in about a third of the instructions.
+using Float4 = float __attribute__((vector_size(16)));
+using Int4 = int32_t __attribute__((vector_size(16)));
+
 template <int D>
+inline void RankFixed(const float* diff, int32_t* rank) {
+  constexpr int kBlocks = (D + 4) / 4;  // blocks of four coordinates covering 0..D
+  float padded[4 * kBlocks] = {};
+  for (int i = 0; i <= D; ++i) padded[i] = diff[i];
+  Float4 y[kBlocks];
+  Int4 count[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) {
+    y[b] = Float4{padded[4 * b], padded[4 * b + 1], padded[4 * b + 2], padded[4 * b + 3]};
+    count[b] = Int4{0, 0, 0, 0};
+  }
+  for (int x = 0; x <= D; ++x) {
+    const Float4 dx = {diff[x], diff[x], diff[x], diff[x]};
+    for (int b = 0; b < kBlocks; ++b) {
+      const Int4 lane = {4 * b, 4 * b + 1, 4 * b + 2, 4 * b + 3};
+      // Lane y gains one when (y < x and diff[y] < diff[x]) or (x < y <= D and
+      // diff[y] <= diff[x]): the pairwise rule seen from y.
+      const Int4 hit = ((dx > y[b]) & (lane < x)) | ((dx >= y[b]) & (lane > x) & (lane <= D));
+      count[b] -= hit;  // a hit is -1
+    }
+  }
+  for (int i = 0; i <= D; ++i) rank[i] = count[i / 4][i % 4];
+}
+
+// Embedding::Embed with d fixed at compile time when D > 0 (so that its loops unroll), read from
+// `dim` when D == 0. kBounded: the caller guarantees |f * scale| * (d+1) < 2^30 (Build's span
+// check), so floor and ceil may go through int32 (FloorCeil; same results as std::floor and
+// std::ceil).
+template <int D, bool kBounded>
 inline void EmbedImpl(int dim, const float* scale, const float* f, float* elevated, int32_t* rem0,
                       int32_t* rank, float* bary) {
   const int d = D > 0 ? D : dim;
@@ -84,24 +126,38 @@ inline void EmbedImpl(int dim, const float* scale, const float* f, float* elevat
   int32_t sum = 0;
   for (int i = 0; i <= d; ++i) {
     const float v = elevated[i] * down;
-    const float up = std::ceil(v) * static_cast<float>(d + 1);
-    const float lo = std::floor(v) * static_cast<float>(d + 1);
+    float v_lo, v_up;
+    if (kBounded) {
+      FloorCeil(v, &v_lo, &v_up);
+    } else {
+      v_lo = std::floor(v);
+      v_up = std::ceil(v);
+    }
+    const float up = v_up * static_cast<float>(d + 1);
+    const float lo = v_lo * static_cast<float>(d + 1);
     rem0[i] = static_cast<int32_t>((up - elevated[i] < elevated[i] - lo) ? up : lo);
     sum += rem0[i];
   }
   sum /= (d + 1);
 
-  // Rank the differential; it orders the simplex's vertices.
+  // Rank the differential; it orders the simplex's vertices: rank[x] counts the y > x with
+  // diff[x] < diff[y] and the y < x with diff[y] >= diff[x] (ties go to the earlier coordinate).
   // (Comparisons counted without branches: their outcome is unpredictable.)
-  for (int i = 0; i <= d; ++i) {
-    rank[i] = 0;
-    bary[i] = elevated[i] - static_cast<float>(rem0[i]);  // bary is scratch until below
-  }
-  for (int i = 0; i < d; ++i) {
-    for (int j = i + 1; j <= d; ++j) {
-      const int32_t less = bary[i] < bary[j];
-      rank[i] += less;
-      rank[j] += 1 - less;
+  if (D > 0) {
+    float diff[D > 0 ? D + 1 : 1];
+    for (int i = 0; i <= d; ++i) diff[i] = elevated[i] - static_cast<float>(rem0[i]);
+    RankFixed<D>(diff, rank);
+  } else {
+    for (int i = 0; i <= d; ++i) {
+      rank[i] = 0;
+      bary[i] = elevated[i] - static_cast<float>(rem0[i]);  // bary is scratch until below
+    }
+    for (int i = 0; i < d; ++i) {
+      for (int j = i + 1; j <= d; ++j) {
+        const int32_t less = bary[i] < bary[j];
+        rank[i] += less;
+        rank[j] += 1 - less;
+      }
     }
   }
   // Bring the point back onto the hyperplane when the rounding left it off.
@@ -130,7 +186,7 @@ inline void EmbedImpl(int dim, const float* scale, const float* f, float* elevat
 
 void Embedding::Embed(const float* f, float* elevated, int32_t* rem0, int32_t* rank,
                       float* bary) const {
-  EmbedImpl<0>(d_, scale_.data(), f, elevated, rem0, rank, bary);
+  EmbedImpl<0, false>(d_, scale_.data(), f, elevated, rem0, rank, bary);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -160,14 +216,6 @@ uint64_t KeyTable::Linear(const int32_t* key) const {
   return h;
 }
 
-bool KeyTable::Equal(int32_t index, const int32_t* key) const {
-  const int32_t* k = keys_.data() + static_cast<int64_t>(index) * d_;
-  for (int i = 0; i < d_; ++i) {
-    if (k[i] != key[i]) return false;
-  }
-  return true;
-}
-
 void KeyTable::Rehash(size_t capacity) {
   slots_.assign(capacity, 0);
   mask_ = capacity - 1;
@@ -186,12 +234,7 @@ void KeyTable::Reserve(int64_t points) {
   if (capacity != slots_.size()) Rehash(capacity);
 }
 
-int32_t KeyTable::FindOrInsert(const int32_t* key, uint64_t h) {
-  uint64_t s = h & mask_;
-  for (uint64_t e = slots_[s]; e != 0; e = slots_[s]) {
-    if (SameTag(e, h) && Equal(Index(e), key)) return Index(e);
-    s = (s + 1) & mask_;
-  }
+int32_t KeyTable::Insert(const int32_t* key, uint64_t h, uint64_t s) {
   if (size() >= max_points_) return -1;
   const auto p = static_cast<int32_t>(size());
   keys_.insert(keys_.end(), key, key + d_);
@@ -199,26 +242,6 @@ int32_t KeyTable::FindOrInsert(const int32_t* key, uint64_t h) {
   slots_[s] = Entry(h, p);
   if (2 * static_cast<size_t>(size_) > slots_.size()) Rehash(2 * slots_.size());  // load <= 1/2
   return p;
-}
-
-int32_t KeyTable::Find(const int32_t* key, uint64_t h) const {
-  uint64_t s = h & mask_;
-  for (uint64_t e = slots_[s]; e != 0; e = slots_[s]) {
-    if (SameTag(e, h) && Equal(Index(e), key)) return Index(e);
-    s = (s + 1) & mask_;
-  }
-  return -1;
-}
-
-void KeyTable::FindMany(const int32_t* keys, const uint64_t* h, int count, int32_t* out) const {
-  // Three passes over the batch overlap the cache misses of its lookups: prefetch the home
-  // slots, then the keys they point at, then compare.
-  for (int i = 0; i < count; ++i) __builtin_prefetch(&slots_[h[i] & mask_]);
-  for (int i = 0; i < count; ++i) {
-    const uint64_t e = slots_[h[i] & mask_];
-    if (e != 0) __builtin_prefetch(keys_.data() + static_cast<int64_t>(Index(e)) * d_);
-  }
-  for (int i = 0; i < count; ++i) out[i] = Find(keys + static_cast<int64_t>(i) * d_, h[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -233,22 +256,54 @@ struct FeatureStats {
   int64_t first_bad = -1;  // flat index of the first NaN or Inf
 };
 
-FeatureStats Summarise(const float* f, int64_t begin, int64_t end, int d) {
+// One pass of min / max per channel with D channels fixed at compile time (0: d at run time).
+// Non-finite values are not looked for one by one: |v| <= FLT_MAX fails exactly for NaN and
+// +-Inf, so a running AND of that test says whether the (rare) second scan that finds the first
+// one is needed.
+template <int D>
+FeatureStats SummariseImpl(const float* f, int64_t begin, int64_t end, int dim) {
+  const int d = D > 0 ? D : dim;
   FeatureStats s;
   s.lo.assign(static_cast<size_t>(d), std::numeric_limits<float>::infinity());
   s.hi.assign(static_cast<size_t>(d), -std::numeric_limits<float>::infinity());
+  constexpr float kMax = std::numeric_limits<float>::max();
+  bool finite = true;
+  float lo_local[D > 0 ? D : 1], hi_local[D > 0 ? D : 1];
+  float* lo = D > 0 ? lo_local : s.lo.data();
+  float* hi = D > 0 ? hi_local : s.hi.data();
+  for (int k = 0; k < d; ++k) {
+    lo[k] = std::numeric_limits<float>::infinity();
+    hi[k] = -std::numeric_limits<float>::infinity();
+  }
   for (int64_t i = begin; i < end; ++i) {
+    const float* row = f + i * d;
     for (int k = 0; k < d; ++k) {
-      const float v = f[i * d + k];
-      if (!std::isfinite(v)) {
-        if (s.first_bad < 0) s.first_bad = i * d + k;
-        continue;
-      }
-      s.lo[static_cast<size_t>(k)] = std::min(s.lo[static_cast<size_t>(k)], v);
-      s.hi[static_cast<size_t>(k)] = std::max(s.hi[static_cast<size_t>(k)], v);
+      const float v = row[k];
+      finite &= std::fabs(v) <= kMax;
+      lo[k] = v < lo[k] ? v : lo[k];
+      hi[k] = v > hi[k] ? v : hi[k];
     }
   }
+  if (D > 0) {
+    std::copy(lo, lo + d, s.lo.begin());
+    std::copy(hi, hi + d, s.hi.begin());
+  }
+  if (!finite) {
+    const int64_t at = FirstNonFinite(f + begin * d, (end - begin) * d);
+    s.first_bad = begin * d + at;
+  }
   return s;
+}
+
+FeatureStats Summarise(const float* f, int64_t begin, int64_t end, int d) {
+  switch (d) {
+    case 3: return SummariseImpl<3>(f, begin, end, d);
+    case 4: return SummariseImpl<4>(f, begin, end, d);
+    case 5: return SummariseImpl<5>(f, begin, end, d);
+    case 6: return SummariseImpl<6>(f, begin, end, d);
+    case 7: return SummariseImpl<7>(f, begin, end, d);
+    default: return SummariseImpl<0>(f, begin, end, d);
+  }
 }
 
 // Embeds voxels [begin, end) and inserts their simplex vertices into table. Writes local point
@@ -283,7 +338,7 @@ bool EmbedRangeImpl(const float* features, int64_t begin, int64_t end, const Emb
       for (int k = 0; k < d; ++k) {
         f[static_cast<size_t>(k)] = features[i * d + k] - shift[static_cast<size_t>(k)];
       }
-      EmbedImpl<D>(d, emb.scale(), f.data(), elevated.data(), rem0, rank, bary.data());
+      EmbedImpl<D, true>(d, emb.scale(), f.data(), elevated.data(), rem0, rank, bary.data());
       for (int k = 0; k < d1; ++k) vertex_weight[i * d1 + k] = bary[static_cast<size_t>(k)];
       const bool same =
           have_previous && std::equal(simplex.begin(), simplex.begin() + 2 * d1, previous.begin());
@@ -295,13 +350,19 @@ bool EmbedRangeImpl(const float* features, int64_t begin, int64_t end, const Emb
       // (the implied last coordinate has no hash coefficient).
       for (int k = 0; k < d1; ++k) by_rank[static_cast<size_t>(rank[k])] = k;
       uint64_t linear = table.Linear(rem0);
-      for (int k = 0; k < d1; ++k) {
+      // The keys follow the same steps (Embedding::VertexKey, one step at a time): vertex 0 is
+      // rem0, vertex k + 1 is vertex k plus one in every coordinate, less d+1 in the moved one.
+      int32_t* key = keys.data() + (i - g0) * d1 * d;
+      std::copy(rem0, rem0 + d, key);
+      for (int k = 0; k < d1; ++k, key += d) {
         const int64_t slot = (i - g0) * d1 + k;
-        Embedding::VertexKey(d, rem0, rank, k, keys.data() + slot * d);
         hashes[static_cast<size_t>(slot)] = KeyTable::Mix(linear);
         table.Prefetch(hashes[static_cast<size_t>(slot)]);
         const int moved = by_rank[static_cast<size_t>(d - k)];
         linear += coefficient_sum - (moved < d ? static_cast<uint64_t>(d1) * table.coefficient(moved) : 0);
+        if (k == d) break;
+        for (int c = 0; c < d; ++c) key[d + c] = key[c] + 1;
+        if (moved < d) key[d + moved] -= d1;
       }
     }
     for (int64_t i = g0; i < g1; ++i) {
@@ -312,7 +373,7 @@ bool EmbedRangeImpl(const float* features, int64_t begin, int64_t end, const Emb
       }
       for (int k = 0; k < d1; ++k) {
         const int64_t slot = (i - g0) * d1 + k;
-        const int32_t p = table.FindOrInsert(keys.data() + slot * d, hashes[static_cast<size_t>(slot)]);
+        const int32_t p = table.FindOrInsert<D>(keys.data() + slot * d, hashes[static_cast<size_t>(slot)]);
         if (p < 0) return false;
         out[k] = p + index_base;
       }
@@ -358,8 +419,8 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
                              int32_t index_base, int32_t* vertex_index, float* vertex_weight,
                              const Parallel& par) {
   d_ = d;
-  table_ = nullptr;
-  table_storage_.clear();
+  shards_.clear();
+  shard_begin_.clear();
   const Embedding emb(d);
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>(par.num_threads(), n / kMinVoxelsPerChunk));
@@ -398,27 +459,55 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
     }
   }
 
-  // 2. Embed and hash. Each chunk fills a table of its own in parallel; the chunk tables are
-  // then merged in order, so point numbering depends only on the chunk count.
+  // 2. Embed and hash. Each chunk fills a table of its own in parallel. With one chunk that
+  // table is the lattice; otherwise the chunk tables are merged in parallel into as many
+  // hash shards, so that point numbering depends only on the chunk count.
   if (chunks == 1) {
-    table_storage_.emplace_back(d, max_points);
-    if (!EmbedRange(features, 0, n, emb, lo, table_storage_[0], index_base, vertex_index,
+    shards_.emplace_back(d, max_points);
+    if (!EmbedRange(features, 0, n, emb, lo, shards_[0], index_base, vertex_index,
                     vertex_weight)) {
+      shards_.clear();
       return Status::Exhausted(TooManyPoints(max_points, n, d));
     }
-    table_ = &table_storage_[0];
+    shard_begin_ = {0, shards_[0].size()};
     return Status::Ok();
   }
+  const int shards = static_cast<int>(std::min<int64_t>(chunks, 1 << 16));
   std::vector<KeyTable> local;
   local.reserve(static_cast<size_t>(chunks));
   for (int64_t c = 0; c < chunks; ++c) local.emplace_back(d, max_points);
+  // Per chunk: the shard of each of its points; its point numbers grouped by shard, in
+  // increasing order within a shard (a counting sort), group s starting at
+  // shard_start[c * (shards + 1) + s]; and room for each point's number within its shard.
+  std::vector<std::vector<uint16_t>> shard_of(static_cast<size_t>(chunks));
+  std::vector<std::vector<int32_t>> by_shard(static_cast<size_t>(chunks));
+  std::vector<std::vector<int32_t>> to_shard(static_cast<size_t>(chunks));
+  std::vector<int64_t> shard_start(static_cast<size_t>(chunks * (shards + 1)), 0);
   std::vector<char> full(static_cast<size_t>(chunks), 0);
   par.For(chunks, 200 * d * d * (n / chunks + 1), [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       try {  // an exception must not escape a worker thread
-        full[static_cast<size_t>(c)] =
-            !EmbedRange(features, chunk_begin(c), chunk_begin(c + 1), emb, lo,
-                        local[static_cast<size_t>(c)], 0, vertex_index, vertex_weight);
+        KeyTable& t = local[static_cast<size_t>(c)];
+        full[static_cast<size_t>(c)] = !EmbedRange(features, chunk_begin(c), chunk_begin(c + 1),
+                                                   emb, lo, t, 0, vertex_index, vertex_weight);
+        if (full[static_cast<size_t>(c)]) continue;
+        std::vector<uint16_t>& of = shard_of[static_cast<size_t>(c)];
+        of.resize(static_cast<size_t>(t.size()));
+        int64_t* start = shard_start.data() + c * (shards + 1);
+        for (int64_t p = 0; p < t.size(); ++p) {
+          const int s = KeyTable::Shard(t.Hash(t.key(p)), shards);
+          of[static_cast<size_t>(p)] = static_cast<uint16_t>(s);
+          ++start[s + 1];
+        }
+        for (int s = 0; s < shards; ++s) start[s + 1] += start[s];
+        std::vector<int32_t>& order = by_shard[static_cast<size_t>(c)];
+        order.resize(static_cast<size_t>(t.size()));
+        std::vector<int64_t> next(start, start + shards);
+        for (int64_t p = 0; p < t.size(); ++p) {
+          order[static_cast<size_t>(next[of[static_cast<size_t>(p)]]++)] = static_cast<int32_t>(p);
+        }
+        to_shard[static_cast<size_t>(c)].resize(static_cast<size_t>(t.size()));
+        t.ReleaseSlots();  // the merge reads the chunk's keys only
       } catch (const std::bad_alloc&) {
         full[static_cast<size_t>(c)] = 1;
       }
@@ -427,100 +516,175 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   if (std::find(full.begin(), full.end(), 1) != full.end()) {
     return Status::Exhausted(TooManyPoints(max_points, n, d));
   }
-  // Chunk 0's table becomes the global one: merging it first would number its points as it
-  // already does. The others are merged into it in order.
-  table_storage_.push_back(std::move(local[0]));
-  KeyTable& global = table_storage_[0];
-  // The other chunks mostly revisit chunk 0's points (neighbouring voxels share simplices); a
-  // quarter more room is a guess that avoids most regrowth during the merge.
-  global.Reserve(global.size() * 5 / 4);
-  std::vector<std::vector<int32_t>> to_global(static_cast<size_t>(chunks));
-  for (int64_t c = 1; c < chunks; ++c) {
-    const KeyTable& t = local[static_cast<size_t>(c)];
-    std::vector<int32_t>& map = to_global[static_cast<size_t>(c)];
-    map.resize(static_cast<size_t>(t.size()));
-    for (int64_t p0 = 0; p0 < t.size(); p0 += KeyTable::kMaxBatch) {
-      const int64_t p1 = std::min<int64_t>(t.size(), p0 + KeyTable::kMaxBatch);
-      uint64_t hashes[KeyTable::kMaxBatch];
-      for (int64_t p = p0; p < p1; ++p) {
-        hashes[p - p0] = global.Hash(t.key(p));
-        global.Prefetch(hashes[p - p0]);
-      }
-      for (int64_t p = p0; p < p1; ++p) {
-        const int32_t g = global.FindOrInsert(t.key(p), hashes[p - p0]);
-        if (g < 0) return Status::Exhausted(TooManyPoints(max_points, n, d));
-        map[static_cast<size_t>(p)] = g + index_base;
+  // The merge: shard s takes, chunk by chunk in order, the chunk points whose hash falls in it
+  // (so its numbering is fixed by the chunk count alone); to_shard[c][p] is chunk c's point p's
+  // number within its shard. Shards touch disjoint entries, so they run concurrently.
+  shards_.reserve(static_cast<size_t>(shards));
+  for (int s = 0; s < shards; ++s) shards_.emplace_back(d, max_points);
+  std::vector<char> shard_full(static_cast<size_t>(shards), 0);
+  const int64_t points_per_shard = n * (d + 1) / (chunks * shards) + 1;  // a rough guess
+  par.For(shards, 150 * d * points_per_shard, [&](int64_t b, int64_t e) {
+    for (int64_t s = b; s < e; ++s) {
+      try {
+        KeyTable& t = shards_[static_cast<size_t>(s)];
+        // Chunks are contiguous slabs of voxels and share few points: the sum of the counts
+        // is close to the shard's final size.
+        int64_t expected = 0;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t* start = shard_start.data() + c * (shards + 1);
+          expected += start[s + 1] - start[s];
+        }
+        t.Reserve(std::min(expected, max_points));
+        for (int64_t c = 0; c < chunks && !shard_full[static_cast<size_t>(s)]; ++c) {
+          const KeyTable& from = local[static_cast<size_t>(c)];
+          const int64_t* start = shard_start.data() + c * (shards + 1);
+          const int32_t* order = by_shard[static_cast<size_t>(c)].data();
+          std::vector<int32_t>& map = to_shard[static_cast<size_t>(c)];
+          for (int64_t q = start[s]; q < start[s + 1]; ++q) {
+            const int32_t p = order[q];
+            const int32_t* key = from.key(p);
+            const int32_t i = t.FindOrInsert(key, t.Hash(key));
+            if (i < 0) {
+              shard_full[static_cast<size_t>(s)] = 1;
+              break;
+            }
+            map[static_cast<size_t>(p)] = i;
+          }
+        }
+      } catch (const std::bad_alloc&) {
+        shard_full[static_cast<size_t>(s)] = 1;
       }
     }
-    local[static_cast<size_t>(c)] = KeyTable(d, 0);  // free the chunk's table
+  });
+  local.clear();
+  by_shard.clear();
+  if (std::find(shard_full.begin(), shard_full.end(), 1) != shard_full.end()) {
+    shards_.clear();
+    return Status::Exhausted(TooManyPoints(max_points, n, d));
   }
+  shard_begin_.assign(static_cast<size_t>(shards) + 1, 0);
+  for (int s = 0; s < shards; ++s) {
+    shard_begin_[static_cast<size_t>(s) + 1] =
+        shard_begin_[static_cast<size_t>(s)] + shards_[static_cast<size_t>(s)].size();
+  }
+  if (shard_begin_.back() > max_points) {
+    shards_.clear();
+    shard_begin_.clear();
+    return Status::Exhausted(TooManyPoints(max_points, n, d));
+  }
+  // Chunk-local point numbers in vertex_index become lattice numbers.
   const int64_t d1 = d + 1;
   par.For(chunks, 4 * d1 * (n / chunks + 1), [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
-      if (c == 0) {  // chunk 0's points keep their numbers
-        if (index_base != 0) {
-          for (int64_t i = 0; i < chunk_begin(1) * d1; ++i) vertex_index[i] += index_base;
-        }
-        continue;
-      }
-      const std::vector<int32_t>& map = to_global[static_cast<size_t>(c)];
+      const std::vector<uint16_t>& of = shard_of[static_cast<size_t>(c)];
+      const std::vector<int32_t>& map = to_shard[static_cast<size_t>(c)];
       for (int64_t i = chunk_begin(c) * d1; i < chunk_begin(c + 1) * d1; ++i) {
-        vertex_index[i] = map[static_cast<size_t>(vertex_index[i])];
+        const auto p = static_cast<size_t>(vertex_index[i]);
+        vertex_index[i] = static_cast<int32_t>(shard_begin_[of[p]] + map[p]) + index_base;
       }
     }
   });
-  table_ = &global;
   return Status::Ok();
 }
+namespace {
+
+// LatticeBuilder::BlurNeighbours for the points [0, shard_begin.back()) of hash-sharded tables,
+// with d fixed at compile time when D > 0.
+//
+// Only the step forward is looked up: q = p + u_j exists exactly when p = q - u_j does, so a
+// found q gives both p's forward neighbour and q's backward one (each backward slot has one
+// writer, the unique point one step behind it, so ranges on different threads never write the
+// same slot). A first pass marks every backward slot absent.
+template <int D, bool kSharded>
+void BlurNeighboursImpl(const std::vector<KeyTable>& shards, const std::vector<int64_t>& begin,
+                        int dim, int64_t total_points, int32_t index_base, int32_t* nbrs,
+                        const Parallel& par) {
+  const int d = D > 0 ? D : dim;
+  const int64_t m = begin.back();
+  const int count_shards = static_cast<int>(shards.size());
+  const auto absent = static_cast<int32_t>(total_points);
+  par.For(m, 2 * (d + 1), [&](int64_t b, int64_t e) {
+    for (int j = 0; j <= d; ++j) {
+      int32_t* row = nbrs + (j * total_points + index_base) * 2;
+      for (int64_t p = b; p < e; ++p) row[2 * p] = absent;
+    }
+  });
+  const uint64_t coefficient_sum = shards[0].coefficient_sum();
+  // Forward neighbour keys of a few points at a time are looked up as one batch: (d+1) per
+  // point, direction j of point p0 + q / (d+1) in slot q. Three passes over the batch overlap
+  // the cache misses of its lookups: prefetch the home slots, then the keys they point at,
+  // then compare.
+  const int per_batch = std::max(1, KeyTable::kMaxBatch / (d + 1));
+  par.For(m, 30 * d * (d + 1), [&](int64_t b, int64_t e) {
+    std::vector<int32_t> keys(static_cast<size_t>(KeyTable::kMaxBatch) * d);
+    uint64_t hashes[KeyTable::kMaxBatch];
+    int shard[KeyTable::kMaxBatch];
+    int s = static_cast<int>(std::upper_bound(begin.begin(), begin.end(), b) - begin.begin()) - 1;
+    for (int64_t p0 = b; p0 < e; p0 += per_batch) {
+      const int64_t p1 = std::min<int64_t>(e, p0 + per_batch);
+      int count = 0;
+      for (int64_t p = p0; p < p1; ++p) {
+        while (p >= begin[static_cast<size_t>(s) + 1]) ++s;
+        const KeyTable& table = shards[static_cast<size_t>(s)];
+        const int32_t* key = table.key(p - begin[static_cast<size_t>(s)]);
+        const uint64_t linear = table.Linear(key);
+        // One step forward along direction j adds (d+1) e_j - (1, ..., 1); for j == d the d+1
+        // lands on the implied last coordinate (no hash coefficient).
+        for (int j = 0; j <= d; ++j, ++count) {
+          int32_t* out = keys.data() + static_cast<int64_t>(count) * d;
+          for (int k = 0; k < d; ++k) out[k] = key[k] - 1;
+          if (j < d) out[j] = key[j] + d;
+          const uint64_t step =
+              (j < d ? static_cast<uint64_t>(d + 1) * table.coefficient(j) : 0) - coefficient_sum;
+          hashes[count] = KeyTable::Mix(linear + step);
+          shard[count] = kSharded ? KeyTable::Shard(hashes[count], count_shards) : 0;
+        }
+      }
+      for (int q = 0; q < count; ++q) shards[static_cast<size_t>(shard[q])].Prefetch(hashes[q]);
+      for (int q = 0; q < count; ++q) shards[static_cast<size_t>(shard[q])].PrefetchKey(hashes[q]);
+      int q = 0;
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int j = 0; j <= d; ++j, ++q) {
+          int32_t* row = nbrs + (j * total_points + index_base) * 2;
+          const int32_t found = shards[static_cast<size_t>(shard[q])].Find<D>(
+              keys.data() + static_cast<int64_t>(q) * d, hashes[q]);
+          if (found < 0) {
+            row[2 * p + 1] = absent;
+          } else {
+            const int64_t g = begin[static_cast<size_t>(shard[q])] + found;
+            row[2 * p + 1] = static_cast<int32_t>(g) + index_base;
+            row[2 * g] = static_cast<int32_t>(p) + index_base;
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
 
 void LatticeBuilder::BlurNeighbours(int64_t total_points, int32_t index_base, int32_t* nbrs,
                                     const Parallel& par) const {
-  const int d = d_;
-  const int64_t m = num_points();
-  const auto absent = static_cast<int32_t>(total_points);
-  // Neighbour keys of a few points at a time go to FindMany as one batch; slot q of the batch
-  // is (point p0 + q / (2 (d+1)), direction (q / 2) mod (d+1), minus or plus).
-  const int per_point = 2 * (d + 1);
-  const uint64_t coefficient_sum = table_->coefficient_sum();
-  par.For(m, 60 * d * (d + 1), [&](int64_t b, int64_t e) {
-    std::vector<int32_t> keys(static_cast<size_t>(KeyTable::kMaxBatch) * d);
-    uint64_t hashes[KeyTable::kMaxBatch];
-    int32_t found[KeyTable::kMaxBatch];
-    int count = 0;
-    int64_t first = b * per_point;  // slot number (p * per_point + offset) of keys[0]
-    auto flush = [&] {
-      table_->FindMany(keys.data(), hashes, count, found);
-      for (int q = 0; q < count; ++q) {
-        const int64_t slot = first + q;
-        const int64_t p = slot / per_point;
-        const int j = static_cast<int>(slot % per_point) / 2;
-        nbrs[(j * total_points + index_base + p) * 2 + slot % 2] =
-            found[q] < 0 ? absent : found[q] + index_base;
-      }
-      first += count;
-      count = 0;
-    };
-    for (int64_t p = b; p < e; ++p) {
-      const int32_t* key = table_->key(p);
-      const uint64_t linear = table_->Linear(key);
-      for (int j = 0; j <= d; ++j) {
-        // One step along direction j adds (d+1) e_j - (1, ..., 1); for j == d the d+1 lands
-        // on the implied last coordinate (no hash coefficient). sign 0 is the step back, 1 the
-        // step forward.
-        const uint64_t step = (j < d ? static_cast<uint64_t>(d + 1) * table_->coefficient(j) : 0) -
-                              coefficient_sum;
-        for (int sign = 0; sign < 2; ++sign) {
-          int32_t* out = keys.data() + static_cast<int64_t>(count) * d;
-          const int32_t ones = sign ? -1 : 1;
-          for (int k = 0; k < d; ++k) out[k] = key[k] + ones;
-          if (j < d) out[j] = key[j] + (sign ? d : -d);
-          hashes[count] = KeyTable::Mix(sign ? linear + step : linear - step);
-          if (++count == KeyTable::kMaxBatch) flush();
-        }
-      }
-    }
-    if (count > 0) flush();
-  });
+  if (num_points() == 0) return;
+  const bool sharded = shards_.size() > 1;
+  switch (d_) {
+#define CRF3D_BLUR_CASE(D)                                                                     \
+  case D:                                                                                      \
+    (sharded ? BlurNeighboursImpl<D, true> : BlurNeighboursImpl<D, false>)(                    \
+        shards_, shard_begin_, d_, total_points, index_base, nbrs, par);                       \
+    return;
+    CRF3D_BLUR_CASE(2)
+    CRF3D_BLUR_CASE(3)
+    CRF3D_BLUR_CASE(4)
+    CRF3D_BLUR_CASE(5)
+    CRF3D_BLUR_CASE(6)
+    CRF3D_BLUR_CASE(7)
+    CRF3D_BLUR_CASE(8)
+#undef CRF3D_BLUR_CASE
+    default:
+      (sharded ? BlurNeighboursImpl<0, true> : BlurNeighboursImpl<0, false>)(
+          shards_, shard_begin_, d_, total_points, index_base, nbrs, par);
+  }
 }
 
 void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int64_t num_voxels,
@@ -536,27 +700,50 @@ void BuildSplatCsr(const int32_t* vertex_index, const float* vertex_weight, int6
       1, std::min<int64_t>({static_cast<int64_t>(par.num_threads()), int64_t{kMaxSplatParts},
                             num_voxels / kMinVoxelsPerSplatPart}));
   auto part_begin = [&](int64_t t) { return num_voxels * t / parts; };
-  std::vector<int32_t> cursor(static_cast<size_t>(parts * num_points), 0);
+  // Each part zeroes its own cursors (a serial zeroing would be parts * M stores on one thread).
+  std::unique_ptr<int32_t[]> cursor_storage(new int32_t[static_cast<size_t>(parts * num_points)]);
+  int32_t* const cursor = cursor_storage.get();
   par.For(parts, 4 * d1 * (num_voxels / parts + 1), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      int32_t* count = cursor.data() + t * num_points;
+      int32_t* count = cursor + t * num_points;
+      std::fill(count, count + num_points, 0);
       for (int64_t i = part_begin(t) * d1; i < part_begin(t + 1) * d1; ++i) ++count[vertex_index[i]];
     }
   });
-  int32_t start = 0;
-  for (int64_t p = 0; p < num_points; ++p) {
-    offsets[p] = start;
-    for (int64_t t = 0; t < parts; ++t) {
-      int32_t& c = cursor[static_cast<size_t>(t * num_points + p)];
-      const int32_t count = c;
-      c = start;
-      start += count;
+  // The offsets, a prefix sum over (point, part), in blocks of points: each block's total in
+  // parallel, a serial prefix over the few block totals, then each block its own prefix.
+  const int64_t blocks = std::max<int64_t>(
+      1, std::min<int64_t>(4 * static_cast<int64_t>(par.num_threads()), num_points / 4096));
+  auto block_begin = [&](int64_t k) { return num_points * k / blocks; };
+  std::vector<int64_t> block_start(static_cast<size_t>(blocks) + 1, 0);
+  par.For(blocks, 2 * parts * (num_points / blocks + 1), [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      int64_t total = 0;
+      for (int64_t p = block_begin(k); p < block_begin(k + 1); ++p) {
+        for (int64_t t = 0; t < parts; ++t) total += cursor[t * num_points + p];
+      }
+      block_start[static_cast<size_t>(k) + 1] = total;
     }
-  }
-  offsets[num_points] = start;
+  });
+  for (int64_t k = 0; k < blocks; ++k) block_start[static_cast<size_t>(k) + 1] += block_start[static_cast<size_t>(k)];
+  par.For(blocks, 3 * parts * (num_points / blocks + 1), [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      auto start = static_cast<int32_t>(block_start[static_cast<size_t>(k)]);
+      for (int64_t p = block_begin(k); p < block_begin(k + 1); ++p) {
+        offsets[p] = start;
+        for (int64_t t = 0; t < parts; ++t) {
+          int32_t& c = cursor[t * num_points + p];
+          const int32_t count = c;
+          c = start;
+          start += count;
+        }
+      }
+    }
+  });
+  offsets[num_points] = static_cast<int32_t>(block_start.back());
   par.For(parts, 8 * d1 * (num_voxels / parts + 1), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      int32_t* next = cursor.data() + t * num_points;
+      int32_t* next = cursor + t * num_points;
       for (int64_t i = part_begin(t); i < part_begin(t + 1); ++i) {
         for (int64_t k = 0; k < d1; ++k) {
           const int32_t q = next[vertex_index[i * d1 + k]]++;

@@ -90,7 +90,7 @@ class Embedding {
 // upper half of the key's hash beside its index, so most mismatches never touch the keys.
 class KeyTable {
  public:
-  // Most keys FindMany takes at once: enough lookups in flight to overlap their cache misses
+  // Most keys a batched lookup takes at once: enough lookups in flight to overlap their cache misses
   // (the prefetches of a batch are issued before its first comparison), few enough that the
   // batch's keys and hashes stay in L1.
   static constexpr int kMaxBatch = 128;
@@ -116,16 +116,48 @@ class KeyTable {
   // Starts loading the home slot of hash h (a hint that overlaps cache misses).
   void Prefetch(uint64_t h) const { __builtin_prefetch(&slots_[h & mask_]); }
   // Index of key (whose hash is h), inserted if absent; -1 when that would exceed max_points.
-  int32_t FindOrInsert(const int32_t* key, uint64_t h);
+  // D > 0 fixes the key length d at compile time (D == d; the comparison then unrolls), D == 0
+  // reads it from the table.
+  template <int D = 0>
+  int32_t FindOrInsert(const int32_t* key, uint64_t h) {
+    uint64_t s = h & mask_;
+    for (uint64_t e = slots_[s]; e != 0; e = slots_[s]) {
+      if (SameTag(e, h) && Equal<D>(Index(e), key)) return Index(e);
+      s = (s + 1) & mask_;
+    }
+    return Insert(key, h, s);
+  }
   // Index of key (whose hash is h), or -1 if absent. Safe to call concurrently once insertion
   // is over.
-  int32_t Find(const int32_t* key, uint64_t h) const;
-  // Finds count <= kMaxBatch keys (count * d ints, with their hashes) at once; out[i] is -1
-  // for an absent key.
-  void FindMany(const int32_t* keys, const uint64_t* hashes, int count, int32_t* out) const;
+  template <int D = 0>
+  int32_t Find(const int32_t* key, uint64_t h) const {
+    uint64_t s = h & mask_;
+    for (uint64_t e = slots_[s]; e != 0; e = slots_[s]) {
+      if (SameTag(e, h) && Equal<D>(Index(e), key)) return Index(e);
+      s = (s + 1) & mask_;
+    }
+    return -1;
+  }
   int64_t size() const { return size_; }
   const int32_t* key(int64_t i) const { return keys_.data() + i * d_; }
   void Reserve(int64_t points);
+  // Starts loading the key that the home slot of hash h points at (the second prefetch of a
+  // batched lookup, after Prefetch(h) has brought the slot in).
+  void PrefetchKey(uint64_t h) const {
+    const uint64_t e = slots_[h & mask_];
+    if (e != 0) __builtin_prefetch(keys_.data() + static_cast<int64_t>(Index(e)) * d_);
+  }
+  // Frees the slots and keeps the keys: key(i) and size() still answer, lookups no longer do.
+  void ReleaseSlots() {
+    std::vector<uint64_t>().swap(slots_);
+    mask_ = 0;
+  }
+  // Which of `shards` hash-sharded tables holds a key of hash h: the upper 32 bits (the slot
+  // tag) scaled to [0, shards). The slot index within a table comes from the low bits, so the
+  // two stay independent.
+  static int Shard(uint64_t h, int shards) {
+    return static_cast<int>(((h >> 32) * static_cast<uint64_t>(shards)) >> 32);
+  }
 
  private:
   static uint64_t Entry(uint64_t h, int32_t index) {
@@ -133,7 +165,18 @@ class KeyTable {
   }
   static int32_t Index(uint64_t entry) { return static_cast<int32_t>((entry & 0xFFFFFFFFull) - 1); }
   static bool SameTag(uint64_t entry, uint64_t h) { return (entry ^ h) >> 32 == 0; }
-  bool Equal(int32_t index, const int32_t* key) const;
+  template <int D>
+  bool Equal(int32_t index, const int32_t* key) const {
+    const int d = D > 0 ? D : d_;
+    const int32_t* k = keys_.data() + static_cast<int64_t>(index) * d;
+    // Differences ORed together: no early exit, so that a fixed D compiles to straight-line
+    // code (a tag match is almost always a key match).
+    int32_t diff = 0;
+    for (int i = 0; i < d; ++i) diff |= k[i] ^ key[i];
+    return diff == 0;
+  }
+  // Appends key as a new point in empty slot s; -1 when the table is at max_points.
+  int32_t Insert(const int32_t* key, uint64_t h, uint64_t s);
   void Rehash(size_t capacity);
   int d_;
   int64_t max_points_;
@@ -154,7 +197,7 @@ class LatticeBuilder {
   // widely spread features (channel names in messages are 0-based).
   Status Build(const float* features, int64_t n, int d, int64_t max_points, int32_t index_base,
                int32_t* vertex_index, float* vertex_weight, const Parallel& par);
-  int64_t num_points() const { return table_ ? table_->size() : 0; }
+  int64_t num_points() const { return shard_begin_.empty() ? 0 : shard_begin_.back(); }
   // Fills rows [index_base, index_base + num_points()) of each direction's block of the blur
   // neighbour table nbrs [d+1, total_points, 2] (the - and + neighbour); an absent neighbour is
   // written as total_points, the index of an always-zero row.
@@ -163,8 +206,11 @@ class LatticeBuilder {
 
  private:
   int d_ = 0;
-  std::vector<KeyTable> table_storage_;
-  const KeyTable* table_ = nullptr;
+  // The lattice points, sharded by hash (KeyTable::Shard): one table when the build ran as one
+  // chunk, one per chunk otherwise (merged in parallel, a shard per thread). Point i of shard s
+  // is point shard_begin_[s] + i of the lattice.
+  std::vector<KeyTable> shards_;
+  std::vector<int64_t> shard_begin_;  // shards_.size() + 1 entries
 };
 
 // Most parts of BuildSplatCsr's counting sort, whatever the thread count: each part keeps a
