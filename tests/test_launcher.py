@@ -70,7 +70,9 @@ def test_local_submitit_sweep_of_folds_and_variants_then_report(tmp_path):
     assert sorted({(r["fold"], r["variant"]) for r in rows}) == [
         ("0", "vnet"), ("0", "vnet_crf"), ("1", "vnet"), ("1", "vnet_crf"),
     ]  # fmt: skip
-    assert len(rows) == 8  # 4 cases x 2 variants, one region
+    # 4 cases x 2 variants x 2 grids (resampled, original), one region
+    assert len(rows) == 16
+    assert sorted({r["grid"] for r in rows}) == ["original", "resampled"]
 
 
 def test_local_submitit_one_fold_then_report(tmp_path):
@@ -92,7 +94,8 @@ def test_local_submitit_one_fold_then_report(tmp_path):
     assert sorted({(r["fold"], r["variant"]) for r in rows}) == [
         ("0", "vnet"), ("0", "vnet_crf"), ("1", "vnet"), ("1", "vnet_crf"),
     ]  # fmt: skip
-    assert len(rows) == 8
+    assert len(rows) == 16  # 4 cases x 2 variants x 2 grids, one region
+    assert sorted({r["grid"] for r in rows}) == ["original", "resampled"]
 
 
 def test_local_submitit_config_composes():
