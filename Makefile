@@ -31,7 +31,7 @@ CORE_FLAGS := -std=c++17 $(OPT) -fPIC -Wall -Wextra -Werror -pthread
 PYTEST_ARGS ?=
 
 .PHONY: setup build lint test test-core test-all bench-lattice bench-core bench-scaling study-feature-grad demo demo-lattice clean help
-.PHONY: reproduce-promise reproduce-brats smoke wheel-check
+.PHONY: reproduce-promise reproduce-brats smoke wheel-check check-gpu-ops gpu-check bench-tf-path
 .PHONY: data-promise data-brats data-synthetic
 .PHONY: bench-crf sanity-2d sanity-3d sanity-theta
 
@@ -86,6 +86,41 @@ test-all: $(LIB) lint test-core ## the same, slow tests included
 # dense_crf and a filter call there.
 wheel-check: $(STAMP) ## build the wheel, install it into a fresh venv in /tmp, run it there
 	$(PY) scripts/check_wheel.py --full
+
+# ---- the GPU path (docs/benchmarks.md, "The TF-op path and the GPU"). The GPU build of
+# TensorFlow goes into a separate environment, .venv-gpu, of the same version as requirements.txt.
+GPU_VENV   := .venv-gpu
+TF_VERSION := $(shell sed -n 's/^tensorflow-cpu==//p' requirements.txt)
+
+# The GPU build alone, for its kernel registry: it installs and imports on a CPU-only machine.
+$(GPU_VENV)/.registry:
+	@test -x $(GPU_VENV)/bin/python || $(PYTHON_SYS) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet tensorflow==$(TF_VERSION)
+	@touch $@
+
+# The ops of a traced CrfRnn training step and dense_crf call on the TF path, each looked up in
+# the GPU build's kernel registry (no GPU needed; the first run downloads the GPU build).
+check-gpu-ops: $(LIB) $(GPU_VENV)/.registry ## prove from TF's kernel registry that the TF path runs on a GPU
+	@mkdir -p $(BUILD)
+	$(PY) scripts/check_gpu_ops.py trace --out $(BUILD)/gpu_ops.json
+	$(GPU_VENV)/bin/python scripts/check_gpu_ops.py registry $(BUILD)/gpu_ops.json --markdown $(BUILD)/gpu_ops.md
+
+# The GPU build with CUDA's libraries, the pinned packages and the package itself (its ops
+# compiled against that build, same version).
+$(GPU_VENV)/.full: requirements.txt $(GPU_VENV)/.registry
+	@mkdir -p $(BUILD)
+	grep -v '^tensorflow-cpu' requirements.txt > $(BUILD)/requirements-gpu.txt
+	$(GPU_VENV)/bin/python -m pip install --quiet "tensorflow[and-cuda]==$(TF_VERSION)" -r $(BUILD)/requirements-gpu.txt
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-build-isolation --no-deps -e .
+	@touch $@
+
+gpu-check: $(GPU_VENV)/.full ## on an NVIDIA machine: the TF path on the GPU against the compiled kernels (table)
+	$(GPU_VENV)/bin/python scripts/gpu_check.py $(ARGS)
+
+# The same script without a GPU: the TF path on the CPU against the compiled kernels.
+bench-tf-path: $(LIB) ## the TF-op path against the compiled kernels on the CPU (docs/benchmarks.md)
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 demo-lattice: $(LIB) ## filter a synthetic 3D volume with the lattice op and check it
 	$(PY) scripts/demo_lattice.py
