@@ -39,7 +39,8 @@ from omegaconf import OmegaConf
 
 from crf_rnn_3d.benchmarks.lattice_report import machine
 from crf_rnn_3d.benchmarks.memory import peak_mib, reset_peak
-from crf_rnn_3d.crf import CrfRnn, dense_crf
+from crf_rnn_3d.crf import CrfRnn
+from crf_rnn_3d.crf.dense_crf import dense_crf
 from crf_rnn_3d.crf.functional import bilateral_features
 from crf_rnn_3d.datasets.phantoms import crf_bench_case
 from crf_rnn_3d.lattice_op import Lattice
