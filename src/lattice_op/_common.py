@@ -36,6 +36,21 @@ def check_static_rank(tensor: tf.Tensor, name: str) -> None:
         raise invalid(f"{name} has 0 channels (shape {tensor.shape})")
 
 
+def checked_values(values: tf.Tensor | object, features_shape: tf.TensorShape) -> tf.Tensor:
+    """The values a lattice built from features of ``features_shape`` filters: float32, rank
+    >= 3, channels >= 1, batch and spatial shape matching the features' where known."""
+    values = as_float32(values, "values")
+    check_static_rank(values, "values")
+    spatial = features_shape[:-1]
+    if values.shape.rank is not None and spatial.rank is not None:
+        if not values.shape[:-1].is_compatible_with(spatial):
+            raise invalid(
+                f"values of shape {values.shape} do not match the lattice's batch and "
+                f"spatial shape {spatial} (features had shape {features_shape})"
+            )
+    return values
+
+
 def outer(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     """[..., C] x [..., F] -> [..., C * F] (channel c * F + k is a_c * b_k)."""
     product = a[..., :, None] * b[..., None, :]

@@ -17,8 +17,7 @@ import tensorflow as tf
 from crf_rnn_3d.lattice_op import _library, tf_lattice
 from crf_rnn_3d.lattice_op._common import as_float32 as _as_float32
 from crf_rnn_3d.lattice_op._common import check_static_rank as _check_static_rank
-from crf_rnn_3d.lattice_op._common import feature_gradient
-from crf_rnn_3d.lattice_op._common import invalid as _invalid
+from crf_rnn_3d.lattice_op._common import checked_values, feature_gradient
 from crf_rnn_3d.lattice_op.backend import resolve_backend
 
 __all__ = ["Lattice", "LatticeTensors", "feature_gradient", "permutohedral_filter"]
@@ -122,17 +121,9 @@ class Lattice:
           tf.errors.InvalidArgumentError: values of the wrong dtype, rank or shape, or (with
             check_finite) holding NaN or Inf.
         """
-        values = _as_float32(values, "values")
-        _check_static_rank(values, "values")
-        spatial = self.features_shape[:-1]
-        if values.shape.rank is not None and spatial.rank is not None:
-            if not values.shape[:-1].is_compatible_with(spatial):
-                raise _invalid(
-                    f"values of shape {values.shape} do not match the lattice's batch and "
-                    f"spatial shape {spatial} (features had shape {self.features_shape})"
-                )
-        if self._tf_lattice is not None:
+        if self._tf_lattice is not None:  # checks the values itself
             return self._tf_lattice.filter(values, reverse=reverse, check_finite=check_finite)
+        values = checked_values(values, self.features_shape)
         return _ops().crf3d_lattice_filter(
             values, self.features, *self.tensors, reverse=reverse, check_finite=bool(check_finite)
         )

@@ -49,8 +49,8 @@ import tensorflow as tf
 from crf_rnn_3d.lattice_op._common import (
     as_float32,
     check_static_rank,
+    checked_values,
     feature_gradient,
-    invalid,
 )
 
 # Bits available to one packed key in an int64 (the sign bit and one spare bit kept clear).
@@ -412,15 +412,7 @@ class TfLattice:
         self, values: tf.Tensor, reverse: bool = False, check_finite: bool = True
     ) -> tf.Tensor:
         """As :meth:`crf_rnn_3d.lattice_op.Lattice.filter`."""
-        values = as_float32(values, "values")
-        check_static_rank(values, "values")
-        spatial = self.features_shape[:-1]
-        if values.shape.rank is not None and spatial.rank is not None:
-            if not values.shape[:-1].is_compatible_with(spatial):
-                raise invalid(
-                    f"values of shape {values.shape} do not match the lattice's batch and "
-                    f"spatial shape {spatial} (features had shape {self.features_shape})"
-                )
+        values = checked_values(values, self.features_shape)
         lattice = self.tensors
         reverse, check_finite = bool(reverse), bool(check_finite)
 
