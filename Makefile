@@ -33,7 +33,7 @@ PYTEST_ARGS ?=
 .PHONY: setup build lint test test-core test-all bench-lattice bench-core bench-scaling study-feature-grad demo demo-lattice clean help
 .PHONY: reproduce-promise reproduce-brats smoke wheel-check check-gpu-ops gpu-check bench-tf-path
 .PHONY: data-promise data-brats data-synthetic
-.PHONY: bench-crf sanity-2d sanity-3d sanity-theta
+.PHONY: bench bench-crf sanity-2d sanity-3d sanity-theta
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -152,6 +152,10 @@ data-brats: $(LIB) ## preprocess BraTS 2015 HGG (BRATS_DATA=brats_nifti for 2018
 data-synthetic: $(LIB) ## write and preprocess the PROMISE12-like and BraTS-like phantoms
 	$(PY) -m crf_rnn_3d.experiments.prepare data=synthetic_promise $(ARGS)
 	$(PY) -m crf_rnn_3d.experiments.prepare data=synthetic_brats $(ARGS)
+
+# Every figure the README quotes, each against its peer in the same run: one JSON, one table.
+bench: $(BENCH_STAMP) $(LIB) ## the whole comparison (dense_crf, lattice op) -> results/bench/<time>/summary.md
+	$(PY) scripts/bench_all.py $(ARGS)
 
 bench-lattice: $(BENCH_STAMP) $(LIB) ## lattice op benchmark against pydensecrf2 (docs/benchmarks.md)
 	$(PY) scripts/bench_lattice.py $(ARGS)

@@ -262,6 +262,14 @@ def run_one(args: argparse.Namespace) -> None:
 
 
 def bench_pydensecrf(args: argparse.Namespace) -> None:
+    asked = args.methods.split(",")
+    unknown = [m for m in asked if m not in METHODS]
+    if unknown:
+        fail(f"bench_crf.py pydensecrf: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    methods = tuple(m for m in METHODS if m in asked)
+    if "pydensecrf2" not in methods:
+        fail("bench_crf.py pydensecrf: --methods must include pydensecrf2 (the peer)")
+    report: dict = {"threads": args.threads, "repeats": args.repeats, "cases": {}}
     for name in args.cases:
         image, labels, spacing, classes, probs = benchmark_case(name, args.seed)
         settings = dict(
@@ -283,12 +291,12 @@ def bench_pydensecrf(args: argparse.Namespace) -> None:
             data = os.path.join(tmp, "case.npz")
             np.savez(data, probs=probs, image=image, spacing=np.asarray(spacing))
             runs: dict[str, np.ndarray] = {}
-            seconds: dict[str, list[float]] = {m: [] for m in METHODS}
-            peaks: dict[str, float] = dict.fromkeys(METHODS, 0.0)
+            seconds: dict[str, list[float]] = {m: [] for m in methods}
+            peaks: dict[str, float] = dict.fromkeys(methods, 0.0)
             # interleaved (each round runs every method once, each in a fresh process), so that
             # the load of a shared machine drifts over all methods alike
             for _ in range(args.repeats):
-                for method in METHODS:
+                for method in methods:
                     out = os.path.join(tmp, f"{method}.npy")
                     command = [sys.executable, __file__, "one", "--data", data]
                     command += ["--method", method, "--settings", json.dumps(settings)]
@@ -300,7 +308,7 @@ def bench_pydensecrf(args: argparse.Namespace) -> None:
                     runs[method] = np.load(out)
                     seconds[method] += result["seconds"]
                     peaks[method] = max(peaks[method], result["peak_mib"])
-            for method in METHODS:
+            for method in methods:
                 times = sorted(seconds[method])
                 print(
                     f"  {method:22s} total: min {times[0]:7.2f} s, median "
@@ -310,6 +318,15 @@ def bench_pydensecrf(args: argparse.Namespace) -> None:
                 )
         ref = runs["pydensecrf2"]
         unary = probs.argmax(-1)
+        report["cases"][name] = {
+            "shape": list(labels.shape),
+            "channels": int(image.shape[-1]),
+            "labels": int(classes),
+            "settings": settings,
+            "seconds": seconds,
+            "peak_mib": peaks,
+            "agreement": {m: float(np.mean(lab == ref)) for m, lab in runs.items()},
+        }
         for method, lab in runs.items():
             print(
                 f"  {method:22s} labels equal to pydensecrf2's: {np.mean(lab == ref):.5f}; "
@@ -317,6 +334,11 @@ def bench_pydensecrf(args: argparse.Namespace) -> None:
                 f"(unaries alone: {np.mean(unary == labels):.4f})",
                 flush=True,
             )
+
+    if args.json:
+        with open(args.json + ".tmp", "w") as handle:
+            json.dump(report, handle, indent=1)
+        os.replace(args.json + ".tmp", args.json)
 
 
 def _phantom_arguments(parser: argparse.ArgumentParser, several: bool) -> None:
@@ -356,6 +378,10 @@ def main() -> None:
         help="intra-op threads for ours (0: TensorFlow's default, one per core); pydensecrf2 "
         "always uses one",
     )
+    dense.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}"
+    )
+    dense.add_argument("--json", default=None, help="also write the results to this JSON file")
     prof = sub.add_parser("profile", help="time each step of the mean field on a phantom")
     _phantom_arguments(prof, several=False)
     layer = sub.add_parser("layer", help="CrfRnn inference: composed vs fused_inference")
