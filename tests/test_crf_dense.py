@@ -154,3 +154,47 @@ def test_bad_values() -> None:
     image[2, 2] = np.inf
     with pytest.raises(ValueError, match="image must hold finite numbers"):
         dense_crf(probs, image)
+
+
+def test_features_written_in_place_equal_the_layers_bit_for_bit() -> None:
+    """dense_crf's compiled path writes the bilateral features into one buffer itself; they
+    must be the very floats functional.bilateral_features computes (so the lattice is the
+    layer's), and the result the one mean_field_inference gives from the image."""
+    import tensorflow as tf
+
+    from crf_rnn_3d.crf import functional as mf
+    from crf_rnn_3d.crf.dense_crf import _bilateral_features
+
+    rng = np.random.default_rng(7)
+    image = rng.normal(100.0, 30.0, (7, 9, 11, 2))  # float64, as users often pass it
+    spacing, betas = (2.5, 0.7, 1.3), (17.0, 0.3)
+    ours = _bilateral_features(image.astype(np.float32), spacing, 4.2, betas)
+    layer = mf.bilateral_features(tf.constant(image[None], tf.float32), spacing, 4.2, betas)
+    np.testing.assert_array_equal(ours, layer.numpy())
+
+    _, img, probs = phantom((7, 9, 11), 3, seed=3)
+    settings = dict(SETTINGS, theta_beta=[25.0])
+    out = dense_crf(probs, img, spacing, num_iterations=3, backend="compiled", **settings)
+    potts = 1.0 - np.eye(3, dtype=np.float32)
+    _, expected = mf.mean_field_inference(
+        tf.constant(np.log(np.clip(probs, 1e-5, None))[None]),
+        tf.constant(img[None, ..., None]),
+        spacing=spacing,
+        theta_alpha=SETTINGS["theta_alpha"],
+        theta_beta=[25.0],
+        theta_gamma=SETTINGS["theta_gamma"],
+        bilateral_weight=tf.fill([3], SETTINGS["bilateral_weight"]),
+        spatial_weight=tf.fill([3], SETTINGS["spatial_weight"]),
+        compatibility=tf.constant(potts),
+        num_iterations=3,
+        return_logits=False,
+    )
+    np.testing.assert_array_equal(out, expected.numpy()[0])
+
+
+def test_image_beyond_float32_is_an_error() -> None:
+    _, image, probs = phantom((4, 5, 6), 2, seed=0)
+    huge = image.astype(np.float64)
+    huge[1, 2, 3] = 1e300  # finite in float64, Inf in float32
+    with pytest.raises(ValueError, match="float32"):
+        dense_crf(probs, huge, backend="compiled")

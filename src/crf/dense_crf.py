@@ -31,7 +31,8 @@ import numpy as np
 import tensorflow as tf
 
 from crf_rnn_3d.crf import functional as mf
-from crf_rnn_3d.lattice_op import BACKENDS, resolve_backend
+from crf_rnn_3d.crf._ops import fused_mean_field
+from crf_rnn_3d.lattice_op import BACKENDS, Lattice, resolve_backend
 
 MODES = ("default", "pydensecrf")
 
@@ -56,6 +57,29 @@ def _as_tensor(array: np.ndarray) -> tf.Tensor:
     """A tensor over the same memory as an array from _aligned_empty (DLPack, no copy)."""
     assert array.ctypes.data % 64 == 0 and array.flags.c_contiguous
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+
+
+def _bilateral_features(
+    image: np.ndarray, spacing: Sequence[float], theta_alpha: float, betas: Sequence[float]
+) -> np.ndarray:
+    """The appearance kernel's features [1, *spatial, ndim + M] of a float32 [*spatial, M] image,
+    written channel by channel into one aligned buffer: the same float32 arithmetic as
+    functional.bilateral_features (index * float32(spacing / theta_alpha), image *
+    float32(1 / theta_beta)), so the same lattice, without its temporaries (a third of a
+    BraTS volume's features, docs/benchmarks.md)."""
+    spatial, channels = image.shape[:-1], image.shape[-1]
+    ndim = len(spatial)
+    features = _aligned_empty((1, *spatial, ndim + channels))
+    for axis in range(ndim):
+        scale = np.float32(float(spacing[axis]) / float(theta_alpha))
+        view = [1] * ndim
+        view[axis] = -1
+        features[0, ..., axis] = (np.arange(spatial[axis], dtype=np.float32) * scale).reshape(view)
+    for c in range(channels):
+        np.multiply(
+            image[..., c], np.float32(1.0 / float(betas[c])), out=features[0, ..., ndim + c]
+        )
+    return features
 
 
 def dense_crf(
@@ -160,13 +184,6 @@ def dense_crf(
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     clip = _positive("clip", clip)
 
-    # the arrays TensorFlow reads, written once into 64-byte aligned buffers that it then uses
-    # without a copy (tf.constant would copy each one, twice over at its peak)
-    unaries = _aligned_empty((1, *probs.shape))
-    np.clip(probs, clip, None, out=unaries[0])
-    np.log(unaries, out=unaries)
-    reference = _aligned_empty((1, *img.shape))
-    reference[0] = img
     potts = 1.0 - np.eye(num_classes, dtype=np.float32)
     settings = dict(
         spacing=spacing,
@@ -179,19 +196,50 @@ def dense_crf(
         num_iterations=int(num_iterations),
         normalisation="symmetric" if mode == "pydensecrf" else "mean",
     )
-    unaries_t, image_t = _as_tensor(unaries), _as_tensor(reference)
-    del unaries, reference  # the tensors hold them now
+
+    # The arrays TensorFlow reads are written once into 64-byte aligned buffers that it then
+    # uses without a copy (tf.constant would copy each one, twice over at its peak), each only
+    # when it is needed, so that the features' memory is free again before the unaries'.
+    def unaries_tensor() -> tf.Tensor:
+        unaries = _aligned_empty((1, *probs.shape))
+        np.clip(probs, clip, None, out=unaries[0])
+        np.log(unaries, out=unaries)
+        return _as_tensor(unaries)
+
     backend = resolve_backend(backend)
-    if exact or backend == "tf":
-        logits = mf.mean_field(
+    if not exact and backend == "compiled":
+        with np.errstate(over="ignore"):  # an overflow is the error raised just below
+            img32 = img.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(img32)):
+            raise ValueError("image holds values beyond float32's range (found Inf after casting)")
+        features = _as_tensor(_bilateral_features(img32, spacing, settings["theta_alpha"], betas))
+        del img32
+        lattice = Lattice(features, backend="compiled").tensors
+        del features  # the kernel needs the lattice only
+        unaries_t = unaries_tensor()
+        _, refined = fused_mean_field(
             unaries_t,
-            image_t,
-            bilateral_filter="exact" if exact else "lattice",
-            spatial_filter="separable",
-            backend=backend,
-            **settings,
+            lattice,
+            settings["bilateral_weight"],
+            settings["spatial_weight"],
+            settings["compatibility"],
+            mf.spatial_taps(spacing, settings["theta_gamma"], unaries_t.shape),
+            num_iterations=settings["num_iterations"],
+            normalisation=settings["normalisation"],
+            output_logits=False,
         )
-        flat = tf.reshape(logits, [-1, num_classes])
-        return tf.reshape(tf.nn.softmax(flat), probs.shape).numpy()
-    _, refined = mf.mean_field_inference(unaries_t, image_t, return_logits=False, **settings)
-    return refined.numpy()[0]
+        return refined.numpy()[0]
+    reference = _aligned_empty((1, *img.shape))
+    reference[0] = img
+    unaries_t, image_t = unaries_tensor(), _as_tensor(reference)
+    del reference  # the tensor holds it now
+    logits = mf.mean_field(
+        unaries_t,
+        image_t,
+        bilateral_filter="exact" if exact else "lattice",
+        spatial_filter="separable",
+        backend=backend,
+        **settings,
+    )
+    flat = tf.reshape(logits, [-1, num_classes])
+    return tf.reshape(tf.nn.softmax(flat), probs.shape).numpy()
