@@ -56,6 +56,39 @@ METADATA_ARGS = {
     "s0",
     "s1",
 }
+# Ops whose output is no larger than their inputs' sizes (elementwise arithmetic with
+# broadcasting, casts, slices, reshapes, concatenation, packing, gathers). Applied to shapes and
+# axes only, they give shapes and axes again: e.g. a gradient's reduction axes, the outputs of
+# BroadcastGradientArgs plus an offset, whose length is known only at run time but is at most
+# the rank. Range, Fill, BroadcastTo and Tile are not here: from a scalar they make a tensor of
+# any size.
+SIZE_BOUNDED = {
+    "AddV2",
+    "Sub",
+    "Mul",
+    "Neg",
+    "Maximum",
+    "Minimum",
+    "FloorDiv",
+    "FloorMod",
+    "Cast",
+    "Identity",
+    "StridedSlice",
+    "Slice",
+    "Reshape",
+    "ExpandDims",
+    "Squeeze",
+    "ConcatV2",
+    "Pack",
+    "GatherV2",
+    "Equal",
+    "NotEqual",
+    "Less",
+    "LessEqual",
+    "Greater",
+    "GreaterEqual",
+    "SelectV2",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +107,11 @@ def _arg_tensors(op: Any, args: Any, tensors: list[Any]) -> dict[str, list[dict[
         else:
             count = 1
         out[arg.name] = [
-            {"dtype": t.dtype.name, "shape": None if t.shape.rank is None else t.shape.as_list()}
+            {
+                "name": t.name,
+                "dtype": t.dtype.name,
+                "shape": None if t.shape.rank is None else t.shape.as_list(),
+            }
             for t in tensors[pos : pos + count]
         ]
         pos += count
@@ -127,6 +164,7 @@ def graph_ops(graph: Any, where: str) -> list[dict[str, Any]]:
             records.append(
                 {
                     "type": op.type,
+                    "name": op.name,
                     "where": label,
                     "attrs": _type_attrs(op),
                     "inputs": _arg_tensors(op, op_def.input_arg, list(op.inputs)),
@@ -268,9 +306,40 @@ def _fits(kernel: dict[str, Any], attrs: dict[str, Any]) -> bool:
     return True
 
 
-def check_op(record: dict[str, Any], device: str, registry: Any = registered_kernels) -> str:
+def metadata_tensors(records: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(graph, tensor name) of every tensor that holds a shape, axes or a count by derivation:
+    an output of a SHAPE_OPS op, or of a SIZE_BOUNDED op whose every input is such a tensor or
+    small (:func:`_small`). Such a tensor has at most rank-many elements whatever its traced
+    length, like a METADATA_ARGS argument. Within one graph (a function's inputs are not
+    followed into its body: the rule errs towards reporting)."""
+    found: set[tuple[str, str]] = set()
+    changed = True
+    while changed:
+        changed = False
+        for record in records:
+            where = record["where"]
+            outputs = [t for ts in record["outputs"].values() for t in ts if "name" in t]
+            if not outputs or all((where, t["name"]) in found for t in outputs):
+                continue
+            inputs = [t for ts in record["inputs"].values() for t in ts]
+            derived = record["type"] in SIZE_BOUNDED and all(
+                _small(t) or (where, t.get("name")) in found for t in inputs
+            )
+            if record["type"] in SHAPE_OPS or derived:
+                found.update((where, t["name"]) for t in outputs)
+                changed = True
+    return found
+
+
+def check_op(
+    record: dict[str, Any],
+    device: str,
+    registry: Any = registered_kernels,
+    metadata: set[tuple[str, str]] | frozenset = frozenset(),
+) -> str:
     """'' when the op runs on ``device`` without moving a large tensor through host memory, or
-    a one-line reason why not."""
+    a one-line reason why not. `metadata`: tensors known to hold shapes or axes
+    (:func:`metadata_tensors`), which may stay in host memory whatever their traced length."""
     if record["type"] in STRUCTURAL:
         return ""
     tensors = {**record["inputs"], **record["outputs"]}
@@ -288,7 +357,11 @@ def check_op(record: dict[str, Any], device: str, registry: Any = registered_ker
         large = [
             arg
             for arg in kernel["host_memory"]
-            if arg not in METADATA_ARGS and any(not _small(t) for t in tensors.get(arg, []))
+            if arg not in METADATA_ARGS
+            and any(
+                not _small(t) and (record["where"], t.get("name")) not in metadata
+                for t in tensors.get(arg, [])
+            )
         ]
         if not large:
             return ""
@@ -297,12 +370,15 @@ def check_op(record: dict[str, Any], device: str, registry: Any = registered_ker
     return f"{device} kernel keeps large or unknown-sized {args} in host memory"
 
 
-def check(records: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+def check(
+    records: list[dict[str, Any]], device: str, registry: Any = registered_kernels
+) -> list[dict[str, Any]]:
     """One row per distinct (op type, dtypes): where it was seen and what the registry says."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
+    metadata = metadata_tensors(records)
     for record in records:
         dtypes_used = ", ".join(f"{k}={v}" for k, v in sorted(record["attrs"].items()))
-        reason = check_op(record, device)
+        reason = check_op(record, device, registry, metadata)
         key = (record["type"], dtypes_used)
         row = rows.setdefault(
             key,

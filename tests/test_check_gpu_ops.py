@@ -49,7 +49,9 @@ def test_graph_walk_reaches_ops_inside_loops_and_branches(check):
     assert {"Cumsum", "Cumprod"} <= types  # only inside the loop body and a branch
     cumsum = next(r for r in records if r["type"] == "Cumsum")
     assert cumsum["attrs"]["T"] == "float32"
-    assert cumsum["inputs"]["x"] == [_tensor("float32", [None])]
+    (x,) = cumsum["inputs"]["x"]
+    assert (x["dtype"], x["shape"]) == ("float32", [None])
+    assert x["name"].endswith(":0")  # the producer's output, for metadata_tensors
     assert cumsum["where"].startswith("fn/")
 
 
@@ -123,3 +125,39 @@ def test_the_tf_path_uses_no_compiled_op(check):
     assert {"CrfRnn training step", "dense_crf (mean)"} <= {
         r["where"].split("/")[0] for r in records
     }
+
+
+def test_shape_arithmetic_of_unknown_length_is_metadata_per_voxel_integers_are_not(check):
+    """The gradient of an einsum with broadcast batch axes adds an offset to the reduction axes
+    that BroadcastGradientArgs returns: an int32 AddV2 of unknown traced length, but at most
+    rank-many elements (it feeds Sum's reduction_indices). The check once reported it as a large
+    tensor in host memory; derived from shapes only, it is metadata. An int32 AddV2 on
+    tf.range(size), computed from the same kind of scalar, is per element and still reported."""
+
+    @tf.function(input_signature=[tf.TensorSpec([2, None, 3], tf.float32)])
+    def fn(x):
+        w = tf.ones([3, 3])
+        with tf.GradientTape() as tape:
+            tape.watch([x, w])
+            y = tf.einsum("...k,lk->...l", x, w)
+        per_element = tf.range(tf.size(x)) + 1
+        return tape.gradient(y, [x, w]), per_element
+
+    records = check.graph_ops(fn.get_concrete_function().graph, "fn")
+
+    def registry(op_type, device):  # int32 arithmetic in host memory, as in the GPU build
+        if op_type == "AddV2":
+            return [{"constraints": {"T": {"int32"}}, "host_memory": ["x", "y", "z"]}]
+        return [{"constraints": {}, "host_memory": []}]
+
+    adds = [r for r in records if r["type"] == "AddV2" and r["attrs"]["T"] == "int32"]
+    grad_adds = [r for r in adds if "einsum" in r["name"]]
+    range_adds = [r for r in adds if "einsum" not in r["name"]]
+    assert grad_adds and len(range_adds) == 1
+    # each alone: unknown length, so reported without the derivation
+    assert all("host memory" in check.check_op(r, "GPU", registry) for r in adds)
+    metadata = check.metadata_tensors(records)
+    assert all(check.check_op(r, "GPU", registry, metadata) == "" for r in grad_adds)
+    assert "host memory" in check.check_op(range_adds[0], "GPU", registry, metadata)
+    rows = [r for r in check.check(records, "GPU", registry) if r["type"] == "AddV2"]
+    assert len(rows) == 1 and "host memory" in rows[0]["problem"]

@@ -12,6 +12,8 @@ build numbers points in one chunk below 2 x 16384 voxels per item, as every case
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -223,16 +225,83 @@ def test_run_time_errors_inside_tf_function():
     assert run(f, v).shape == v.shape
     nan_f = f.copy()
     nan_f[0, 3, 2, 1] = np.nan
-    with pytest.raises(InvalidArg, match=r"features contains NaN or Inf \(voxel 17, channel 1"):
+    # in a graph the message is a constant template followed by its values (no StringFormat,
+    # which has no GPU kernel)
+    fields = r"\(voxel \{\}, channel \{\} of the batch item \{\}\)\] \[17\] \[1\] \[0\]"
+    with pytest.raises(InvalidArg, match=r"features contains NaN or Inf " + fields):
         run(nan_f, v)
     nan_v = v.copy()
     nan_v[0, 1, 2, 0] = np.nan
-    with pytest.raises(InvalidArg, match=r"values contains NaN or Inf at \[0 1 2 0\]"):
+    with pytest.raises(InvalidArg, match=r"values contains NaN or Inf at \{\}.*\] \[0 1 2 0\]"):
         run(f, nan_v)
     with pytest.raises(InvalidArg, match="rank >= 3"):
         run(f[0, 0], v)
     with pytest.raises(InvalidArg, match="do not match the lattice"):
         run(f, v[:, :2])
+
+
+def first_bad(x: np.ndarray) -> list[int]:
+    """The multi-index of the first non-finite entry in row-major order (numpy's argwhere)."""
+    return [int(i) for i in np.argwhere(~np.isfinite(x))[0]]
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_errors_name_the_first_of_several_bad_entries(traced):
+    """With several NaN/Inf entries the message names the first in row-major order, as the
+    compiled op's scan does (the TF path locates it with int64 arithmetic, not ArgMax, whose
+    choice among equal maxima is not promised), eagerly and in a graph; likewise the first
+    channel of several that span too widely."""
+    f = np.zeros((2, 4, 5, 3), np.float32)
+    f[..., 0] = np.arange(4)[:, None]
+    v = np.ones((2, 4, 5, 2), np.float32)
+
+    def run(features, values):
+        if traced:
+            return tf.function(lambda a, b: TfLattice(a).filter(b))(features, values)
+        return TfLattice(features).filter(values)
+
+    def sep(values):
+        call = lambda x: separable_filter(x, [[1.0], [1.0]], backend="tf")  # noqa: E731
+        return tf.function(call)(values) if traced else call(values)
+
+    bad_f = f.copy()
+    for index in [(1, 3, 4, 2), (1, 0, 2, 1), (1, 2, 0, 0)]:
+        bad_f[index] = np.inf
+    voxel = 0 * 5 + 2  # batch item 1, voxel (0, 2), channel 1: the first in row-major order
+    want = rf"\(voxel {voxel}, channel 1 of the batch item 1\)"
+    if traced:
+        want = rf"\] \[{voxel}\] \[1\] \[1\]"
+    with pytest.raises(InvalidArg, match=want):
+        run(bad_f, v)
+    bad_v = v.copy()
+    for index in [(1, 3, 0, 1), (0, 2, 4, 1), (1, 0, 0, 0), (0, 3, 1, 0)]:
+        bad_v[index] = np.nan
+    assert first_bad(bad_v) == [0, 2, 4, 1]
+    want = "at [0 2 4 1] (shape [2 4 5 2])" if not traced else "] [0 2 4 1] [2 4 5 2]"
+    for call in (lambda x: run(f, x), sep):
+        with pytest.raises(InvalidArg, match=re.escape(want)):
+            call(bad_v)
+    wide = f.copy()
+    wide[1, 0, 0, 2] = 2e9  # the wider span, but in the later channel
+    wide[1, 3, 3, 1] = -1e9
+    want = "features channel 1 spans 1e+09" if not traced else "] [1] [1000000000]"
+    with pytest.raises(InvalidArg, match=re.escape(want)):
+        run(wide, v)
+
+
+def test_first_true_and_unravel_against_numpy():
+    from crf_rnn_3d.lattice_op._common import first_true, unravel
+
+    rng = np.random.default_rng(5)
+    for shape in [(7,), (3, 4, 5), (2, 1, 6, 3)]:
+        for density in (0.0, 0.02, 0.5, 1.0):
+            flags = rng.random(shape) < density
+            got = int(first_true(tf.constant(flags)))
+            want = int(np.flatnonzero(flags)[0]) if flags.any() else flags.size
+            assert got == want
+            if flags.any():
+                index = unravel(tf.constant(got, tf.int64), tf.constant(shape))
+                assert index.numpy().tolist() == first_bad(np.where(flags, np.nan, 0.0))
 
 
 def test_check_finite_false_lets_nan_through():

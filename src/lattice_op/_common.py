@@ -5,13 +5,88 @@ backend evaluates with its own filter on its own lattice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 
 def invalid(message: str) -> tf.errors.InvalidArgumentError:
     return tf.errors.InvalidArgumentError(None, None, message)
+
+
+def _text(value: object) -> str:
+    """A tensor or number as StringFormat would print it: a scalar plainly, a vector as
+    [a b c]."""
+    array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+    if array.ndim == 0:
+        return f"{array.item():g}" if array.dtype.kind == "f" else str(array.item())
+    return "[" + " ".join(_text(x) for x in array) + "]"
+
+
+Describe = Sequence[tf.Tensor] | Callable[[], Sequence[tf.Tensor]]
+
+
+def require(ok: tf.Tensor, template: str, describe: Describe = ()) -> tf.Tensor | None:
+    """An InvalidArgumentError carrying `template` unless `ok` (a scalar bool) holds; `describe`
+    gives the small tensors (an index, a shape) that fill the template's {} fields, or a
+    function computing them, called only when the check fails.
+
+    Eagerly the error is raised at once, with the fields filled in. In a graph the check is an
+    Assert that prints the template followed by the values ("[... at {} ...] [0 1 2 0]"); with
+    a function for `describe` it sits in the false branch of a tf.cond, so that locating the
+    fault costs nothing when there is none. No StringFormat op is made (it has no GPU kernel):
+    the message is a constant string. Returns what to hold a control dependency on (None
+    eagerly).
+    """
+    if tf.executing_eagerly():
+        if not bool(ok):
+            values = describe() if callable(describe) else describe
+            raise invalid(template.format(*[_text(v) for v in values]))
+        return None
+    ok = tf.convert_to_tensor(ok, tf.bool)
+    if not callable(describe):
+        return tf.debugging.Assert(ok, [template, *describe], summarize=_SUMMARIZE)
+
+    def failed() -> tf.Tensor:
+        check = tf.debugging.Assert(ok, [template, *describe()], summarize=_SUMMARIZE)
+        with tf.control_dependencies([check] if check is not None else []):
+            return tf.identity(ok)
+
+    return tf.cond(ok, lambda: tf.identity(ok), failed)
+
+
+# entries of each tensor an Assert prints (indices and shapes have at most rank entries)
+_SUMMARIZE = 16
+
+
+def first_true(flags: tf.Tensor) -> tf.Tensor:
+    """The lowest flat index (int64 scalar) of a true entry of `flags`, or its size if none:
+    int64 arithmetic and Max, which have GPU kernels (ArgMax does not promise the first of
+    equal maxima, and int64 Min has no GPU kernel)."""
+    flat = tf.reshape(flags, [-1])
+    size = tf.size(flat, out_type=tf.int64)
+    countdown = size - tf.range(size, dtype=tf.int64)  # size, size - 1, ..., 1
+    return size - tf.reduce_max(tf.where(flat, countdown, tf.zeros_like(countdown)))
+
+
+def unravel(flat_index: tf.Tensor, shape: tf.Tensor) -> tf.Tensor:
+    """The multi-index (int64 [rank]) of a flat row-major index into `shape`, in int64
+    arithmetic (UnravelIndex has no GPU kernel)."""
+    shape = tf.cast(shape, tf.int64)
+    strides = tf.math.cumprod(shape, exclusive=True, reverse=True)
+    return tf.math.floormod(tf.math.floordiv(flat_index, strides), shape)
+
+
+def require_finite_values(values: tf.Tensor) -> tf.Tensor | None:
+    """require() that `values` holds no NaN or Inf; the message names the first bad index."""
+    bad = tf.logical_not(tf.math.is_finite(values))
+    return require(
+        tf.logical_not(tf.reduce_any(bad)),
+        "values contains NaN or Inf at {} (shape {}); non-finite input is an error "
+        "(docs/reliability.md)",
+        lambda: [unravel(first_true(bad), tf.shape(values)), tf.shape(values)],
+    )
 
 
 def as_float32(tensor: tf.Tensor | object, name: str) -> tf.Tensor:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from crf_rnn_3d.lattice_op import _library
-from crf_rnn_3d.lattice_op._common import invalid
+from crf_rnn_3d.lattice_op._common import invalid, require, require_finite_values
 from crf_rnn_3d.lattice_op.backend import resolve_backend
 
 
@@ -156,10 +156,7 @@ def _separable_tf(
     if rank is not None and values.shape[-1] == 0:
         raise invalid(f"values has 0 channels (shape {values.shape})")
     checks = [
-        tf.debugging.Assert(
-            tf.shape(values)[-1] >= 1,
-            [tf.strings.format("values has 0 channels (shape {})", tf.shape(values))],
-        )
+        require(tf.shape(values)[-1] >= 1, "values has 0 channels (shape {})", [tf.shape(values)])
     ]
     for axis, part in enumerate(parts):
         checks.append(
@@ -169,21 +166,7 @@ def _separable_tf(
             )
         )
     if check_finite:
-        bad = tf.logical_not(tf.math.is_finite(values))
-        first = tf.argmax(tf.cast(tf.reshape(bad, [-1]), tf.int32), output_type=tf.int64)
-        index = tf.unravel_index(first, tf.shape(values, out_type=tf.int64))
-        checks.append(
-            tf.debugging.Assert(
-                tf.logical_not(tf.reduce_any(bad)),
-                [
-                    tf.strings.format(
-                        "values contains NaN or Inf at {} (shape {}); non-finite input is an "
-                        "error (docs/reliability.md)",
-                        (index, tf.shape(values)),
-                    )
-                ],
-            )
-        )
+        checks.append(require_finite_values(values))
     with tf.control_dependencies([c for c in checks if c is not None]):
         out = tf.identity(values)
     for axis, (part, radius) in enumerate(zip(parts, radii, strict=True)):

@@ -2,10 +2,17 @@
 
 The compiled lattice op (csrc/permutohedral.cc behind tf_op/) has CPU kernels only. This module
 computes the same lattice with ops that TensorFlow runs on every device (elementwise arithmetic,
-scan, top_k sorts, gather, Unique, unsorted_segment_sum/min, while loops), so the lattice and
-the filter run where the rest of the model runs, GPUs included. No Python loop runs over voxels,
-and every size may be unknown when a ``tf.function`` is traced (the feature count too: the
-loops over channels and lattice directions are TensorFlow loops).
+scan, gather, Unique, unsorted_segment_sum/min, while loops), so the lattice and the filter run
+where the rest of the model runs, GPUs included. No Python loop runs over voxels, and every size
+may be unknown when a ``tf.function`` is traced (the feature count too: the loops over channels
+and lattice directions are TensorFlow loops).
+
+GPU placement (``make check-gpu-ops``, docs/benchmarks.md): every per-voxel or per-point integer
+is int64, because TensorFlow's GPU build computes int32 arithmetic, reshapes and slices in host
+memory; int32 appears only in shapes and loop counters. Ops without a GPU kernel are avoided:
+no int64 Min (a Max of the negation instead), no ArgMax or UnravelIndex (int64 arithmetic,
+:func:`crf_rnn_3d.lattice_op._common.first_true`), no StringFormat (run-time messages are
+constant templates, :func:`crf_rnn_3d.lattice_op._common.require`).
 
 Build (:func:`build`), mirroring permutohedral.cc's arithmetic step for step in float32 (the
 same constants, the same order of every rounding), so that on the same features it gives the
@@ -14,8 +21,8 @@ same lattice points and barycentric weights:
   - elevation onto the hyperplane sum(x) = 0 of R^{F+1} with the compiled op's scale factors
     (computed in double, rounded to float); its running sum is a sequential scan;
   - the nearest remainder-0 point (the same ceil/floor rounding), the rank of each coordinate
-    (a stable descending sort: ties go to the lower coordinate, as the compiled op's pairwise
-    comparisons do), the wrap back onto the hyperplane, and the barycentric weights;
+    (the compiled op's pairwise counts, ties to the lower coordinate: F+1 passes of
+    comparisons, no sort), the wrap back onto the hyperplane, and the barycentric weights;
   - the F+1 vertex keys of each voxel's simplex, with the batch item as one more key column,
     so batch items never share lattice points;
   - the lattice points: :func:`dense_ids` numbers distinct keys in order of first occurrence,
@@ -51,6 +58,9 @@ from crf_rnn_3d.lattice_op._common import (
     check_static_rank,
     checked_values,
     feature_gradient,
+    first_true,
+    require,
+    require_finite_values,
 )
 
 # Bits available to one packed key in an int64 (the sign bit and one spare bit kept clear).
@@ -62,22 +72,19 @@ _MAX_COORDINATE_BITS = 20
 class TfLatticeTensors(NamedTuple):
     """The lattice of a batch of feature maps, as :func:`build` returns it.
 
-    vertex_index:    int32 [B, *spatial, F+1]  lattice point of each simplex vertex of each voxel
+    vertex_index:    int64 [B, *spatial, F+1]  lattice point of each simplex vertex of each voxel
     vertex_weight:   float32 [B, *spatial, F+1]  barycentric weight of that vertex
-    blur_neighbours: int32 [F+1, M, 2]  the two neighbours of each lattice point per direction
+    blur_neighbours: int64 [F+1, M, 2]  the two neighbours of each lattice point per direction
                      (M, one past the last point, marks an absent neighbour)
     The first three tensors of the compiled op's LatticeTensors, with the same meaning (and the
     same numbers when the compiled build runs in one chunk); the splat needs no CSR lists here.
+    Integers are int64 where the compiled op's are int32 (int32 tensors would sit in host
+    memory on a GPU).
     """
 
     vertex_index: tf.Tensor
     vertex_weight: tf.Tensor
     blur_neighbours: tf.Tensor
-
-
-def _assert(ok: tf.Tensor, message: tf.Tensor | str) -> tf.Operation | None:
-    """An InvalidArgumentError carrying `message` when `ok` is false (eagerly: raised now)."""
-    return tf.debugging.Assert(ok, [message], summarize=1)
 
 
 def _after(checks: list, tensor: tf.Tensor) -> tf.Tensor:
@@ -106,17 +113,22 @@ def embedding_constants(d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
 
 
 def dense_ids(columns: tf.Tensor, key_bits: int = KEY_BITS) -> tuple[tf.Tensor, tf.Tensor]:
-    """Numbers the distinct rows of an int32 [R, c] key table exactly.
+    """Numbers the distinct rows of an integer [R, c] key table exactly.
 
-    Returns (ids int32 [R], count int32): equal rows get equal ids, different rows different
+    Returns (ids int64 [R], count int64): equal rows get equal ids, different rows different
     ones, ids 0..count-1 in order of each row's first occurrence. Packs every row into one int64
     when the columns' ranges fit `key_bits` bits together (one Unique), else folds the columns
     in one by one (two Uniques per column); `key_bits` is a parameter so that tests can force
-    the second path.
+    the second path. The table is int32, or int64 with values in int32's range (the lattice's
+    keys); everything is computed in int64, whose kernels run on a GPU (int32 arithmetic runs
+    on the host in TensorFlow's GPU build).
     """
-    columns = tf.convert_to_tensor(columns, tf.int32)
-    lo = tf.cast(tf.reduce_min(columns, axis=0), tf.int64)
-    hi = tf.cast(tf.reduce_max(columns, axis=0), tf.int64)
+    columns = tf.convert_to_tensor(columns)
+    if columns.dtype not in (tf.int32, tf.int64):
+        raise ValueError(f"dense_ids: the key table must be int32 or int64, got {columns.dtype}")
+    columns = tf.cast(columns, tf.int64)
+    lo = -tf.reduce_max(-columns, axis=0)  # int64 Min has no GPU kernel; Max has
+    hi = tf.reduce_max(columns, axis=0)
     span = hi - lo  # >= 0, < 2^32
     powers = tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.range(63, dtype=tf.int64))
     # bits needed for 0..span: the number of powers of two <= span (exact integer comparisons)
@@ -126,84 +138,75 @@ def dense_ids(columns: tf.Tensor, key_bits: int = KEY_BITS) -> tuple[tf.Tensor, 
     def packed() -> tuple[tf.Tensor, tf.Tensor]:
         offset = tf.cumsum(bits, exclusive=True)
         field = tf.bitwise.left_shift(tf.ones_like(offset), offset)
-        code = tf.reduce_sum((tf.cast(columns, tf.int64) - lo) * field, axis=1)
-        unique = tf.unique(code, out_idx=tf.int32)
-        return unique.idx, tf.size(unique.y, out_type=tf.int32)
+        code = tf.reduce_sum((columns - lo) * field, axis=1)
+        unique = tf.unique(code, out_idx=tf.int64)
+        return unique.idx, tf.size(unique.y, out_type=tf.int64)
 
     def folded() -> tuple[tf.Tensor, tf.Tensor]:
-        rows = tf.shape(columns)[0]
+        rows = tf.shape(columns, out_type=tf.int64)[0]
 
         def body(c: tf.Tensor, ids: tf.Tensor, count: tf.Tensor):
-            column = tf.unique(columns[:, c], out_idx=tf.int32)
+            column = tf.unique(columns[:, c], out_idx=tf.int64)
             width = tf.size(column.y, out_type=tf.int64)
             # ids < rows and column.idx < width <= rows, so the pair code stays below rows^2
-            pair = tf.cast(ids, tf.int64) * width + tf.cast(column.idx, tf.int64)
-            unique = tf.unique(pair, out_idx=tf.int32)
-            return c + 1, unique.idx, tf.size(unique.y, out_type=tf.int32)
+            pair = ids * width + column.idx
+            unique = tf.unique(pair, out_idx=tf.int64)
+            return c + 1, unique.idx, tf.size(unique.y, out_type=tf.int64)
 
         _, ids, count = tf.while_loop(
             lambda c, ids, count: c < tf.shape(columns)[1],
             body,
-            (tf.constant(0), tf.zeros([rows], tf.int32), tf.minimum(rows, 1)),
+            (tf.constant(0), tf.zeros([rows], tf.int64), tf.minimum(rows, 1)),
         )
         return ids, count
 
     return tf.cond(total <= key_bits, packed, folded)
 
 
-def _first_index_message(bad: tf.Tensor, template: str, shape: tf.Tensor) -> tf.Tensor:
-    """template formatted with the multi-index of the first true entry of `bad` and `shape`."""
-    flat = tf.reshape(bad, [-1])
-    first = tf.argmax(tf.cast(flat, tf.int32), output_type=tf.int64)
-    index = tf.unravel_index(first, tf.cast(shape, tf.int64))
-    return tf.strings.format(template, (index, shape))
-
-
 def _check_features(features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Run-time checks of the compiled build (rank, sizes, NaN/Inf, spans), same messages.
-    Returns (features [B, n, F] after the checks, the per-item channel minima [B, F], d)."""
+    """Run-time checks of the compiled build (rank, sizes, NaN/Inf, spans), the same messages
+    (in a graph: the template, then the values; see _common.require). Where a fault is located
+    (voxel, channel), it is located only when the check fails. Returns (features [B, n, F]
+    after the checks, the per-item channel minima [B, F], d)."""
     shape = tf.shape(features)
     checks = [
-        _assert(
+        require(
             tf.rank(features) >= 3,
-            tf.strings.format(
-                "features must have shape [batch, *spatial, channels] with at least one spatial "
-                "dimension (rank >= 3); got shape {}",
-                shape,
-            ),
+            "features must have shape [batch, *spatial, channels] with at least one spatial "
+            "dimension (rank >= 3); got shape {}",
+            [shape],
         )
     ]
     features = _after(checks, features)
     d = tf.shape(features)[-1]
     checks = [
-        _assert(
+        require(
             d >= 1,
-            tf.strings.format(
-                "features has 0 channels (shape {}); at least one feature channel is needed",
-                shape,
-            ),
+            "features has 0 channels (shape {}); at least one feature channel is needed",
+            [shape],
         ),
-        _assert(
+        require(
             tf.size(features) > 0,
-            tf.strings.format(
-                "features has no voxels (shape {}); batch and spatial sizes must be >= 1", shape
-            ),
+            "features has no voxels (shape {}); batch and spatial sizes must be >= 1",
+            [shape],
         ),
     ]
     features = _after(checks, features)
     flat = tf.reshape(features, [shape[0], -1, d])
     bad = tf.logical_not(tf.math.is_finite(flat))
-    any_bad = tf.reduce_any(bad)
-    first = tf.argmax(tf.cast(tf.reshape(bad, [-1]), tf.int32), output_type=tf.int32)
-    per_item = tf.shape(flat)[1] * d
-    within = first % tf.maximum(per_item, 1)
+    d64 = tf.cast(d, tf.int64)
+
+    def nan_at() -> list[tf.Tensor]:
+        first = first_true(bad)
+        per_item = tf.shape(bad, out_type=tf.int64)[1] * d64
+        within = first % per_item
+        return [within // d64, within % d64, first // per_item]
+
     checks = [
-        _assert(
-            tf.logical_not(any_bad),
-            tf.strings.format(
-                "features contains NaN or Inf (voxel {}, channel {} of the batch item {})",
-                (within // tf.maximum(d, 1), within % tf.maximum(d, 1), first // per_item),
-            ),
+        require(
+            tf.logical_not(tf.reduce_any(bad)),
+            "features contains NaN or Inf (voxel {}, channel {} of the batch item {})",
+            nan_at,
         )
     ]
     flat = _after(checks, flat)
@@ -212,25 +215,38 @@ def _check_features(features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tenso
     _, _, max_span = embedding_constants(d)
     span = tf.cast(hi, tf.float64) - tf.cast(lo, tf.float64)
     too_wide = span > max_span
-    first = tf.argmax(tf.cast(tf.reshape(too_wide, [-1]), tf.int32), output_type=tf.int32)
+
+    def widest() -> list[tf.Tensor]:
+        first = first_true(too_wide)
+        return [first % d64, tf.reshape(span, [-1])[first], max_span, d]
+
     checks = [
-        _assert(
+        require(
             tf.logical_not(tf.reduce_any(too_wide)),
-            tf.strings.format(
-                "features channel {} spans {} (max - min), beyond the {} the lattice resolves in "
-                "single precision for {} channels; features must be divided by the kernel "
-                "widths (theta)",
-                (first % d, tf.reshape(span, [-1])[first], max_span, d),
-            ),
+            "features channel {} spans {} (max - min), beyond the {} the lattice resolves in "
+            "single precision for {} channels; features must be divided by the kernel widths "
+            "(theta)",
+            widest,
         )
     ]
     return _after(checks, flat), lo, d
 
 
+def _loop(count: tf.Tensor, body, state: tf.Tensor) -> tf.Tensor:
+    """state after body(i, state) for i = 0..count-1 (int64 i; a TensorFlow loop)."""
+    _, state = tf.while_loop(
+        lambda i, state: i < count,
+        lambda i, state: (i + 1, body(i, state)),
+        (tf.constant(0, tf.int64), state),
+    )
+    return state
+
+
 def _embed(f: tf.Tensor, d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Embedding::Embed for the rows of f [N, d] (already shifted): (rem0 int32 [N, d+1],
-    rank int32 [N, d+1], barycentric weights float32 [N, d+1]), the same float32 operations in
-    the same order as the compiled op."""
+    """Embedding::Embed for the rows of f [N, d] (already shifted): (rem0 int64 [N, d+1],
+    rank int64 [N, d+1], barycentric weights float32 [N, d+1]), the same float32 operations in
+    the same order as the compiled op. Integers are int64 throughout (int32 arithmetic runs on
+    the host in TensorFlow's GPU build), and every step costs O(d^2) per voxel (no sort)."""
     d1 = d + 1
     scale, _, _ = embedding_constants(d)
     cf = f * scale  # [N, d]
@@ -248,23 +264,40 @@ def _embed(f: tf.Tensor, d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]
     v = elevated * down
     up = tf.math.ceil(v) * d1_f
     low = tf.math.floor(v) * d1_f
-    rem0 = tf.cast(tf.where(up - elevated < elevated - low, up, low), tf.int32)
-    total = tf.truncatediv(tf.reduce_sum(rem0, axis=1), d1)
+    rem0_f = tf.where(up - elevated < elevated - low, up, low)
+    rem0 = tf.cast(rem0_f, tf.int64)
+    d64 = tf.cast(d, tf.int64)
+    d1_64 = d64 + 1
+    # every rem0 is a multiple of d+1, so the division is exact (C's int division truncates)
+    total = tf.truncatediv(tf.reduce_sum(rem0, axis=1), d1_64)
 
-    # rank: elements with a larger differential first, ties to the lower coordinate (top_k's
-    # order), which is what the compiled op's pairwise counts give
-    differential = elevated - tf.cast(rem0, tf.float32)
-    order = tf.argsort(differential, axis=1, direction="DESCENDING", stable=True)
-    rank = tf.argsort(order, axis=1, stable=True) + total[:, None]
-    below, above = rank < 0, rank > d
-    rank = tf.where(below, rank + d1, tf.where(above, rank - d1, rank))
-    rem0 = tf.where(below, rem0 + d1, tf.where(above, rem0 - d1, rem0))
+    # rank of coordinate x: the y with a larger differential, and the y < x with an equal one
+    # (the compiled op's pairwise counts: ties go to the lower coordinate), y = 0..d in turn
+    differential = elevated - rem0_f
+    coordinate = tf.range(d1_64)[None, :]
+
+    def count_above(y: tf.Tensor, rank: tf.Tensor) -> tf.Tensor:
+        dy = tf.gather(differential, y, axis=1)[:, None]
+        above = (dy > differential) | ((dy == differential) & (y < coordinate))
+        return rank + tf.cast(above, tf.int64)
+
+    rank = _loop(d1_64, count_above, tf.zeros_like(rem0)) + total[:, None]
+    below, above = rank < 0, rank > d64
+    rank = tf.where(below, rank + d1_64, tf.where(above, rank - d1_64, rank))
+    rem0 = tf.where(below, rem0 + d1_64, tf.where(above, rem0 - d1_64, rem0))
 
     # barycentric weights: vertex k gets v(rank d-k) - v(rank d-k+1); vertex 0 gets
-    # v(rank d) + (1 - v(rank 0)) (each a single rounding, whatever the order of the loop)
+    # v(rank d) + (1 - v(rank 0)) (each a single rounding, whatever the order of the loop).
+    # w[k] = v(rank d-k): rank is a permutation of 0..d, so each w[k] collects one v exactly
+    # (the other terms are zeros)
     v = (elevated - tf.cast(rem0, tf.float32)) * down
-    by_rank = tf.argsort(rank, axis=1, stable=True)
-    w = tf.reverse(tf.gather(v, by_rank, batch_dims=1), [1])  # w[k] = v(rank d-k)
+    slot = d64 - coordinate  # [1, d+1]: w's slot k holds rank d - k
+
+    def place(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+        hit = tf.gather(rank, x, axis=1)[:, None] == slot
+        return w + tf.where(hit, tf.gather(v, x, axis=1)[:, None], 0.0)
+
+    w = _loop(d1_64, place, tf.zeros_like(v))
     bary = tf.concat([w[:, :1] + (1.0 - w[:, -1:]), w[:, 1:] - w[:, :-1]], axis=1)
     return rem0, rank, bary
 
@@ -278,26 +311,33 @@ def build(features: tf.Tensor, key_bits: int = KEY_BITS) -> TfLatticeTensors:
     shape = tf.shape(features)
     flat, lo, d = _check_features(features)
     d1 = d + 1
+    d64 = tf.cast(d, tf.int64)
+    d1_64 = d64 + 1
     batch, n = tf.shape(flat)[0], tf.shape(flat)[1]
     shifted = tf.reshape(flat - lo[:, None, :], [-1, d])  # [N, d], N = B * n
     rem0, rank, bary = _embed(shifted, d)
 
     # vertex k of each simplex: rem0 + k, minus d+1 where rank > d - k (first d coordinates;
     # the last is implied by the zero sum), with the batch item as the leading key column
-    k = tf.range(d1)[None, :, None]
-    keys = rem0[:, None, :d] + tf.where(rank[:, None, :d] <= d - k, k, k - d1)  # [N, d+1, d]
-    item = tf.repeat(tf.range(batch), n)[:, None, None]
-    columns = tf.concat([tf.broadcast_to(item, [batch * n, d1, 1]), keys], axis=2)
+    k = tf.range(d1_64)[None, :, None]
+    keys = rem0[:, None, :d] + tf.where(rank[:, None, :d] <= d64 - k, k, k - d1_64)  # [N, d+1, d]
+    item = tf.range(tf.cast(batch, tf.int64))[:, None, None, None]
+    item = tf.reshape(tf.broadcast_to(item, [batch, n, d1, 1]), [batch * n, d1, 1])
+    columns = tf.concat([item, keys], axis=2)
     columns = tf.reshape(columns, [-1, d1])  # [E, d+1], entries in (voxel, vertex) order
     ids, num_points = dense_ids(columns, key_bits)
-    first = tf.math.unsorted_segment_min(tf.range(tf.shape(ids)[0]), ids, num_points)
+    # each point's first entry: a minimum over entry numbers, in float64 (exact below 2^53;
+    # int64 UnsortedSegmentMin has no GPU kernel)
+    entry = tf.cast(tf.range(tf.size(ids, out_type=tf.int64)), tf.float64)
+    first = tf.cast(tf.math.unsorted_segment_min(entry, ids, num_points), tf.int64)
     points = tf.gather(columns, first)  # [M, d+1]: batch item, d coordinates
 
     # neighbours along direction j: the key minus (sign 0) or plus (sign 1)
     # u_j = (d+1) e_j - (1, ..., 1) on the d stored coordinates (u_d = -(1, ..., 1))
-    u = d1 * tf.eye(d1, d, dtype=tf.int32) - 1  # [d+1, d]
-    u = tf.concat([tf.zeros([d1, 1], tf.int32), u], axis=1)  # the batch column stays
-    sign = tf.constant([-1, 1], tf.int32)
+    eye = tf.cast(tf.range(d1_64)[:, None] == tf.range(d64)[None, :], tf.int64)  # [d+1, d]
+    u = d1_64 * eye - 1
+    u = tf.concat([tf.zeros_like(u[:, :1]), u], axis=1)  # the batch column stays
+    sign = tf.constant([-1, 1], tf.int64)
     queries = points[None, :, None, :] + sign[None, None, :, None] * u[:, None, None, :]
     table = tf.concat([points, tf.reshape(queries, [-1, d1])], axis=0)
     # the points come first and are distinct, so their ids are 0..M-1 and a query that is a
@@ -309,20 +349,7 @@ def build(features: tf.Tensor, key_bits: int = KEY_BITS) -> TfLatticeTensors:
     return TfLatticeTensors(
         vertex_index=tf.reshape(ids, vertex_shape),
         vertex_weight=tf.stop_gradient(tf.reshape(bary, vertex_shape)),
-        blur_neighbours=tf.reshape(neighbours, [d1, num_points, 2]),
-    )
-
-
-def _values_check(values: tf.Tensor) -> tf.Operation | None:
-    bad = tf.logical_not(tf.math.is_finite(values))
-    return _assert(
-        tf.logical_not(tf.reduce_any(bad)),
-        _first_index_message(
-            bad,
-            "values contains NaN or Inf at {} (shape {}); non-finite input is an error "
-            "(docs/reliability.md)",
-            tf.shape(values),
-        ),
+        blur_neighbours=tf.reshape(neighbours, [d1, -1, 2]),
     )
 
 
@@ -332,24 +359,22 @@ def filter_values(
     """Splat, blur (directions 0..F, or F..0 with reverse), slice: the compiled Filter's
     arithmetic in TensorFlow ops. values float32 [B, *spatial, C] on the lattice's grid."""
     shape = tf.shape(values)
+    lattice_shape = tf.shape(lattice.vertex_index)
     checks = [
-        _assert(
-            tf.reduce_all(tf.equal(shape[:-1], tf.shape(lattice.vertex_index)[:-1])),
-            tf.strings.format(
-                "values of shape {} do not match the lattice's batch and spatial shape "
-                "(vertex_index has shape {})",
-                (shape, tf.shape(lattice.vertex_index)),
-            ),
+        require(
+            tf.reduce_all(tf.equal(shape[:-1], lattice_shape[:-1])),
+            "values of shape {} do not match the lattice's batch and spatial shape "
+            "(vertex_index has shape {})",
+            [shape, lattice_shape],
         ),
-        _assert(
+        require(
             shape[-1] >= 1,
-            tf.strings.format(
-                "values has 0 channels (shape {}); at least one value channel is needed", shape
-            ),
+            "values has 0 channels (shape {}); at least one value channel is needed",
+            [shape],
         ),
     ]
     if check_finite:
-        checks.append(_values_check(values))
+        checks.append(require_finite_values(values))
     values = _after(checks, values)
     channels = shape[-1]
     nbrs = lattice.blur_neighbours
