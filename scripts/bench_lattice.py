@@ -331,21 +331,21 @@ def worker_scaling(folder: Path, threads: int, repeats: int) -> dict:
 
 
 def _tf_ops_filter(tf, lattice_tensors, values, features_dim: int):
-    """The lattice filter written with TensorFlow's own ops (gather, segment_sum) over our
-    build's tensors: the alternative to a C++ filter kernel that docs/lattice_op.md weighs."""
-    vi, vw, nbrs, offsets, voxels, weights = lattice_tensors
+    """The lattice filter written with TensorFlow's own ops (unsorted_segment_sum, gather) over
+    our build's tensors: the alternative to a C++ filter kernel that docs/lattice_op.md weighs."""
+    vi, vw, nbrs = lattice_tensors[:3]  # the splat lists, when the build wrote them, go unused
     c = values.shape[-1]
     d1 = features_dim + 1
     m = tf.shape(nbrs)[1]
     flat = tf.reshape(values, [-1, c])
-    segments = tf.repeat(tf.range(m), offsets[1:] - offsets[:-1])
-    cur = tf.math.segment_sum(tf.gather(flat, voxels) * weights[:, None], segments)
+    vi2, vw2 = tf.reshape(vi, [-1, d1]), tf.reshape(vw, [-1, d1])
+    products = vw2[..., None] * flat[:, None, :]  # [N, F+1, C], entry order
+    cur = tf.math.unsorted_segment_sum(tf.reshape(products, [-1, c]), tf.reshape(vi2, [-1]), m)
     zero = tf.zeros([1, c], values.dtype)
     for j in range(d1):
         padded = tf.concat([cur, zero], 0)
         cur = cur + 0.5 * (tf.gather(padded, nbrs[j, :, 0]) + tf.gather(padded, nbrs[j, :, 1]))
     alpha = 1.0 / (1.0 + 2.0**-features_dim)
-    vi2, vw2 = tf.reshape(vi, [-1, d1]), tf.reshape(vw, [-1, d1])
     out = tf.reduce_sum(tf.gather(cur, vi2) * vw2[..., None], axis=1) * alpha
     return tf.reshape(out, tf.shape(values))
 

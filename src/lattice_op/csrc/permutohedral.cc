@@ -19,9 +19,6 @@ namespace {
 // serially into chunk 0's: below about 16k voxels per chunk the merge costs more than the
 // parallel embedding saves.
 constexpr int64_t kMinVoxelsPerChunk = 16384;
-// A part of the splat lists' counting sort counts per lattice point, so each part costs M
-// cursors; parts of fewer voxels than this do not pay for theirs.
-constexpr int64_t kMinVoxelsPerSplatPart = 8192;
 
 }  // namespace
 
@@ -815,6 +812,66 @@ bool Splat(const LatticeView& lat, const float* values, int channels, float* lat
   return !bad.load();
 }
 
+// The splat without lists (LatticeView without splat_offsets): part t of SplatParts adds the
+// entries of its contiguous range of voxels, in order, into sums[t] ([M + 1, C]; part 0's sums
+// are `lattice_values` itself), then each point adds the parts' rows in part order. Same
+// result as Splat up to the order of the additions; the same nonfinite probe.
+template <int kChannels>
+bool SplatSums(const LatticeView& lat, const float* values, int channels, float* lattice_values,
+               float* part_sums, const Parallel& par, std::atomic<bool>* nonfinite) {
+  const int64_t C = kChannels > 0 ? kChannels : channels;
+  const int64_t m = lat.num_points;
+  const int64_t n = lat.num_voxels;
+  const int d1 = lat.d + 1;
+  const int64_t parts = SplatParts(n);
+  const auto m_u = static_cast<uint64_t>(m);
+  auto sums = [&](int64_t t) { return t == 0 ? lattice_values : part_sums + (t - 1) * m * C; };
+  std::atomic<bool> bad{false};
+  par.For(parts, (m * C + (n / parts + 1) * d1 * (2 * C + 4)), [&](int64_t b, int64_t e) {
+    bool ok = true;
+    for (int64_t t = b; t < e; ++t) {
+      float* acc = sums(t);
+      std::fill(acc, acc + m * C, 0.0f);
+      const int64_t lo = n * t / parts, hi = n * (t + 1) / parts;
+      for (int64_t i = lo; i < hi; ++i) {
+        const int32_t* index = lat.vertex_index + i * d1;
+        const float* weight = lat.vertex_weight + i * d1;
+        const float* v = values == nullptr ? nullptr : values + i * C;
+        for (int k = 0; k < d1; ++k) {
+          const int32_t p = index[k];
+          if (static_cast<uint64_t>(static_cast<int64_t>(p)) >= m_u) {
+            ok = false;
+            continue;
+          }
+          float* row = acc + static_cast<int64_t>(p) * C;
+          if (v == nullptr) {
+            row[0] += weight[k];
+          } else {
+            for (int64_t c = 0; c < C; ++c) row[c] += weight[k] * v[c];
+          }
+        }
+      }
+    }
+    if (!ok) bad.store(true, std::memory_order_relaxed);
+  });
+  if (bad.load()) return false;
+  par.For(m, 2 * C * parts + 4, [&](int64_t b, int64_t e) {
+    float probe = 0.0f;
+    for (int64_t p = b; p < e; ++p) {
+      float* row = lattice_values + p * C;
+      for (int64_t t = 1; t < parts; ++t) {
+        const float* add = sums(t) + p * C;
+        for (int64_t c = 0; c < C; ++c) row[c] += add[c];
+      }
+      if (nonfinite != nullptr) {
+        for (int64_t c = 0; c < C; ++c) probe += 0.0f * row[c];
+      }
+    }
+    if (probe != 0.0f) nonfinite->store(true, std::memory_order_relaxed);
+  });
+  return true;
+}
+
 // Blur along lattice direction j: dst[p] = src[p] + (src[p - u_j] + src[p + u_j]) / 2, the
 // [1/2, 1, 1/2] stencil between a point and its two neighbours along u_j = (d+1) e_j - 1
 // (row M, always zero, stands for an absent neighbour). Adams et al.'s blurring.
@@ -893,7 +950,11 @@ bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool 
   for (int64_t c = 0; c < C; ++c) cur[m * C + c] = next[m * C + c] = 0.0f;
   std::atomic<bool> nonfinite{false};
   const bool check = first_nonfinite != nullptr && values != nullptr;
-  bool ok = Splat<kChannels>(lat, values, channels, cur, par, check ? &nonfinite : nullptr);
+  std::atomic<bool>* probe = check ? &nonfinite : nullptr;
+  bool ok = lat.splat_offsets != nullptr
+                ? Splat<kChannels>(lat, values, channels, cur, par, probe)
+                : SplatSums<kChannels>(lat, values, channels, cur, scratch + 2 * (m + 1) * C, par,
+                                       probe);
   if (check) {
     *first_nonfinite = nonfinite.load() ? FirstNonFinite(values, lat.num_voxels * C) : -1;
     if (*first_nonfinite >= 0) return ok;
@@ -913,7 +974,13 @@ Status Filter(const LatticeView& lat, const float* values, int channels, bool re
   if (values == nullptr && channels != 1) {
     return Status::Invalid("lattice: a filter of ones (no values) has one channel");
   }
-  if (lat.num_points > 0 &&
+  if ((lat.splat_offsets == nullptr) != (lat.splat_voxels == nullptr) ||
+      (lat.splat_offsets == nullptr) != (lat.splat_weights == nullptr)) {
+    return Status::Invalid(
+        "lattice: splat_offsets, splat_voxels and splat_weights must all be given or all be "
+        "empty; pass the tensors of one lattice build unchanged");
+  }
+  if (lat.splat_offsets != nullptr && lat.num_points > 0 &&
       (lat.splat_offsets[0] != 0 ||
        lat.splat_offsets[lat.num_points] != lat.num_voxels * (lat.d + 1))) {
     return Status::Invalid(

@@ -25,6 +25,7 @@
 #ifndef CRF3D_PERMUTOHEDRAL_H_
 #define CRF3D_PERMUTOHEDRAL_H_
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -214,8 +215,37 @@ class LatticeBuilder {
 };
 
 // Most parts of BuildSplatCsr's counting sort, whatever the thread count: each part keeps a
-// cursor per lattice point (4 bytes), which the op's memory budget counts per point.
+// cursor per lattice point (4 bytes), which the op's memory budget counts per point. Also the
+// most parts of a splat without lists (SplatParts).
 constexpr int kMaxSplatParts = 16;
+// A part of the splat lists' counting sort counts per lattice point, so each part costs M
+// cursors; parts of fewer voxels than this do not pay for theirs. The splat without lists cuts
+// its parts by the same number.
+constexpr int64_t kMinVoxelsPerSplatPart = 8192;
+
+// The splat has two forms.
+//   With lists (BuildSplatCsr): each lattice point gathers the entries of its CSR list. The
+//     lists cost 8 bytes per vertex entry (voxel and weight), as much as vertex_index and
+//     vertex_weight themselves.
+//   Without lists: the voxels are cut into SplatParts(num_voxels) contiguous parts; each part
+//     adds its entries, in order, into a [M, C] sum of its own, and the parts' sums are added
+//     in part order. This costs (parts - 1) * (M + 1) * C floats of scratch per filter call and
+//     nothing per entry, so it is the form of choice when the lattice is much smaller than the
+//     entries (a bilateral lattice of wide spatial widths: M is a few percent of the voxels).
+// Both sum in a fixed order that does not depend on the thread count.
+// The build lists the entries only when SplatNeedsLists says so.
+inline bool SplatNeedsLists(int64_t num_voxels, int d, int64_t num_points) {
+  // Without lists, the parts' sums take up to kMaxSplatParts * (M + 1) * C floats; with lists,
+  // the lists take 2 * num_voxels * (d + 1) words. For C up to 8 the sums are the smaller when
+  // 64 (M + 1) <= num_voxels (d + 1).
+  return 64 * (num_points + 1) > num_voxels * (d + 1);
+}
+
+// Parts of the splat without lists: one per kMinVoxelsPerSplatPart voxels, at most
+// kMaxSplatParts, a function of the voxel count alone (so the sums' order is fixed).
+inline int64_t SplatParts(int64_t num_voxels) {
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxSplatParts, num_voxels / kMinVoxelsPerSplatPart));
+}
 
 // Transposes the vertex entries (voxel i, vertex k; flat number i * (d+1) + k) into CSR lists
 // per lattice point: entries offsets[m] .. offsets[m+1] of voxels / weights are the voxel and
@@ -234,14 +264,17 @@ struct LatticeView {
   const int32_t* vertex_index = nullptr;     // [num_voxels, d+1], values in [0, M)
   const float* vertex_weight = nullptr;      // [num_voxels, d+1]
   const int32_t* blur_neighbours = nullptr;  // [d+1, M, 2], values in [0, M]
+  // The splat lists (BuildSplatCsr), or all three null: the splat without lists.
   const int32_t* splat_offsets = nullptr;    // [M+1]
   const int32_t* splat_voxels = nullptr;     // [num_voxels * (d+1)], values in [0, num_voxels)
   const float* splat_weights = nullptr;      // [num_voxels * (d+1)]
 };
 
-// Floats of scratch that Filter needs for `channels` value channels.
+// Floats of scratch that Filter needs for `channels` value channels: two [M+1, C] buffers for
+// the blur, and without splat lists the sums of all parts but the first.
 inline int64_t FilterScratchSize(const LatticeView& lat, int channels) {
-  return 2 * (lat.num_points + 1) * static_cast<int64_t>(channels);
+  const int64_t parts = lat.splat_offsets == nullptr ? SplatParts(lat.num_voxels) : 1;
+  return (1 + parts) * (lat.num_points + 1) * static_cast<int64_t>(channels);
 }
 
 // out = K values (reverse = false) or K^T values (reverse = true); values and out are

@@ -123,16 +123,25 @@ inline ::tensorflow::Status ReadLattice(OpKernelContext* ctx, int first, const T
                                    ", points, 2]; got ", ShapeText(nbrs.shape()));
   }
   const int64_t m = nbrs.dim_size(1);
-  if (offsets.dims() != 1 || offsets.dim_size(0) != m + 1) {
+  const int64_t voxels = is.num_elements() / d1;
+  const bool no_lists = offsets.dims() == 1 && offsets.dim_size(0) == 0;
+  if (no_lists) {  // a lattice whose splat needs no lists: all three splat tensors are empty
+    if (splat_voxels.NumElements() != 0 || splat_weights.NumElements() != 0) {
+      return errors::InvalidArgument(
+          "splat_offsets is empty, so splat_voxels and splat_weights must be empty too; got "
+          "shapes ",
+          ShapeText(splat_voxels.shape()), " and ", ShapeText(splat_weights.shape()),
+          " (pass the tensors of one lattice build unchanged)");
+    }
+  } else if (offsets.dims() != 1 || offsets.dim_size(0) != m + 1) {
     return errors::InvalidArgument("splat_offsets must have shape [", m + 1, "]; got ",
                                    ShapeText(offsets.shape()));
   }
-  const int64_t voxels = is.num_elements() / d1;
-  if (splat_voxels.dims() != 1 || splat_voxels.dim_size(0) != voxels * d1) {
+  if (!no_lists && (splat_voxels.dims() != 1 || splat_voxels.dim_size(0) != voxels * d1)) {
     return errors::InvalidArgument("splat_voxels must have shape [", voxels * d1, "]; got ",
                                    ShapeText(splat_voxels.shape()));
   }
-  if (splat_weights.shape() != splat_voxels.shape()) {
+  if (!no_lists && splat_weights.shape() != splat_voxels.shape()) {
     return errors::InvalidArgument("splat_weights must have shape [", voxels * d1, "]; got ",
                                    ShapeText(splat_weights.shape()));
   }
@@ -142,9 +151,9 @@ inline ::tensorflow::Status ReadLattice(OpKernelContext* ctx, int first, const T
   lat->vertex_index = vertex_index.flat<int32_t>().data();
   lat->vertex_weight = vertex_weight.flat<float>().data();
   lat->blur_neighbours = nbrs.flat<int32_t>().data();
-  lat->splat_offsets = offsets.flat<int32_t>().data();
-  lat->splat_voxels = splat_voxels.flat<int32_t>().data();
-  lat->splat_weights = splat_weights.flat<float>().data();
+  lat->splat_offsets = no_lists ? nullptr : offsets.flat<int32_t>().data();
+  lat->splat_voxels = no_lists ? nullptr : splat_voxels.flat<int32_t>().data();
+  lat->splat_weights = no_lists ? nullptr : splat_weights.flat<float>().data();
   return ::tensorflow::OkStatus();
 }
 

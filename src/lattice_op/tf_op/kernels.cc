@@ -105,14 +105,19 @@ class LatticeBuildOp : public OpKernel {
     Tensor* offsets = nullptr;
     Tensor* splat_voxels = nullptr;
     Tensor* splat_weights = nullptr;
+    // The splat lists only where the splat needs them (SplatNeedsLists); otherwise the three
+    // splat outputs are empty and the filter splats without lists.
+    const bool lists = SplatNeedsLists(batch * n, static_cast<int>(d), m);
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({d1, m, 2}), &nbrs));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({m + 1}), &offsets));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({entries}), &splat_voxels));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({entries}), &splat_weights));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({lists ? m + 1 : 0}), &offsets));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({lists ? entries : 0}), &splat_voxels));
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_output(5, TensorShape({lists ? entries : 0}), &splat_weights));
     for (int64_t b = 0; b < batch; ++b) {
       builders[b].BlurNeighbours(m, base[b], nbrs->flat<int32_t>().data(), par);
     }
     builders.clear();
+    if (!lists) return;
     try {
       BuildSplatCsr(vi, vw, batch * n, static_cast<int>(d), m, offsets->flat<int32_t>().data(),
                     splat_voxels->flat<int32_t>().data(), splat_weights->flat<float>().data(), par);

@@ -25,21 +25,18 @@ REGISTER_OP("Crf3dLatticeBuild")
       ShapeHandle features = c->input(0);
       ShapeHandle vertex = c->UnknownShape();
       DimensionHandle d1 = c->UnknownDim();
-      DimensionHandle entries = c->UnknownDim();
       if (c->RankKnown(features) && c->Rank(features) >= 1) {
         DimensionHandle f = c->Dim(features, -1);
         if (c->ValueKnown(f)) d1 = c->MakeDim(c->Value(f) + 1);
         TF_RETURN_IF_ERROR(c->ReplaceDim(features, -1, d1, &vertex));
-        ShapeHandle leading;
-        TF_RETURN_IF_ERROR(c->Subshape(features, 0, -1, &leading));
-        TF_RETURN_IF_ERROR(c->Multiply(c->NumElements(leading), d1, &entries));
       }
       c->set_output(0, vertex);
       c->set_output(1, vertex);
       c->set_output(2, c->MakeShape({d1, c->UnknownDim(), c->MakeDim(2)}));
+      // the splat lists: [M+1] and [B*N*(F+1)], or all three [0] (known only at run time)
       c->set_output(3, c->Vector(c->UnknownDim()));
-      c->set_output(4, c->Vector(entries));
-      c->set_output(5, c->Vector(entries));
+      c->set_output(4, c->Vector(c->UnknownDim()));
+      c->set_output(5, c->Vector(c->UnknownDim()));
       return ::tensorflow::OkStatus();
     })
     .Doc(R"doc(
@@ -48,7 +45,8 @@ divided by the kernel widths). vertex_index / vertex_weight [B, *spatial, F+1]: 
 lattice points of each voxel and their barycentric weights; blur_neighbours [F+1, M, 2]: the
 two neighbours of each of the M lattice points along each direction (M marks an absent one);
 splat_offsets [M+1], splat_voxels and splat_weights [B*N*(F+1)]: per lattice point (CSR), the
-voxel and barycentric weight of each entry that touches it.
+voxel and barycentric weight of each entry that touches it; all three are empty ([0]) when
+64 (M+1) <= B*N*(F+1), and the filter then splats without them.
 )doc");
 
 REGISTER_OP("Crf3dLatticeFilter")
