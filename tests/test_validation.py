@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -293,3 +294,46 @@ def test_identity_changes_only_when_the_result_does(root):
     best = config(root, "id", "train.validation.select=best")
     best_every = config(root, "id", "train.validation.select=best", "train.validation.every=7")
     assert common.run_dir(best, 0, "vnet") != common.run_dir(best_every, 0, "vnet")
+
+
+# --------------------------------------------------------------------------- mirrored
+
+MIRRORED = ["train.steps=3", "train.batch_size=2", "train.checkpoint_every=1",
+            "train.log_every=1", "train.deterministic=true", "train.save_model=false",
+            "train.validation.cases=2", "train.validation.select=best"]  # fmt: skip
+
+
+def _mirrored_worker(root: Path) -> None:
+    """Runs in a subprocess (this file as a script): two logical CPUs, the run on one device
+    and under train.distribute=mirrored; writes each one's monitor curve and best record."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    prepare(smoke_config(root, *MIRRORED))
+    out = {}
+    for name, extra in [("none", []), ("mirrored", ["train.distribute=mirrored"])]:
+        cfg = smoke_config(root, *MIRRORED, f"runs_dir={root}/{name}", *extra)
+        result = train(cfg, 0, "vnet_crf")
+        best = json.loads((result.run_dir / "best" / "best.json").read_text())
+        out[name] = {"monitor": result.monitor, "best": best}
+    (root / "out.json").write_text(json.dumps(out))
+
+
+@pytest.mark.slow
+def test_monitor_under_mirrored_replicas_matches_one_device(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env,
+                          capture_output=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    one, two = out["none"], out["mirrored"]
+    assert sorted(one["monitor"]) == sorted(two["monitor"]) == ["1", "2", "3"]
+    for step, value in one["monitor"].items():  # weights agree to ~1e-7 (test_distribute.py)
+        assert two["monitor"][step] == pytest.approx(value, abs=1e-6), step
+    assert one["best"]["step"] == two["best"]["step"]
+
+
+if __name__ == "__main__":
+    _mirrored_worker(Path(sys.argv[1]))

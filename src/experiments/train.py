@@ -12,7 +12,9 @@ The run's folder (:func:`crf_rnn_3d.experiments.common.run_dir`) holds ``run.jso
 identity), ``checkpoints/`` (every ``train.checkpoint_every`` steps and at the end: model,
 optimiser, step), ``tensorboard/`` (loss, Dice, learning rate; a slice of image | label |
 prediction), ``state.json`` (progress and the steps each invocation started from),
-``model.keras`` and ``config.yaml``; :class:`RunRecord` is their one writer. A run started
+``model.keras`` and ``config.yaml``; :class:`RunRecord` is their one writer. With
+``train.validation`` (src/experiments/validation.py) a monitor Dice on a few training cases goes
+to TensorBoard and ``monitor.csv``, and the best step's weights to ``best/``. A run started
 again with the same config resumes from its last checkpoint and sees the batches it has not
 seen yet; a finished run is not trained again.
 
