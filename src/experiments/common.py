@@ -24,7 +24,21 @@ from crf_rnn_3d.datasets.splits import read_splits, split_file
 # train settings that steer the process but not the result: not part of a run's identity
 # (distribute: one device or mirrored replicas train the same run, equal to float rounding)
 PROCESS_ONLY = ("checkpoint_every", "keep_checkpoints", "stop_after", "log_every", "image_every",
-                "progress", "save_model", "distribute")  # fmt: skip
+                "progress", "save_model", "distribute", "validation")  # fmt: skip
+
+
+def validation_identity(train: Mapping) -> dict | None:
+    """The part of ``train.validation`` that changes a run's result: the monitor cases when
+    they are held out of training, and the cases and frequency when the best step is the
+    model (``select: best``); None when it only monitors (src/experiments/validation.py)."""
+    v = train.get("validation") or {}
+    holdout = v.get("holdout", False) is True
+    out: dict = {"cases": v.get("cases"), "holdout": True} if holdout else {}
+    if str(v.get("select", "last")) == "best":
+        every = v.get("every")
+        out.update(cases=v.get("cases"), holdout=holdout, select="best",
+                   every=train.get("log_every") if every is None else every)  # fmt: skip
+    return out or None
 
 
 def integer(setting: str, value: Any, minimum: int | None = None) -> int:
@@ -93,6 +107,9 @@ def run_identity(cfg: Mapping, fold: int, variant: str) -> dict:
     train = {k: v for k, v in plain(cfg["train"]).items() if k not in PROCESS_ONLY}
     if train.get("precision") == "float32":  # the default keeps the folders of earlier runs
         train.pop("precision")
+    validation = validation_identity(plain(cfg["train"]))
+    if validation is not None:  # a monitor alone keeps the folders of earlier runs too
+        train["validation"] = validation
     data = plain(cfg["data"])
     data.pop("root", None)  # where the files are does not change the result
     data.pop("processed", None)

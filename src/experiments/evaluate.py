@@ -2,10 +2,11 @@
 crf_rnn_3d.experiments.evaluate [experiment=...] fold=0 variant=vnet``.
 
 For each case of the fold's ``val`` list: predict with the model of the run's last checkpoint
-(inference mode, the CRF head with ``num_iterations_inference``), take the arg-max and map class
-indices to label values (``data.labels``). Every region of ``data.regions`` (PROMISE12:
-prostate = {1}; BraTS: whole = {1, 2, 3, 4}, core = {1, 3, 4}, enhancing = {4}) is then scored
-with Dice, HD95, ASSD (mm) and the normalised surface Dice at ``evaluate.nsd_tolerance_mm``
+(its best one by monitor Dice with ``train.validation.select=best``; inference mode, the CRF
+head with ``num_iterations_inference``), take the arg-max and map class indices to label values
+(``data.labels``). Every region of ``data.regions`` (PROMISE12: prostate = {1}; BraTS: whole =
+{1, 2, 3, 4}, core = {1, 3, 4}, enhancing = {4}) is then scored with Dice, HD95, ASSD (mm) and
+the normalised surface Dice at ``evaluate.nsd_tolerance_mm``
 (:mod:`crf_rnn_3d.experiments.metrics`, its empty-mask convention) on two grids:
 
 - ``resampled``: the prediction against the cached label, on the preprocessed (resampled,
@@ -21,7 +22,8 @@ with Dice, HD95, ASSD (mm) and the normalised surface Dice at ``evaluate.nsd_tol
 
 The run folder gets ``predictions/<case>.npz`` (labels [Z, Y, X] uint8 on the preprocessed
 grid), ``evaluation.json`` (``dice``: the resampled-grid Dice per case and region, as before;
-``metrics``: case -> grid -> region -> metric; ``original_unavailable``: case -> reason) and
+``metrics``: case -> grid -> region -> metric; ``original_unavailable``: case -> reason;
+``checkpoint``: which checkpoint was the model, ``{"select": "last" | "best", "step": ...}``) and
 ``per_case.csv`` (fold, case, variant, grid, region, dice, hd95, assd, nsd, note); with
 ``evaluate.export`` also ``export/<case><export_format>`` in the source case's geometry.
 """
@@ -53,7 +55,7 @@ from crf_rnn_3d.experiments import common
 from crf_rnn_3d.experiments.cli import hydra_app, run_stage
 from crf_rnn_3d.experiments.metrics import dice as dice_score  # the one Dice of the package
 from crf_rnn_3d.experiments.metrics import surface_metrics
-from crf_rnn_3d.experiments.model_io import restore_model
+from crf_rnn_3d.experiments.model_io import restore_selected
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +244,7 @@ def evaluate(
     variant = str(cfg["variant"] if variant is None else variant)
     ecfg = settings(cfg)
     out = common.run_dir(cfg, fold, variant)
-    model = restore_model(cfg, fold, variant)
+    model, checkpoint = restore_selected(cfg, fold, variant)  # last, or best (select=best)
     labels = np.asarray(common.label_values(cfg), np.uint8)
     regions = common.plain(cfg["data"]["regions"])
     empty, tol = ecfg["empty_dice"], ecfg["nsd_tolerance_mm"]
@@ -272,7 +274,7 @@ def evaluate(
     atomic_write_json(out / "evaluation.json", {
         "fold": fold, "variant": variant, "dice": result.dice, "metrics": result.metrics,
         "original_unavailable": result.original_unavailable,
-        "nsd_tolerance_mm": tol, "empty_dice": empty,
+        "nsd_tolerance_mm": tol, "empty_dice": empty, "checkpoint": checkpoint,
     })  # fmt: skip
     write_table(table_rows(result, [str(r) for r in regions]), out / "per_case.csv")
     return result

@@ -1,12 +1,16 @@
 """A run's model: built from the config (V-Net, with the CRF head when the variant says so) and
 restored from the run's checkpoints. The training stage (:mod:`crf_rnn_3d.experiments.train`)
 and the evaluation stage (:mod:`crf_rnn_3d.experiments.evaluate`) both take their model from
-here, so neither imports the other for it.
+here, so neither imports the other for it. With ``train.validation.select=best`` the model is
+the run's best checkpoint by monitor Dice (``best/``, written by
+:mod:`crf_rnn_3d.experiments.validation`), otherwise its last checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import keras
 import tensorflow as tf
@@ -16,6 +20,53 @@ from crf_rnn_3d.experiments import common
 from crf_rnn_3d.models.vnet import PRECISIONS, VNetConfigError, build_vnet
 
 CHECKPOINTS = "checkpoints"  # the checkpoint folder inside a run folder
+BEST = "best"  # the folder of the best checkpoint by monitor Dice (train.validation.select=best)
+BEST_RECORD = "best.json"  # in BEST: {"step": s, "dice": d}, written after ckpt-<s> is complete
+SELECT = ("last", "best")  # train.validation.select
+
+
+def select_of(cfg: Mapping) -> str:
+    """``train.validation.select`` (``last`` when the setting is absent); ConfigError when
+    unknown."""
+    validation = cfg["train"].get("validation") or {}
+    select = str(validation.get("select", "last"))
+    if select not in SELECT:
+        raise ConfigError("train.validation.select", f"one of {SELECT}", select)
+    return select
+
+
+def best_checkpoint(run: Path) -> tuple[str, dict]:
+    """The path of the run folder's best checkpoint and its record ``{"step", "dice"}``;
+    DataError naming the file when there is none or it is unreadable."""
+    record = run / BEST / BEST_RECORD
+    if not record.is_file():
+        raise DataError(
+            str(record), "the best checkpoint's record of a run trained with "
+            "train.validation.select=best and train.validation.cases >= 1", "no such file",
+        )  # fmt: skip
+    try:
+        info = json.loads(record.read_text())
+        step = int(info["step"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(str(record), '{"step": <int>, "dice": <float>}', repr(exc)) from exc
+    path = str(run / BEST / f"ckpt-{step}")
+    if not tf.io.gfile.exists(path + ".index"):
+        raise DataError(path + ".index", "the best checkpoint named in " + str(record), "none")
+    return path, info
+
+
+def selected_checkpoint(cfg: Mapping, fold: int, variant: str) -> tuple[str, dict]:
+    """The checkpoint that is the (fold, variant) run's model: the last one, or with
+    ``train.validation.select=best`` the best one by monitor Dice. Returns its path and
+    ``{"select": ..., "step": ...}`` (and ``"dice"`` for best); DataError when it is missing."""
+    out = common.run_dir(cfg, fold, variant)
+    if select_of(cfg) == "best":
+        path, info = best_checkpoint(out)
+        return path, {"select": "best", "step": int(info["step"]), "dice": info.get("dice")}
+    latest = tf.train.latest_checkpoint(str(out / CHECKPOINTS))
+    if latest is None:
+        raise DataError(str(out / CHECKPOINTS), "a checkpoint of a trained run", "none")
+    return latest, {"select": "last", "step": int(latest.rsplit("-", 1)[-1])}
 
 
 def build_model(cfg: Mapping, variant: str, input_shape: tuple, spacing: tuple) -> keras.Model:
@@ -65,14 +116,17 @@ def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str) -> None:
 
 
 def restore_model(cfg: Mapping, fold: int, variant: str) -> keras.Model:
-    """The (fold, variant) run's model with the weights of its last checkpoint (DataError when
-    it has none)."""
-    out = common.run_dir(cfg, fold, variant)
+    """The (fold, variant) run's model with the weights of its last checkpoint, or of its best
+    one with ``train.validation.select=best`` (:func:`selected_checkpoint`; DataError when it
+    has none)."""
+    return restore_selected(cfg, fold, variant)[0]
+
+
+def restore_selected(cfg: Mapping, fold: int, variant: str) -> tuple[keras.Model, dict]:
+    """:func:`restore_model` and which checkpoint it restored (:func:`selected_checkpoint`)."""
+    path, which = selected_checkpoint(cfg, fold, variant)
     cases = common.fold_cases(cfg, fold)
     input_shape, spacing = common.manifest_shape_and_spacing(cfg, cases["train"])
     model = build_model(cfg, variant, input_shape, spacing)
-    latest = tf.train.latest_checkpoint(str(out / CHECKPOINTS))
-    if latest is None:
-        raise DataError(str(out / CHECKPOINTS), "a checkpoint of a trained run", "none")
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-    return model
+    tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    return model, which

@@ -12,7 +12,9 @@ The run's folder (:func:`crf_rnn_3d.experiments.common.run_dir`) holds ``run.jso
 identity), ``checkpoints/`` (every ``train.checkpoint_every`` steps and at the end: model,
 optimiser, step), ``tensorboard/`` (loss, Dice, learning rate; a slice of image | label |
 prediction), ``state.json`` (progress and the steps each invocation started from),
-``model.keras`` and ``config.yaml``; :class:`RunRecord` is their one writer. A run started
+``model.keras`` and ``config.yaml``; :class:`RunRecord` is their one writer. With
+``train.validation`` (src/experiments/validation.py) a monitor Dice on a few training cases goes
+to TensorBoard and ``monitor.csv``, and the best step's weights to ``best/``. A run started
 again with the same config resumes from its last checkpoint and sees the batches it has not
 seen yet; a finished run is not trained again.
 
@@ -51,7 +53,7 @@ from crf_rnn_3d.crf.callbacks import log_theta_summaries
 from crf_rnn_3d.datasets.errors import ConfigError, DataError
 from crf_rnn_3d.datasets.io import atomic_output, atomic_write_json, remove_stale_temporaries
 from crf_rnn_3d.datasets.tfdata import make_dataset
-from crf_rnn_3d.experiments import common
+from crf_rnn_3d.experiments import common, validation
 from crf_rnn_3d.experiments.cli import hydra_app, run_stage
 from crf_rnn_3d.experiments.evaluate import Evaluation, evaluate
 from crf_rnn_3d.experiments.model_io import CHECKPOINTS, build_model, restore_checkpoint
@@ -75,6 +77,7 @@ class TrainResult:
     last_loss: float | None = None
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    monitor: dict[int, float] = field(default_factory=dict)  # step -> monitor Dice (mean)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -392,8 +395,9 @@ class RunRecord:
 @dataclass
 class Session:
     """What one invocation trains with: the distribution strategy (``train.distribute``), the
-    model, its optimiser, the step counter (checkpointed), the fold's cases, the seed, and the
-    label value -> class index table."""
+    model, its optimiser, the step counter (checkpointed), the fold's cases (``train``: what
+    the training stream takes; ``monitor``: the cases of ``train.validation``), the seed, and
+    the label value -> class index table."""
 
     strategy: tf.distribute.Strategy
     model: keras.Model
@@ -432,6 +436,7 @@ def check_settings(train_cfg: Mapping) -> int:
     if str(train_cfg.get("distribute", "none")) not in DISTRIBUTE:
         raise ConfigError("train.distribute", f"one of {DISTRIBUTE}", train_cfg["distribute"])
     precision_of(train_cfg)
+    validation.settings(train_cfg)
     return steps
 
 
@@ -443,6 +448,8 @@ def set_up(cfg: Mapping, fold: int, variant: str) -> Session:
     input_shape, spacing = common.manifest_shape_and_spacing(cfg, cases["train"])
     lut = tf.constant(common.label_lut(common.label_values(cfg)))
     seed = seed_for(cfg, fold)
+    train_ids, monitor_ids = validation.split_cases(cfg["train"], cases["train"], seed)
+    cases = {**cases, "train": train_ids, "monitor": monitor_ids}  # holdout: train lacks them
     strategy = make_strategy(cfg["train"])
     if (
         precision_of(cfg["train"]) == "mixed_bfloat16"
@@ -520,11 +527,18 @@ def _log_scalars(session: Session, step: int, loss: tf.Tensor, dice: tf.Tensor) 
 
 
 def run_steps(
-    cfg: Mapping, session: Session, record: RunRecord, start: int, end: int, desc: str
+    cfg: Mapping,
+    session: Session,
+    record: RunRecord,
+    start: int,
+    end: int,
+    desc: str,
+    monitor: validation.Monitor | None = None,
 ) -> None:
     """Steps ``start + 1 .. end`` on the batches from ``start`` on: TensorBoard every
     ``log_every`` / ``image_every`` steps, a checkpoint every ``checkpoint_every`` steps, and
-    all three at ``end``."""
+    all three at ``end``; the ``monitor`` (train.validation) when it is due, outside the
+    replica step."""
     tcfg = cfg["train"]
     every, log_every, image_every = (
         int(tcfg["checkpoint_every"]), int(tcfg["log_every"]), int(tcfg["image_every"])
@@ -538,6 +552,7 @@ def run_steps(
         dynamic_ncols=True,
     )  # fmt: skip
     iterator = iter(stream)
+    postfix: dict[str, str] = {}
     with writer.as_default():
         for step in range(start + 1, end + 1):
             image, label = next(iterator)
@@ -547,11 +562,17 @@ def run_steps(
             if step % log_every == 0 or step == end:
                 _log_scalars(session, step, loss, dice)
                 record.log(step, float(loss), float(dice))
-                bar.set_postfix(loss=f"{float(loss):.3f}", dice=f"{float(dice):.3f}")
+                postfix.update(loss=f"{float(loss):.3f}", dice=f"{float(dice):.3f}")
+                bar.set_postfix(postfix)
             if step % image_every == 0 or step == end:
                 tf.summary.image("train/image_label_prediction", picture, step=step)
+            if monitor is not None and monitor.due(step):
+                postfix["monitor"] = monitor.run(step)  # Dice (seconds), outside the replicas
+                bar.set_postfix(postfix)
             if step % every == 0 or step == end:
                 record.checkpoint(step)
+                if monitor is not None:
+                    monitor.checkpointed()
     bar.close()
     writer.flush()
 
@@ -570,13 +591,19 @@ def train(
         return TrainResult(record.folder, steps, steps, True, record.last_loss)
     session = set_up(cfg, fold, variant)
     start = record.resume(session, int(cfg["train"]["keep_checkpoints"]))
+    monitor = None
+    if session.cases["monitor"]:
+        monitor = validation.Monitor(cfg, session.model, session.cases["monitor"], record.folder,
+                                     steps)  # fmt: skip
+        monitor.resume(start)
     t0 = time.perf_counter()
-    run_steps(cfg, session, record, start, last_step(cfg["train"], start), f"fold {fold} {variant}")
+    run_steps(cfg, session, record, start, last_step(cfg["train"], start), f"fold {fold} {variant}",
+              monitor)  # fmt: skip
     done = int(session.step.numpy())
     record.finish(session.model, done, bool(cfg["train"]["save_model"]))
     return TrainResult(
         record.folder, done, start, done == steps, record.last_loss, time.perf_counter() - t0,
-        record.history,
+        record.history, validation.means_by_step(monitor.rows) if monitor else {},
     )  # fmt: skip
 
 
