@@ -113,10 +113,14 @@ def test_mean_field_per_item_widths_match_reference_per_item() -> None:
     assert np.max(np.abs(other - got[:1])) > 1e-3
 
 
-@pytest.mark.parametrize("spatial_filter", ["separable", "lattice"])
-def test_mean_field_per_item_lattice_equals_separate_calls(spatial_filter) -> None:
+@pytest.mark.parametrize(
+    ("spatial_filter", "backend"),
+    [("separable", "compiled"), ("lattice", "compiled"), ("separable", "tf")],
+)
+def test_mean_field_per_item_lattice_equals_separate_calls(spatial_filter, backend) -> None:
     """The production path (lattice, float32): a batch with widths per item gives what each
-    item gives alone with its widths as plain numbers (float32 rounding)."""
+    item gives alone with its widths as plain numbers (float32 rounding); also on the
+    TensorFlow-ops backend (what a GPU runs)."""
     spatial, spacing, channels, classes = (6, 7, 5), (1.5, 1.0, 1.0), 1, 2
     unaries, image = _batch(spatial, channels, classes, batch=2, seed=2)
     alpha, beta, gamma = [3.0, 5.0], [[0.6], [1.4]], [1.0, 2.5]
@@ -128,6 +132,7 @@ def test_mean_field_per_item_lattice_equals_separate_calls(spatial_filter) -> No
         compatibility=tf.constant(mu, tf.float32),
         num_iterations=2,
         spatial_filter=spatial_filter,
+        backend=backend,
     )
     batch = mf.mean_field(
         tf.constant(unaries, tf.float32),
@@ -174,6 +179,21 @@ def test_crf_rnn_theta_input_equals_fixed_widths() -> None:
     want = fixed([unaries, image]).numpy()
     got = per_case([unaries, image], theta=theta).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_crf_rnn_theta_skips_the_fused_kernel() -> None:
+    """fused_inference has no gradient and fixed widths: with per-case theta the composed path
+    runs (same logits as a layer without the fused kernel, and a gradient exists)."""
+    unaries, image = _batch((6, 5, 4), 1, 2, batch=2, seed=4)
+    u, im = tf.constant(unaries, tf.float32), tf.constant(image, tf.float32)
+    theta = _theta(2, 1, alpha=2.5, beta=0.7, gamma=1.5)
+    fused = CrfRnn(theta_gamma=1.5, fused_inference=True)
+    plain = CrfRnn(theta_gamma=1.5)
+    with tf.GradientTape() as tape:
+        tape.watch(theta["theta_alpha"])
+        out = fused([u, im], theta=theta)
+    assert tape.gradient(out, theta["theta_alpha"]) is not None
+    np.testing.assert_array_equal(out.numpy(), plain([u, im], theta=theta).numpy())
 
 
 def test_crf_rnn_theta_errors() -> None:
