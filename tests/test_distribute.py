@@ -37,6 +37,7 @@ TRAIN = [
     "train.optimizer.learning_rate=0.05",
     "train.save_model=false",
     "~variants.vnet_crf_theta",
+    "~variants.vnet_crf_theta_per_case",
 ]
 
 

@@ -189,7 +189,7 @@ def test_run_dir_identity():
 
 def test_variant_with_learnt_theta_overrides_only_its_crf():
     cfg = compose_config(["experiment=promise_cv"])
-    assert list(cfg.variants) == ["vnet", "vnet_crf", "vnet_crf_theta"]
+    assert list(cfg.variants) == ["vnet", "vnet_crf", "vnet_crf_theta", "vnet_crf_theta_per_case"]
     assert common.variant_crf(cfg, "vnet") is None
     assert common.variant_crf(cfg, "vnet_crf")["learn_theta"] is False
     learnt = common.variant_crf(cfg, "vnet_crf_theta")

@@ -20,13 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow  # 4 TensorFlow processes: about 40 s on 2 idle cores
 def test_joblib_multirun_then_report(tmp_path):
     # the preset's third variant (learnt widths) is not part of this sweep
-    cfg = smoke_config(tmp_path, "~variants.vnet_crf_theta")
+    cfg = smoke_config(tmp_path, "~variants.vnet_crf_theta", "~variants.vnet_crf_theta_per_case")
     prepare(cfg)
     command = [
         sys.executable, "-m", "crf_rnn_3d.experiments.train", "-m", "experiment=smoke",
         f"data.root={tmp_path}/raw", f"data.processed={tmp_path}/processed",
         f"runs_dir={tmp_path}/runs", f"reports_dir={tmp_path}/results", "progress=false",
         "fold=0,1", "variant=vnet,vnet_crf", "~variants.vnet_crf_theta",
+        "~variants.vnet_crf_theta_per_case",
         "hydra/launcher=local_parallel",
         f"hydra.sweep.dir={tmp_path}/sweep",
     ]  # fmt: skip

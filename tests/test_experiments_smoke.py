@@ -1,4 +1,4 @@
-"""CI smoke run of the whole chain (experiment=smoke): phantoms -> cache -> 2 folds x 2 variants
+"""CI smoke run of the whole chain (experiment=smoke): phantoms -> cache -> 2 folds x 4 variants
 trained for a few steps -> evaluation -> report; the report's content is checked against the
 per-case numbers recomputed here with scipy."""
 
@@ -34,7 +34,7 @@ def test_smoke_chain_report_content(tmp_path):
     splits = json.loads((tmp_path / "processed" / "splits.json").read_text())
     cases = sorted(c for s in splits for c in s["val"])
     assert len(cases) == 4
-    for variant in ("vnet", "vnet_crf", "vnet_crf_theta"):
+    for variant in ("vnet", "vnet_crf", "vnet_crf_theta", "vnet_crf_theta_per_case"):
         for grid in ("resampled", "original"):  # the phantoms' source files are all there
             got = sorted(r["case"] for r in rows if r["variant"] == variant and r["grid"] == grid)
             assert got == cases  # every case predicted once, by the fold that did not see it
@@ -67,7 +67,7 @@ def test_smoke_chain_report_content(tmp_path):
     hd = column("vnet_crf_theta", "original", "hd95") - column("vnet", "original", "hd95")
     other = summary["grids"]["original"]["hd95"]["prostate"]["tests"]["vnet_crf_theta"]
     assert other["mean_difference"] == pytest.approx(hd.mean()) and other["n"] == 4
-    assert summary["family"]["size"] == 2 * 4 * 1 * 2  # grids x metrics x regions x comparisons
+    assert summary["family"]["size"] == 2 * 4 * 1 * 3  # grids x metrics x regions x comparisons
     assert summary["original_unavailable"] == {}
     assert summary["conventions"] == {"nsd_tolerance_mm": 2.0, "empty_dice": 1.0}
 
@@ -102,6 +102,12 @@ def test_smoke_chain_report_content(tmp_path):
                 if v.tag.startswith("crf/") and v.tag.endswith("/theta_alpha"):
                     widths[ev.step] = float(tf.make_ndarray(v.tensor))
     assert len(widths) >= 2 and widths[min(widths)] != widths[max(widths)]
+    # the variant with widths per case logs their batch means (tests/test_theta_per_case.py)
+    per_case = common.run_dir(cfg, 1, "vnet_crf_theta_per_case")
+    events = list((per_case / "tensorboard").glob("events.out.tfevents.*"))
+    tags = {v.tag for e in events for ev in tf.compat.v1.train.summary_iterator(str(e))
+            for v in ev.summary.value}  # fmt: skip
+    assert {"crf/case_theta/theta_alpha", "crf/case_theta/theta_gamma"} <= tags
 
     # predictions written back in the source geometry (compared with the raw label file)
     case = splits[0]["val"][0]

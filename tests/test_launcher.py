@@ -34,7 +34,8 @@ def _sweep(root: Path, folds: str, *extra: str) -> None:
         sys.executable, "-m", "crf_rnn_3d.experiments.train", "-m", "experiment=smoke",
         f"data.root={root}/raw", f"data.processed={root}/processed", f"runs_dir={root}/runs",
         f"reports_dir={root}/results", "progress=false", f"fold={folds}",
-        "variant=vnet,vnet_crf", "~variants.vnet_crf_theta", "hydra/launcher=local_submitit",
+        "variant=vnet,vnet_crf", "~variants.vnet_crf_theta", "~variants.vnet_crf_theta_per_case",
+        "hydra/launcher=local_submitit",
         f"hydra.sweep.dir={root}/sweep", *extra,
     ]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -56,7 +57,7 @@ def _report_rows(cfg) -> list[dict]:
 
 @pytest.mark.slow  # 4 TensorFlow processes at once: about 40 s on 2 busy cores
 def test_local_submitit_sweep_of_folds_and_variants_then_report(tmp_path):
-    cfg = smoke_config(tmp_path, "~variants.vnet_crf_theta")
+    cfg = smoke_config(tmp_path, "~variants.vnet_crf_theta", "~variants.vnet_crf_theta_per_case")
     prepare(cfg)
     _sweep(tmp_path, "0,1")
     jobs = _submitit_jobs(tmp_path)
@@ -77,7 +78,9 @@ def test_local_submitit_sweep_of_folds_and_variants_then_report(tmp_path):
 
 def test_local_submitit_one_fold_then_report(tmp_path):
     steps = ["train.steps=1", "train.checkpoint_every=1", "train.log_every=1"]
-    cfg = smoke_config(tmp_path, "~variants.vnet_crf_theta", *steps)
+    cfg = smoke_config(
+        tmp_path, "~variants.vnet_crf_theta", "~variants.vnet_crf_theta_per_case", *steps
+    )
     prepare(cfg)
     _sweep(tmp_path, "0", *steps)
     jobs = _submitit_jobs(tmp_path)
@@ -88,7 +91,8 @@ def test_local_submitit_one_fold_then_report(tmp_path):
         assert state["complete"] and state["steps_done"] == 1
         assert (run / "evaluation.json").is_file()
     for variant in ("vnet", "vnet_crf"):  # fold 1 here, so that the report has every fold
-        train_and_evaluate(smoke_config(tmp_path, "~variants.vnet_crf_theta", *steps,
+        train_and_evaluate(smoke_config(tmp_path, "~variants.vnet_crf_theta",
+                                        "~variants.vnet_crf_theta_per_case", *steps,
                                         "fold=1", f"variant={variant}"))  # fmt: skip
     rows = _report_rows(cfg)
     assert sorted({(r["fold"], r["variant"]) for r in rows}) == [

@@ -45,9 +45,15 @@ EXACT_BILATERAL_MAX_VOXELS = 8192
 SPATIAL_TRUNCATE = 4.0
 
 Filter = Callable[[tf.Tensor], tf.Tensor]
-# A kernel width: a Python number (a fixed setting) or a scalar tensor (a learnt one, e.g.
-# exp of a trainable log-theta; gradients then reach it through the features or the taps).
+# A kernel width: a Python number (a fixed setting), a scalar tensor (a learnt one, e.g.
+# exp of a trainable log-theta; gradients then reach it through the features or the taps) or a
+# [B] tensor, one width per batch item (e.g. predicted per case by a network).
 Width = float | tf.Tensor
+
+
+def _per_item(theta: tf.Tensor | tf.Variable, rank: int) -> tf.Tensor:
+    """A [B] width as [B, 1, ..., 1] of `rank` axes, to scale a [B, *spatial, C] tensor."""
+    return tf.reshape(theta, [-1] + [1] * (rank - 1))
 
 
 def positions(
@@ -58,7 +64,8 @@ def positions(
     Args:
       shape: int32 [rank] dynamic shape of a [B, *spatial, C] tensor.
       spacing: voxel size in mm per spatial axis (len(spatial) entries).
-      theta: kernel width in mm: a number, or a scalar tensor (differentiable).
+      theta: kernel width in mm: a number, a scalar tensor (differentiable) or a [B] tensor
+        (one width per batch item).
       dtype: output dtype.
 
     Returns:
@@ -67,14 +74,17 @@ def positions(
     ndim = len(spacing)
     channels = []
     for axis in range(ndim):
-        if isinstance(theta, tf.Tensor | tf.Variable):
-            scale = float(spacing[axis]) / tf.cast(theta, dtype)
-        else:
-            scale = float(spacing[axis]) / float(theta)
-        coord = tf.range(shape[axis + 1], dtype=dtype) * scale
         view = [1] * (ndim + 2)
         view[axis + 1] = -1
-        coord = tf.reshape(coord, view)
+        if isinstance(theta, tf.Tensor | tf.Variable) and theta.shape.rank == 1:
+            scale = float(spacing[axis]) / _per_item(tf.cast(theta, dtype), ndim + 2)
+            coord = tf.reshape(tf.range(shape[axis + 1], dtype=dtype), view) * scale
+        else:
+            if isinstance(theta, tf.Tensor | tf.Variable):
+                scale = float(spacing[axis]) / tf.cast(theta, dtype)
+            else:
+                scale = float(spacing[axis]) / float(theta)
+            coord = tf.reshape(tf.range(shape[axis + 1], dtype=dtype) * scale, view)
         channels.append(tf.broadcast_to(coord, tf.concat([shape[:-1], [1]], 0)))
     return tf.concat(channels, axis=-1)
 
@@ -86,11 +96,15 @@ def bilateral_features(
     theta_beta: Sequence[float] | tf.Tensor,
 ) -> tf.Tensor:
     """Features of the appearance kernel: [B, *spatial, ndim + M] = (positions in mm / theta_alpha,
-    image channel c / theta_beta[c]), in the image's dtype. theta_alpha (mm) is a number or a
-    scalar tensor; theta_beta (image units) M numbers or an [M] tensor."""
+    image channel c / theta_beta[c]), in the image's dtype. theta_alpha (mm) is a number, a
+    scalar tensor or a [B] tensor (per batch item); theta_beta (image units) M numbers, an [M]
+    tensor or a [B, M] tensor (per batch item)."""
     pos = positions(tf.shape(image), spacing, theta_alpha, image.dtype)
     if isinstance(theta_beta, tf.Tensor | tf.Variable):
         scale = 1.0 / tf.cast(theta_beta, image.dtype)
+        if theta_beta.shape.rank == 2:  # [B, M] -> [B, 1, ..., 1, M]
+            for _ in range(len(spacing)):
+                scale = tf.expand_dims(scale, 1)
     else:
         scale = tf.constant([1.0 / float(t) for t in theta_beta], dtype=image.dtype)
     return tf.concat([pos, image * scale], axis=-1)
@@ -202,11 +216,14 @@ def separable_spatial_filter(
     is taken from `theta_max` (mm), +-ceil(SPATIAL_TRUNCATE * theta_max / spacing) voxels, and
     the taps exp(-k^2 spacing^2 / (2 theta^2)) are computed in TensorFlow and passed to the op
     as tensors, so the filter is differentiable with respect to theta (the op's gradient with
-    respect to its taps). For theta <= theta_max the cut lies at >= 4 sigma.
+    respect to its taps). For theta <= theta_max the cut lies at >= 4 sigma. A [B] tensor
+    theta (one width per batch item) gives each item taps of its own, all of that radius: the
+    op then runs once per item (tf.map_fn over the batch).
 
     Args:
       shape: int32 [rank] dynamic shape of the [B, *spatial, C] tensors to filter.
-      spacing: mm per spatial axis; theta: kernel width in mm (number or scalar tensor).
+      spacing: mm per spatial axis; theta: kernel width in mm (number, scalar tensor or [B]
+        tensor).
       normalisation: "mean" or "symmetric"; dtype: the values' dtype.
       static_shape: the tensors' static shape (None entries allowed), to cap the radius.
       theta_max: mm, sets the radius when theta is a tensor (required then, ignored otherwise).
@@ -215,8 +232,10 @@ def separable_spatial_filter(
     learnt = isinstance(theta, tf.Tensor | tf.Variable)
     if learnt and theta_max is None:
         raise ValueError("separable_spatial_filter: a tensor theta needs theta_max (mm), got None")
+    per_item = learnt and theta.shape.rank == 1
     if learnt:
         taps = []
+        width = tf.cast(theta, dtype)[:, None] if per_item else tf.cast(theta, dtype)
         for axis, step in enumerate(spacing):
             radius = math.ceil(SPATIAL_TRUNCATE * float(theta_max) / float(step))
             length = None if static_shape is None else static_shape[axis + 1]
@@ -225,11 +244,16 @@ def separable_spatial_filter(
             offsets_mm = tf.constant(
                 [k * float(step) for k in range(-radius, radius + 1)], dtype=dtype
             )
-            taps.append(tf.exp(-0.5 * tf.square(offsets_mm / tf.cast(theta, dtype))))
+            taps.append(tf.exp(-0.5 * tf.square(offsets_mm / width)))  # [2r+1] or [B, 2r+1]
     else:
         taps = spatial_taps(spacing, float(theta), static_shape)
 
+    def filter_item(item: tuple[tf.Tensor, ...]) -> tf.Tensor:
+        return separable_filter(item[0][None], list(item[1:]), backend=backend)[0]
+
     def apply(values: tf.Tensor) -> tf.Tensor:
+        if per_item:
+            return tf.map_fn(filter_item, (values, *taps), fn_output_signature=values.dtype)
         return separable_filter(values, taps, backend=backend)
 
     ones = tf.ones(tf.concat([shape[:-1], [1]], 0), dtype=dtype)
@@ -262,7 +286,10 @@ def mean_field(
       spacing: voxel size in mm, one entry per spatial axis.
       theta_alpha, theta_gamma: kernel widths in mm (> 0); theta_beta: one width per image
         channel, in the image's units (> 0). Numbers, or tensors (scalars, [M] for theta_beta)
-        to learn them: the refined logits are then differentiable with respect to each.
+        to learn them: the refined logits are then differentiable with respect to each. Or
+        one set per batch item: theta_alpha and theta_gamma [B] tensors, theta_beta [B, M]
+        (each item's features and spatial taps then use its own widths; CrfRnn's per-case
+        ``theta`` passes all three so).
       bilateral_weight, spatial_weight: [K] weights w1, w2 applied to the filtered class l.
       compatibility: [K, K] mu (used as given: zero its diagonal yourself for the paper's model).
       num_iterations: mean-field iterations (>= 1).
@@ -271,8 +298,8 @@ def mean_field(
         the backward pass) or "exact" (dense O(N^2) kernel, for tests).
       spatial_filter: "separable" (exact, per-axis dense Gaussian) or "lattice" (a second,
         position-only lattice).
-      theta_gamma_max: mm; with a tensor theta_gamma and the separable kernel, sets its radius
-        (see separable_spatial_filter).
+      theta_gamma_max: mm; with a tensor theta_gamma (scalar or [B]) and the separable kernel,
+        sets its radius (see separable_spatial_filter).
       backend: "auto" (default), "compiled" or "tf": which implementation runs the lattice and
         separable filters (crf_rnn_3d.lattice_op.backend; "auto" is resolved once here, from
         the device scope and the unaries, so both kernels use the same one). Everything else

@@ -7,7 +7,7 @@ The layer needs Keras' TensorFlow backend. Its message passing runs on the compi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
@@ -78,6 +78,15 @@ class CrfRnn(keras.layers.Layer):
                batch and spatial shape; any number of spatial dimensions >= 1, B >= 1.
     Returns [B, *spatial, K] refined logits (apply softmax for probabilities).
 
+    Optionally with widths per batch item, ``layer([unaries, image], theta=widths)``, widths a
+    dict of tensors ``{"theta_alpha": [B] mm, "theta_beta": [B, M] image units, "theta_gamma":
+    [B] mm}`` (e.g. predicted per case by a network, src/models/vnet.py): each item is then
+    filtered with its own widths instead of the settings below, and the output is
+    differentiable with respect to them. Not with learn_theta; the composed mean field runs
+    (never the fused kernel). Each theta_gamma must be <= theta_gamma_max (default
+    2 x theta_gamma), which fixes the separable kernel's radius. Without ``theta`` the layer is
+    exactly as before.
+
     Each iteration (Zheng et al. 2015; see src/crf/functional.py for the equations):
     Q = softmax(L); message m_l = w1[l] A(Q)_l + w2[l] G(Q)_l; pairwise p = mu m;
     L = unaries - p. A is the appearance (bilateral) kernel
@@ -112,10 +121,11 @@ class CrfRnn(keras.layers.Layer):
         natural logarithms of the widths (so the widths stay > 0), starting at log of the
         settings above. The settings stay the initial values in get_config; the learnt values
         are weights (saved with the model) and :meth:`theta_values` reads them.
-      theta_gamma_max: mm, only with learn_theta: the largest theta_gamma allowed (default
-        2 x theta_gamma). The separable spatial kernel's radius is fixed from it,
-        +-ceil(4 theta_gamma_max / spacing) voxels per axis (at most the axis), so the cut lies
-        at >= 4 sigma; log_theta_gamma is clipped to log(theta_gamma_max) after each update.
+      theta_gamma_max: mm, with learn_theta or a per-case ``theta``: the largest theta_gamma
+        allowed (default 2 x theta_gamma). The separable spatial kernel's radius is fixed from
+        it, +-ceil(4 theta_gamma_max / spacing) voxels per axis (at most the axis), so the cut
+        lies at >= 4 sigma; log_theta_gamma is clipped to log(theta_gamma_max) after each
+        update, and a per-case theta_gamma above it is an InvalidArgumentError.
       fused_inference: at inference (``training`` false or None) with float32 inputs, run every
         iteration in the compiled inference kernel (``functional.mean_field_inference``, the
         kernel dense_crf uses) instead of composed TF ops: same result to float32 rounding,
@@ -144,7 +154,8 @@ class CrfRnn(keras.layers.Layer):
       tf.errors.InvalidArgumentError: at call time, batch/spatial shapes that differ when they
         were unknown at build time; NaN or Inf in the unaries or the image, on every path
         ("unaries contains NaN or Inf" / "image contains NaN or Inf"; the fused kernel says
-        "unaries contain"; docs/reliability.md, "NaN and Inf").
+        "unaries contain"; docs/reliability.md, "NaN and Inf"); per-case widths that are not
+        finite and > 0, theta_gamma above theta_gamma_max, or not one per batch item.
     """
 
     def __init__(
@@ -317,11 +328,72 @@ class CrfRnn(keras.layers.Layer):
             "theta_gamma": self.theta_gamma,
         }
 
-    def call(self, inputs: Sequence[tf.Tensor], training: bool | None = None) -> tf.Tensor:
+    THETA_KEYS = ("theta_alpha", "theta_beta", "theta_gamma")
+
+    def _case_theta(
+        self, theta: Any, unaries: tf.Tensor, image: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The per-case widths of a call, in the unaries' dtype, after their checks (static:
+        ValueError; values: InvalidArgumentError)."""
+        if self.learn_theta:
+            raise ValueError(
+                "CrfRnn: per-case theta and learn_theta=True exclude each other (the per-case "
+                "widths replace the learnt ones); build the layer with learn_theta=False"
+            )
+        if not isinstance(theta, Mapping) or sorted(theta) != sorted(self.THETA_KEYS):
+            got = sorted(theta) if isinstance(theta, Mapping) else type(theta).__name__
+            raise ValueError(f"CrfRnn: theta must be a dict with keys {self.THETA_KEYS}; got {got}")
+        dtype = unaries.dtype
+        alpha, beta, gamma = (tf.cast(theta[k], dtype) for k in self.THETA_KEYS)
+        channels = image.shape[-1]
+        for name, value, rank in (("theta_alpha", alpha, 1), ("theta_beta", beta, 2),
+                                  ("theta_gamma", gamma, 1)):  # fmt: skip
+            if value.shape.rank != rank:
+                want = "[batch]" if rank == 1 else f"[batch, {channels}] (one per image channel)"
+                raise ValueError(
+                    f"CrfRnn: theta['{name}'] must have shape {want}; got {value.shape}"
+                )
+        if beta.shape[-1] is not None and beta.shape[-1] != channels:
+            raise ValueError(
+                f"CrfRnn: theta['theta_beta'] must hold one width per image channel ({channels}); "
+                f"got shape {beta.shape}"
+            )
+        batch = tf.shape(unaries)[0]
+        limit = tf.cast(self._gamma_max(), dtype)
+        checks = []
+        for name, value in (("theta_alpha", alpha), ("theta_beta", beta), ("theta_gamma", gamma)):
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.shape(value)[0],
+                    batch,
+                    message=f"CrfRnn: theta['{name}'] must hold one entry per batch item",
+                )
+            )
+            ok = tf.reduce_all(tf.math.is_finite(value) & (value > 0))
+            checks.append(
+                tf.debugging.Assert(
+                    ok, [f"CrfRnn: theta['{name}'] must be finite and > 0; got", value]
+                )
+            )
+        checks.append(tf.debugging.Assert(
+            tf.reduce_all(gamma <= limit),
+            [f"CrfRnn: theta['theta_gamma'] must be <= theta_gamma_max ({self._gamma_max()} mm); "
+             "got", gamma]))  # fmt: skip
+        with tf.control_dependencies([c for c in checks if c is not None]):
+            return tf.identity(alpha), tf.identity(beta), tf.identity(gamma)
+
+    def call(
+        self,
+        inputs: Sequence[tf.Tensor],
+        training: bool | None = None,
+        theta: Mapping[str, tf.Tensor] | None = None,
+    ) -> tf.Tensor:
         unaries, image = inputs
         if unaries.dtype in (tf.float16, tf.bfloat16):  # a mixed policy: mean field in float32
             full = [tf.cast(unaries, tf.float32), tf.cast(image, tf.float32)]
-            return tf.cast(self.call(full, training=training), unaries.dtype)
+            if theta is not None:
+                theta = {k: tf.cast(v, tf.float32) for k, v in theta.items()}
+            return tf.cast(self.call(full, training=training, theta=theta), unaries.dtype)
         self._check_shapes(unaries.shape, image.shape)
         unaries = tf.convert_to_tensor(unaries)
         image = tf.cast(image, unaries.dtype)
@@ -346,6 +418,9 @@ class CrfRnn(keras.layers.Layer):
             theta_beta = tf.exp(tf.cast(self.log_theta_beta, unaries.dtype))
             theta_gamma = tf.exp(tf.cast(self.log_theta_gamma, unaries.dtype))
             gamma_max = self._gamma_max()
+        if theta is not None:
+            theta_alpha, theta_beta, theta_gamma = self._case_theta(theta, unaries, image)
+            gamma_max = self._gamma_max()
         mask = 1.0 - tf.eye(self.num_classes, dtype=unaries.dtype)
         iterations = self.num_iterations if training else self.num_iterations_inference
         settings = dict(
@@ -362,6 +437,7 @@ class CrfRnn(keras.layers.Layer):
         backend = resolve_backend(self.backend, unaries)
         if (
             self.fused_inference
+            and theta is None
             and backend == "compiled"
             and not training
             and unaries.dtype == tf.float32

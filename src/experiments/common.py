@@ -25,6 +25,9 @@ from crf_rnn_3d.datasets.splits import read_splits, split_file
 # (distribute: one device or mirrored replicas train the same run, equal to float rounding)
 PROCESS_ONLY = ("checkpoint_every", "keep_checkpoints", "stop_after", "log_every", "image_every",
                 "progress", "save_model", "distribute", "validation")  # fmt: skip
+# crf settings of the per-case widths' head (crf_rnn_3d.models.vnet.CASE_THETA_DEFAULTS): part
+# of a run's identity only in a variant with theta_per_case true (the head exists only there)
+CASE_THETA_KEYS = ("theta_per_case", "theta_case_factor", "theta_case_hidden")
 
 
 def validation_identity(train: Mapping) -> dict | None:
@@ -84,7 +87,8 @@ def variant_names(cfg: Mapping) -> list[str]:
 def variant_crf(cfg: Mapping, variant: str) -> dict | None:
     """The CRF head settings of ``variant`` or None: ``cfg.crf`` when its ``crf`` flag is true,
     updated with the variant's ``crf_overrides`` (e.g. ``{learn_theta: true}`` for the variant
-    with learnt kernel widths); an override must name a setting that ``cfg.crf`` has."""
+    with learnt kernel widths, ``{theta_per_case: true}`` for widths predicted per case); an
+    override must name a setting that ``cfg.crf`` has."""
     variants = cfg.get("variants") or {}
     if variant not in variants:
         raise ConfigError("variant", f"one of {list(variants)}", variant)
@@ -113,10 +117,14 @@ def run_identity(cfg: Mapping, fold: int, variant: str) -> dict:
     data = plain(cfg["data"])
     data.pop("root", None)  # where the files are does not change the result
     data.pop("processed", None)
+    crf = variant_crf(cfg, variant)
+    if crf is not None and crf.get("theta_per_case") is False:
+        for key in CASE_THETA_KEYS:  # no per-case head: keeps the folders of earlier runs
+            crf.pop(key, None)
     return {
         "data": data,
         "model": plain(cfg["model"]),
-        "crf": variant_crf(cfg, variant),
+        "crf": crf,
         "train": train,
         "fold": int(fold),
         "variant": variant,

@@ -1,14 +1,17 @@
-"""A run's model: built from the config (V-Net, with the CRF head when the variant says so) and
-restored from the run's checkpoints. The training stage (:mod:`crf_rnn_3d.experiments.train`)
-and the evaluation stage (:mod:`crf_rnn_3d.experiments.evaluate`) both take their model from
-here, so neither imports the other for it. With ``train.validation.select=best`` the model is
-the run's best checkpoint by monitor Dice (``best/``, written by
-:mod:`crf_rnn_3d.experiments.validation`), otherwise its last checkpoint.
+"""A run's model: built from the config (V-Net, with the CRF head when the variant says so, and
+the per-case widths' head when it says ``theta_per_case``) and restored from the run's
+checkpoints, or loaded from the ``model.keras`` a finished run saved (:func:`load_keras_model`).
+The training stage (:mod:`crf_rnn_3d.experiments.train`) and the evaluation stage
+(:mod:`crf_rnn_3d.experiments.evaluate`) both take their model from here, so neither imports the
+other for it. With ``train.validation.select=best`` the model is the run's best checkpoint by
+monitor Dice (``best/``, written by :mod:`crf_rnn_3d.experiments.validation`), otherwise its last
+checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import tensorflow as tf
 
 from crf_rnn_3d.datasets.errors import ConfigError, DataError
 from crf_rnn_3d.experiments import common
-from crf_rnn_3d.models.vnet import PRECISIONS, VNetConfigError, build_vnet
+from crf_rnn_3d.models.vnet import PRECISIONS, CaseTheta, VNetConfigError, build_vnet
 
 CHECKPOINTS = "checkpoints"  # the checkpoint folder inside a run folder
 BEST = "best"  # the folder of the best checkpoint by monitor Dice (train.validation.select=best)
@@ -130,3 +133,19 @@ def restore_selected(cfg: Mapping, fold: int, variant: str) -> tuple[keras.Model
     model = build_model(cfg, variant, input_shape, spacing)
     tf.train.Checkpoint(model=model).restore(path).expect_partial()
     return model, which
+
+
+def load_keras_model(path: str | Path) -> keras.Model:
+    """A model saved as ``.keras`` (a run's ``model.keras``), any variant: the package's layers
+    (CrfRnn, CaseTheta) are registered with Keras by their modules, imported here. DataError
+    naming the file when it is missing or not a model Keras can read."""
+    assert CaseTheta is not None  # imported for its registration with Keras
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "a saved model (.keras)", "no such file")
+    try:
+        return keras.models.load_model(path)
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+        raise DataError(
+            str(path), "a saved model (.keras)", f"{type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc

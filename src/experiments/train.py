@@ -57,7 +57,7 @@ from crf_rnn_3d.experiments import common, validation
 from crf_rnn_3d.experiments.cli import hydra_app, run_stage
 from crf_rnn_3d.experiments.evaluate import Evaluation, evaluate
 from crf_rnn_3d.experiments.model_io import CHECKPOINTS, build_model, restore_checkpoint
-from crf_rnn_3d.models.vnet import PRECISIONS
+from crf_rnn_3d.models.vnet import PRECISIONS, case_theta_scalars
 
 LOSSES = ("dice", "ce", "dice_ce")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -517,13 +517,17 @@ def make_train_step(session: Session, train_cfg: Mapping) -> Callable:
 
 
 def _log_scalars(session: Session, step: int, loss: tf.Tensor, dice: tf.Tensor) -> None:
-    """TensorBoard: loss, Dice, the learning rate of ``step``, a CRF head's kernel widths."""
+    """TensorBoard: loss, Dice, the learning rate of ``step``, a CRF head's kernel widths and,
+    with widths per case, their means over the step's batch (``crf/case_theta/theta_alpha``,
+    ``theta_beta_<c>``, ``theta_gamma``)."""
     lr = session.optimizer.learning_rate
     lr_now = float(lr(step) if callable(lr) else lr)
     tf.summary.scalar("train/loss", loss, step=step)
     tf.summary.scalar("train/dice", dice, step=step)
     tf.summary.scalar("train/learning_rate", lr_now, step=step)
     log_theta_summaries(session.model, step)  # kernel widths of a CRF head, if any
+    for name, value in case_theta_scalars(session.model).items():  # widths per case, if any
+        tf.summary.scalar(name, value, step=step)
 
 
 def run_steps(
