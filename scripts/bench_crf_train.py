@@ -19,6 +19,8 @@ after the forward pass, tape alive, minus RSS before it (the layer's output incl
 the tensors kept for the backward pass. Children run with glibc's mmap threshold fixed at
 128 KiB (glibc would otherwise raise it as large blocks are freed and keep them in its heap).
 
+``--build`` adds the bilateral lattice's build alone (its peak is part of every step's), and
+``--iterations`` changes the number of mean-field iterations (default 5).
 ``--vnet`` adds the V-Net's own training step (configs/model/vnet.yaml, no CRF, cross-entropy,
 Adam) at the PROMISE12 size for comparison.
 
@@ -124,7 +126,22 @@ def child(args: argparse.Namespace) -> None:
         result.update(seconds=min(r[1] for r in runs), peak_mib=runs[0][2])
         print(json.dumps(result))
         return
-    layer = CrfRnn(spacing=list(spacing), backend=args.backend, recompute=args.recompute)
+    if args.what == "build":  # the bilateral lattice's build alone, as the layer makes it
+        from crf_rnn_3d.crf.functional import bilateral_features
+        from crf_rnn_3d.lattice_op import Lattice
+
+        features = bilateral_features(image, spacing, 10.0, [1.0] * m)
+        Lattice(features[:, :8, :8, :8], backend=args.backend).tensors[0].numpy()
+        run = measure(lambda: Lattice(features, backend=args.backend).tensors[0].numpy())
+        result.update(seconds=run[1], peak_mib=run[2])
+        print(json.dumps(result))
+        return
+    layer = CrfRnn(
+        spacing=list(spacing),
+        backend=args.backend,
+        recompute=args.recompute,
+        num_iterations=args.iterations,
+    )
     layer.build([unaries.shape, image.shape])
 
     def loss_of(u: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
@@ -190,7 +207,7 @@ def run_child(command: list[str], max_mib: float) -> tuple[dict | None, str]:
 
 def main_parent(args: argparse.Namespace) -> None:
     base = [sys.executable, __file__, "child", "--repeats", str(args.repeats)]
-    base += ["--threads", str(args.threads)]
+    base += ["--threads", str(args.threads), "--iterations", str(args.iterations)]
     max_mib = args.max_gib * 1024.0
     print(
         "| case | backend | recompute | step time | peak RSS above start | held by the tape "
@@ -229,6 +246,14 @@ def main_parent(args: argparse.Namespace) -> None:
                 print(
                     f"| {case} | {backend} | {recompute} | " + " | ".join(cells) + " |", flush=True
                 )
+    if args.build:
+        for case in args.cases:
+            for backend in args.backends:
+                run, note = run_child(
+                    [*base, "--case", case, "--backend", backend, "--what", "build"], max_mib
+                )
+                cells = note or f"{run['seconds']:.2f} s, peak +{run['peak_mib']:.0f} MiB"
+                print(f"\nlattice build alone, {case}, {backend}: {cells}", flush=True)
     if args.vnet:
         vnet, note = run_child([*base, "--case", "promise", "--what", "vnet"], max_mib)
         cells = f"{note} | |" if note else f"{vnet['seconds']:.2f} s | +{vnet['peak_mib']:.0f} MiB"
@@ -242,7 +267,8 @@ def main() -> None:
     one.add_argument("--case", choices=CASES, required=True)
     one.add_argument("--backend", choices=BACKENDS, default="compiled")
     one.add_argument("--recompute", action="store_true")
-    one.add_argument("--what", choices=["graph", "held", "vnet"], default="graph")
+    one.add_argument("--what", choices=["graph", "held", "vnet", "build"], default="graph")
+    one.add_argument("--iterations", type=int, default=5)
     one.add_argument("--repeats", type=int, default=2)
     one.add_argument("--threads", type=int, default=0)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
@@ -251,6 +277,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: default)")
     parser.add_argument("--held", action="store_true", help="also the eager tape's holding")
     parser.add_argument("--vnet", action="store_true", help="also the V-Net's own step")
+    parser.add_argument("--build", action="store_true", help="also the lattice build alone")
+    parser.add_argument("--iterations", type=int, default=5, help="mean-field iterations")
     parser.add_argument("--max-gib", type=float, default=10.0, help="stop a child above this RSS")
     parser.add_argument("--min-free-gib", type=float, default=12.0, help="for the brats runs")
     args = parser.parse_args()

@@ -291,3 +291,16 @@ def test_recompute_setting_in_config_and_checked() -> None:
     assert CrfRnn.from_config(layer.get_config()).recompute is True
     with pytest.raises(ValueError, match="recompute must be True or False"):
         CrfRnn(recompute="yes")
+
+
+def test_default_config_keeps_recompute_off() -> None:
+    """configs/crf/default.yaml's recompute is the layer's default (docs/crf.md says why)."""
+    from importlib.resources import files
+
+    import yaml
+
+    from crf_rnn_3d.crf.layer import RECOMPUTE_DEFAULT
+
+    cfg = yaml.safe_load((files("crf_rnn_3d.configs") / "crf" / "default.yaml").read_text())
+    assert cfg["recompute"] is RECOMPUTE_DEFAULT is False
+    assert CrfRnn(**cfg).recompute is False
