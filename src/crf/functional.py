@@ -414,8 +414,9 @@ def _iterate_recomputed(
     to rounding). Differentiable inputs: the unaries, the weights, and the filters' ``sources``
     (features, taps of learnt widths, normalisers), through which gradients reach the kernel
     widths and the image as in the plain loop. Eagerly, a source no tape watches gets no
-    gradient (none is asked for); in a graph every source gets one and the runtime drops those
-    that nothing uses.
+    gradient (none is asked for); in a graph every source gets one (a tape there cannot tell
+    what an enclosing gradient will ask for) and those nothing reads are left to the graph's
+    pruning.
     """
     weights = [tf.identity(w) for w in weights]  # tensors, never variables read inside
     sources = []
