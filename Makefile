@@ -33,7 +33,7 @@ PYTEST_ARGS ?=
 .PHONY: setup build lint test test-core test-all bench-lattice bench-core bench-scaling study-feature-grad demo demo-lattice clean help
 .PHONY: reproduce-promise reproduce-brats smoke wheel-check check-gpu-ops gpu-check bench-tf-path
 .PHONY: data-promise data-brats data-synthetic
-.PHONY: bench bench-crf sanity-2d sanity-3d sanity-theta
+.PHONY: bench bench-crf bench-crf-train sanity-2d sanity-3d sanity-theta
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -178,6 +178,11 @@ bench-scaling: $(LIB) $(CORE_OBJ) scripts/bench_core.cc ## the C++ core's scalin
 # CRF (docs/crf.md): benchmark against pydensecrf2, and the paper's sanity experiment (Fig. 3).
 bench-crf: $(BENCH_STAMP) $(LIB) ## dense_crf against pydensecrf2 on phantoms (docs/crf.md)
 	$(PY) scripts/bench_crf.py pydensecrf $(ARGS)
+
+# The CRF head's training step at the paper's sizes: time, peak memory, with and without
+# recompute, both backends (docs/benchmarks.md, "The CRF head in training").
+bench-crf-train: $(LIB) ## CrfRnn forward + backward: time and peak memory, recompute on / off
+	$(PY) scripts/bench_crf_train.py --held --vnet $(ARGS)
 
 sanity-2d: $(LIB) ## train only the CRF to undo a distorted segmentation of a photo
 	$(PY) scripts/sanity_2d.py $(ARGS)

@@ -32,6 +32,10 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
+# Private but stable: tf.recompute_grad uses the same two (no public way to run ops unrecorded by
+# every active tape, or to ask whether a tape watches a tensor).
+from tensorflow.python.eager import record as _record
+
 from crf_rnn_3d.crf._ops import fused_mean_field
 from crf_rnn_3d.lattice_op import Lattice, gaussian_taps, resolve_backend, separable_filter
 
@@ -44,7 +48,6 @@ EXACT_BILATERAL_MAX_VOXELS = 8192
 # separable_spatial_filter).
 SPATIAL_TRUNCATE = 4.0
 
-Filter = Callable[[tf.Tensor], tf.Tensor]
 # A kernel width: a Python number (a fixed setting), a scalar tensor (a learnt one, e.g.
 # exp of a trainable log-theta; gradients then reach it through the features or the taps) or a
 # [B] tensor, one width per batch item (e.g. predicted per case by a network).
@@ -135,12 +138,34 @@ def require_finite(tensor: tf.Tensor, name: str) -> tf.Tensor:
         return tf.identity(tensor)
 
 
-def _normalised(apply: Filter, ones_filtered: tf.Tensor, normalisation: str) -> Filter:
+class Filter:
+    """A normalised Gaussian filter: call it on [B, *spatial, C] tensors.
+
+    ``sources`` lists the float tensors the filter closes over that gradients can reach (the
+    lattice's features, the taps of a learnt width, the normaliser): the recomputing mean field
+    (:func:`mean_field` with ``recompute=True``) watches exactly these when it runs an
+    iteration again in the backward pass, so their gradients are those of the plain loop.
+    """
+
+    def __init__(self, apply: Callable[[tf.Tensor], tf.Tensor], sources: Sequence) -> None:
+        self._apply = apply
+        self.sources = [s for s in sources if isinstance(s, tf.Tensor)]
+
+    def __call__(self, values: tf.Tensor) -> tf.Tensor:
+        return self._apply(values)
+
+
+def _normalised(
+    apply: Callable[[tf.Tensor], tf.Tensor],
+    ones_filtered: tf.Tensor,
+    normalisation: str,
+    sources: Sequence,
+) -> Filter:
     if normalisation == "mean":
         inv = 1.0 / ones_filtered
-        return lambda q: apply(q) * inv
+        return Filter(lambda q: apply(q) * inv, [*sources, inv])
     norm = tf.math.rsqrt(ones_filtered + 1e-20)
-    return lambda q: apply(q * norm) * norm
+    return Filter(lambda q: apply(q * norm) * norm, [*sources, norm])
 
 
 def lattice_filter(features: tf.Tensor, normalisation: str, backend: str = "auto") -> Filter:
@@ -155,7 +180,8 @@ def lattice_filter(features: tf.Tensor, normalisation: str, backend: str = "auto
         return tf.cast(lattice.filter(tf.cast(values, tf.float32)), dtype)
 
     ones = tf.ones_like(features[..., :1])
-    return _normalised(apply, apply(ones), normalisation)
+    # the filter op reads the lattice's features tensor (its feature gradient's input)
+    return _normalised(apply, apply(ones), normalisation, [lattice.features])
 
 
 def exact_filter(features: tf.Tensor, normalisation: str) -> Filter:
@@ -174,7 +200,7 @@ def exact_filter(features: tf.Tensor, normalisation: str) -> Filter:
         return tf.reshape(out, shape)
 
     ones = tf.ones_like(features[..., :1])
-    return _normalised(apply, apply(ones), normalisation)
+    return _normalised(apply, apply(ones), normalisation, [kernel])
 
 
 def spatial_taps(
@@ -257,7 +283,7 @@ def separable_spatial_filter(
         return separable_filter(values, taps, backend=backend)
 
     ones = tf.ones(tf.concat([shape[:-1], [1]], 0), dtype=dtype)
-    return _normalised(apply, apply(ones), normalisation)
+    return _normalised(apply, apply(ones), normalisation, taps if learnt else [])
 
 
 def mean_field(
@@ -277,6 +303,7 @@ def mean_field(
     spatial_filter: str = "separable",
     theta_gamma_max: float | None = None,
     backend: str = "auto",
+    recompute: bool = False,
 ) -> tf.Tensor:
     """Mean-field inference of the fully connected CRF (see the module docstring).
 
@@ -304,6 +331,11 @@ def mean_field(
         separable filters (crf_rnn_3d.lattice_op.backend; "auto" is resolved once here, from
         the device scope and the unaries, so both kernels use the same one). Everything else
         here is TensorFlow ops already, so with "tf" no compiled op runs.
+      recompute: for training (docs/crf.md, "Training memory"): keep only the logits entering
+        each iteration for the backward pass and run each iteration again there, instead of
+        keeping every intermediate of every iteration. Same logits (bit-identical), same
+        gradients to float rounding; less memory, more time. Without a gradient tape it is
+        the plain loop.
 
     Returns:
       [B, *spatial, K] refined logits U - p after the last iteration (softmax them for Q).
@@ -353,15 +385,115 @@ def mean_field(
             normalisation,
             backend,
         )
+    weights = [bilateral_weight, spatial_weight, compatibility]
+    if recompute:
+        return _iterate_recomputed(unaries, weights, appearance, smoothness, num_iterations)
     logits = unaries
-    shape, num_classes = tf.shape(unaries), unaries.shape[-1]
     for _ in range(num_iterations):
-        # over [N, K]: TensorFlow's CPU softmax takes tensors of rank <= 5 only
-        q = tf.reshape(tf.nn.softmax(tf.reshape(logits, [-1, num_classes])), shape)
-        message = bilateral_weight * appearance(q) + spatial_weight * smoothness(q)
-        pairwise = tf.einsum("...k,lk->...l", message, compatibility)
-        logits = unaries - pairwise
+        logits = _iteration(logits, unaries, weights, appearance, smoothness)
     return logits
+
+
+def _iteration(
+    logits: tf.Tensor,
+    unaries: tf.Tensor,
+    weights: Sequence[tf.Tensor],
+    appearance: Filter,
+    smoothness: Filter,
+) -> tf.Tensor:
+    """One mean-field iteration: the logits after it from the logits before it."""
+    bilateral_weight, spatial_weight, compatibility = weights
+    # over [N, K]: TensorFlow's CPU softmax takes tensors of rank <= 5 only
+    flat = tf.reshape(logits, [-1, unaries.shape[-1]])
+    q = tf.reshape(tf.nn.softmax(flat), tf.shape(unaries))
+    message = bilateral_weight * appearance(q) + spatial_weight * smoothness(q)
+    pairwise = tf.einsum("...k,lk->...l", message, compatibility)
+    return unaries - pairwise
+
+
+def _after(tensor: tf.Tensor, upstream: tf.Tensor) -> tf.Tensor:
+    """`tensor` plus a zero computed from `upstream`'s first entry (NaN there keeps it zero).
+
+    In a graph, the backward pass's recomputation of an iteration must not start before the
+    gradient arriving at that iteration exists: without a data dependency on it the runtime
+    is free to run the recomputation during the forward pass (holding its intermediates until
+    the gradient comes, the memory this saves) and grappler to merge it with the forward ops.
+    """
+    first = tf.reduce_max(tf.reshape(upstream, [-1])[:1])
+    flag = tf.cast(first, tf.bool)
+    zero = tf.where(tf.equal(flag, flag), 0.0, float("nan"))
+    return tensor + tf.cast(zero, tensor.dtype)
+
+
+def _iterate_recomputed(
+    unaries: tf.Tensor,
+    weights: Sequence[tf.Tensor],
+    appearance: Filter,
+    smoothness: Filter,
+    num_iterations: int,
+) -> tf.Tensor:
+    """The mean-field loop with one gradient for all of it, keeping only the logits that enter
+    each iteration (num_iterations [B, *spatial, K] tensors, the first being the unaries) and
+    running each iteration again, one at a time from the last, in the backward pass.
+
+    The forward ops are the plain loop's, so the logits are bit-identical; the gradients are the
+    plain loop's chain of the same derivatives, summed over iterations in another order (equal
+    to rounding). Differentiable inputs: the unaries, the weights, and the filters' ``sources``
+    (features, taps of learnt widths, normalisers), through which gradients reach the kernel
+    widths and the image as in the plain loop. Eagerly, a source no tape watches gets no
+    gradient (none is asked for); in a graph every source gets one (a tape there cannot tell
+    what an enclosing gradient will ask for) and those nothing reads are left to the graph's
+    pruning.
+    """
+    weights = [tf.identity(w) for w in weights]  # tensors, never variables read inside
+    sources = []
+    for tensor in appearance.sources + smoothness.sources:
+        if all(tensor is not s for s in sources):
+            sources.append(tensor)
+    eager = tf.executing_eagerly()
+    if eager:
+        if not _record.should_record_backprop([unaries, *weights, *sources]):
+            # no tape watches anything here: nothing to keep for a backward pass
+            logits = unaries
+            for _ in range(num_iterations):
+                logits = _iteration(logits, unaries, weights, appearance, smoothness)
+            return logits
+        sources = [s for s in sources if _record.should_record_backprop([s])]
+    inputs = [unaries, *weights, *sources]
+
+    @tf.custom_gradient
+    def loop(*args: tf.Tensor):
+        checkpoints = []
+        with _record.stop_recording():
+            logits = unaries
+            for _ in range(num_iterations):
+                checkpoints.append(logits)
+                logits = _iteration(logits, unaries, weights, appearance, smoothness)
+
+        def gradient(upstream: tf.Tensor) -> list[tf.Tensor]:
+            parts: list[list[tf.Tensor]] = [[] for _ in inputs]
+            grad_logits = upstream
+            for start in reversed(checkpoints):
+                with tf.GradientTape() as tape:
+                    # a tensor of its own (at the first iteration the unaries enter twice)
+                    entering = tf.identity(start) if eager else _after(start, grad_logits)
+                    tape.watch([entering, *inputs])
+                    out = _iteration(entering, unaries, weights, appearance, smoothness)
+                grads = tape.gradient(
+                    out,
+                    [entering, *inputs],
+                    output_gradients=grad_logits,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+                grad_logits = grads[0]
+                for part, grad in zip(parts, grads[1:], strict=True):
+                    part.append(grad)
+            parts[0].append(grad_logits)  # the first iteration's logits are the unaries
+            return [tf.add_n(part) for part in parts]
+
+        return logits, gradient
+
+    return loop(*inputs)
 
 
 def mean_field_inference(

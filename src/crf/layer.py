@@ -17,6 +17,9 @@ import tensorflow as tf
 from crf_rnn_3d.crf import functional as mf
 from crf_rnn_3d.lattice_op import BACKENDS, resolve_backend
 
+# The default of CrfRnn's `recompute` (docs/crf.md, "Training memory").
+RECOMPUTE_DEFAULT = False
+
 
 def _positive(name: str, value: Any) -> float:
     """A finite float > 0, else ValueError naming the setting."""
@@ -139,6 +142,10 @@ class CrfRnn(keras.layers.Layer):
         "compiled" (the C++ ops, CPU kernels only) or "tf" (TensorFlow ops only, any device:
         the composed mean field of functional.py, never the fused kernel nor any compiled op).
         The two agree to float32 rounding (tests/test_backend.py).
+      recompute: when training, keep only the logits entering each mean-field iteration for
+        the backward pass and run each iteration again there (``functional.mean_field``'s
+        ``recompute``): the same logits, the same gradients to float rounding, less memory for
+        more time (docs/crf.md, "Training memory", has the measurement behind the default).
 
     Weights (trainable): ``bilateral_weight`` w1 [K], ``spatial_weight`` w2 [K],
     ``compatibility`` mu [K, K], whose diagonal is held at zero (masked in call, so the stored
@@ -176,6 +183,7 @@ class CrfRnn(keras.layers.Layer):
         theta_gamma_max: float | None = None,
         fused_inference: bool = False,
         backend: str = "auto",
+        recompute: bool = RECOMPUTE_DEFAULT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -211,6 +219,9 @@ class CrfRnn(keras.layers.Layer):
             raise ValueError(f"fused_inference must be True or False, got {fused_inference!r}")
         self.fused_inference = bool(fused_inference)
         self.backend = _choice("backend", backend, BACKENDS)
+        if not isinstance(recompute, bool | np.bool_):
+            raise ValueError(f"recompute must be True or False, got {recompute!r}")
+        self.recompute = bool(recompute)
         if self.fused_inference and self.backend == "tf":
             raise ValueError(
                 "fused_inference runs the compiled kernel, which backend='tf' never uses; set "
@@ -450,6 +461,7 @@ class CrfRnn(keras.layers.Layer):
             spatial_filter=self.spatial_filter,
             theta_gamma_max=gamma_max,
             backend=backend,
+            recompute=self.recompute,
             **settings,
         )
 
@@ -475,5 +487,6 @@ class CrfRnn(keras.layers.Layer):
             theta_gamma_max=self.theta_gamma_max,
             fused_inference=self.fused_inference,
             backend=self.backend,
+            recompute=self.recompute,
         )
         return config
