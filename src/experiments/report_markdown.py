@@ -4,9 +4,9 @@ paired tests with their Holm-adjusted p-values, effect sizes and the cases neede
 target power, the conventions, and the figures.
 
 With ``report.paper_table`` set (``{title, regions, note}``), a section in the layout of one of
-the paper's tables follows the first table: one row per variant, for each listed region our
-Dice (mean ± SD on the resampled grid) beside the paper's; a number the paper does not give is
-"n/a" (:func:`paper_table_section`; cross_validate prints it again at the end)."""
+the paper's tables takes the place of the first table: one row per variant, for each listed
+region our Dice (mean ± SD on the resampled grid) beside the paper's; a number the paper does
+not give is "n/a" (:func:`paper_table_section`; cross_validate prints it again at the end)."""
 
 from __future__ import annotations
 
@@ -225,23 +225,25 @@ def markdown(cfg: Mapping, summary: dict, figures: dict[str, str], images: list[
     dice = summary["grids"]["resampled"]["dice"]
     first = next(iter(dice.values()), None)
     n = first["variants"][variants[0]]["n"] if first else 0
-    lines = [
-        f"# {cfg['name']}: {' vs '.join(labels.values())} on {cfg['data']['name']}",
-        "",
+    head = (
         f"{n} held-out cases ({len(common.load_splits(cfg))} fold(s) of "
-        f"{cfg['data']['split']['scheme']}), {cfg['train']['steps']} steps per run. "
-        "Dice on the resampled grid, mean ± SD over cases (SD with ddof 1):",
-        "",
-        *_paper_table(summary, variants, labels, paper),
-    ]
-    if paper:
-        lines.append(
-            "\nThe paper's numbers (Monteiro et al. 2018) are on the real data at full size; "
-            "they are printed for comparison of the layout and magnitude only."
-        )
+        f"{cfg['data']['split']['scheme']}), {cfg['train']['steps']} steps per run."
+    )
+    lines = [f"# {cfg['name']}: {' vs '.join(labels.values())} on {cfg['data']['name']}", ""]
     section = paper_table_section(cfg, summary)
-    if section:
-        lines += ["", *section]
+    if section:  # the paper's layout takes the place of the generic table
+        lines += [head, "", *section]
+    else:
+        lines += [
+            f"{head} Dice on the resampled grid, mean ± SD over cases (SD with ddof 1):",
+            "",
+            *_paper_table(summary, variants, labels, paper),
+        ]
+        if paper:
+            lines.append(
+                "\nThe paper's numbers (Monteiro et al. 2018) are on the real data at full size; "
+                "they are printed for comparison of the layout and magnitude only."
+            )
     lines += ["", "## Every metric on both grids", *_metric_tables(summary, variants, labels)]
     unavailable = summary.get("original_unavailable") or {}
     lines += ["", "Cases without original-grid numbers: "
