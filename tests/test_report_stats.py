@@ -67,6 +67,16 @@ def test_cohen_dz_and_its_interval():
     assert nct_cdf(t, 2, low * math.sqrt(3)) == pytest.approx(0.975, abs=1e-6)
     assert nct_cdf(t, 2, high * math.sqrt(3)) == pytest.approx(0.025, abs=1e-6)
     assert low < 2.0 < high
+    # n = 2 with two nearly equal differences (a demo_brats run): t = -70.6 on 1 degree of
+    # freedom, where scipy's nct.cdf is NaN for part of the bracket; the ends still satisfy
+    # the integral
+    dz = float(cohen_dz(np.array([-0.07986609279398563, -0.07763581917985558])))
+    low, high = dz_confidence_interval(dz, 2, 0.05)
+    t = dz * math.sqrt(2)
+    assert t == pytest.approx(-70.62, abs=0.01)
+    assert nct_cdf(t, 1, low * math.sqrt(2)) == pytest.approx(0.975, abs=1e-6)
+    assert nct_cdf(t, 1, high * math.sqrt(2)) == pytest.approx(0.025, abs=1e-6)
+    assert low < dz < high
     # large n: close to the normal approximation d_z +- z sqrt(1/n + d_z^2 / (2n))
     low, high = dz_confidence_interval(0.5, 400, 0.05)
     half = 1.959964 * math.sqrt(1 / 400 + 0.25 / 800)

@@ -27,6 +27,7 @@ from crf_rnn_3d.experiments.cli import hydra_app, run_stage
 from crf_rnn_3d.experiments.evaluate import Evaluation, evaluate
 from crf_rnn_3d.experiments.prepare import prepare
 from crf_rnn_3d.experiments.report import ReportResult, report
+from crf_rnn_3d.experiments.report_markdown import paper_table_section
 from crf_rnn_3d.experiments.train import train
 
 
@@ -95,6 +96,9 @@ def main(cfg: DictConfig) -> None:
     if result.report is not None:
         print((result.report.folder / "report.md").read_text())
         print(f"report: {result.report.folder}")
+        section = paper_table_section(cfg, result.report.summary)
+        if section:  # report.paper_table: the paper's layout again, last on the terminal
+            print("\n" + "\n".join(section))
 
 
 if __name__ == "__main__":

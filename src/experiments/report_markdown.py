@@ -1,13 +1,19 @@
 """The report's ``report.md``: the paper's table layout (method x region, Dice mean ± SD on the
 resampled grid) with the paper's own numbers beside ours, every metric on both grids, the
 paired tests with their Holm-adjusted p-values, effect sizes and the cases needed for the
-target power, the conventions, and the figures."""
+target power, the conventions, and the figures.
+
+With ``report.paper_table`` set (``{title, regions, note}``), a section in the layout of one of
+the paper's tables takes the place of the first table: one row per variant, for each listed
+region our Dice (mean ± SD on the resampled grid) beside the paper's; a number the paper does
+not give is "n/a" (:func:`paper_table_section`; cross_validate prints it again at the end)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 
+from crf_rnn_3d.datasets.errors import ConfigError
 from crf_rnn_3d.experiments import common
 
 METRIC_NAMES = {"dice": "Dice", "hd95": "HD95 (mm)", "assd": "ASSD (mm)", "nsd": "NSD"}
@@ -40,12 +46,66 @@ def _paper_table(summary: dict, variants: list[str], labels: dict, paper: dict) 
         for r in regions:
             s = dice[r]["variants"][v]
             ref = paper.get(r, {}).get(v)
-            theirs = "–"
+            theirs = "n/a"
             if ref and ref.get("mean") is not None:
                 std = ref.get("std")
                 theirs = f"{ref['mean']:.3f}" + ("" if std is None else f" ± {std:.3f}")
             cells += [f"{_fmt(s['mean'])} ± {_fmt(s['std'])}", theirs]
         lines.append(f"| {labels[v]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _paper_number(ref: Mapping | None) -> str:
+    """The paper's "mean ± SD" of one cell; "n/a" for what it does not give."""
+    mean = None if not ref else ref.get("mean")
+    if mean is None:
+        return "n/a"
+    return f"{_fmt(float(mean))} ± {_fmt(None if ref.get('std') is None else float(ref['std']))}"
+
+
+def paper_table_section(cfg: Mapping, summary: dict) -> list[str]:
+    """The lines of the ``report.paper_table`` section (none when it is not set): a title, one
+    row per variant, for each region of ``regions`` (in that order) this run's Dice mean ± SD
+    (resampled grid, as the paper scored) beside the paper's (``report.paper``; "n/a" where the
+    paper gives no mean or no SD), then ``note``. ConfigError naming the setting when it is not
+    a mapping with a non-empty ``regions`` list of the report's regions."""
+    spec = common.plain(cfg["report"].get("paper_table"))
+    if spec is None:
+        return []
+    if not isinstance(spec, Mapping):
+        raise ConfigError("report.paper_table", "a mapping {title, regions, note}", spec)
+    dice = summary["grids"]["resampled"]["dice"]
+    regions = spec.get("regions")
+    if (
+        not isinstance(regions, list)
+        or not regions
+        or any(not isinstance(r, str) or r not in dice for r in regions)
+    ):
+        expected = f"a non-empty list of the report's regions {list(dice)}"
+        raise ConfigError("report.paper_table.regions", expected, regions)
+    variants = common.variant_names(cfg)
+    labels = {v: str(cfg["variants"][v].get("label", v)) for v in variants}
+    paper = common.plain(cfg["report"].get("paper")) or {}
+    n = dice[regions[0]]["variants"][variants[0]]["n"]
+    title = spec.get("title") or "The paper's table"
+    lines = [
+        f"## {title}",
+        "",
+        f"Dice, mean ± SD (ddof 1) over this run's {n} held-out cases on the resampled grid, "
+        "beside the paper's; n/a: the paper gives no such number.",
+        "",
+        "| Method | " + " | ".join(f"{r}: this run | {r}: paper" for r in regions) + " |",
+        "|---|" + "---|---|" * len(regions),
+    ]
+    for v in variants:
+        cells = []
+        for r in regions:
+            ours = dice[r]["variants"][v]
+            cells += [f"{_fmt(ours['mean'])} ± {_fmt(ours['std'])}",
+                      _paper_number(paper.get(r, {}).get(v))]  # fmt: skip
+        lines.append(f"| {labels[v]} | " + " | ".join(cells) + " |")
+    if spec.get("note"):
+        lines += ["", str(spec["note"])]
     return lines
 
 
@@ -165,20 +225,25 @@ def markdown(cfg: Mapping, summary: dict, figures: dict[str, str], images: list[
     dice = summary["grids"]["resampled"]["dice"]
     first = next(iter(dice.values()), None)
     n = first["variants"][variants[0]]["n"] if first else 0
-    lines = [
-        f"# {cfg['name']}: {' vs '.join(labels.values())} on {cfg['data']['name']}",
-        "",
+    head = (
         f"{n} held-out cases ({len(common.load_splits(cfg))} fold(s) of "
-        f"{cfg['data']['split']['scheme']}), {cfg['train']['steps']} steps per run. "
-        "Dice on the resampled grid, mean ± SD over cases (SD with ddof 1):",
-        "",
-        *_paper_table(summary, variants, labels, paper),
-    ]
-    if paper:
-        lines.append(
-            "\nThe paper's numbers (Monteiro et al. 2018) are on the real data at full size; "
-            "they are printed for comparison of the layout and magnitude only."
-        )
+        f"{cfg['data']['split']['scheme']}), {cfg['train']['steps']} steps per run."
+    )
+    lines = [f"# {cfg['name']}: {' vs '.join(labels.values())} on {cfg['data']['name']}", ""]
+    section = paper_table_section(cfg, summary)
+    if section:  # the paper's layout takes the place of the generic table
+        lines += [head, "", *section]
+    else:
+        lines += [
+            f"{head} Dice on the resampled grid, mean ± SD over cases (SD with ddof 1):",
+            "",
+            *_paper_table(summary, variants, labels, paper),
+        ]
+        if paper:
+            lines.append(
+                "\nThe paper's numbers (Monteiro et al. 2018) are on the real data at full size; "
+                "they are printed for comparison of the layout and magnitude only."
+            )
     lines += ["", "## Every metric on both grids", *_metric_tables(summary, variants, labels)]
     unavailable = summary.get("original_unavailable") or {}
     lines += ["", "Cases without original-grid numbers: "

@@ -65,7 +65,12 @@ def _ncp_where_cdf_is(t: float, df: int, target: float) -> float:
     exactly one root."""
 
     def f(delta: float) -> float:
-        return float(stats.nct.cdf(t, df, delta)) - target
+        p = float(stats.nct.cdf(t, df, delta))
+        if math.isnan(p):  # scipy's cdf gives NaN far in a tail (t = -70, df = 1, delta = 9);
+            p = float(stats.nct.sf(-t, df, -delta))  # the same probability, by symmetry
+        if math.isnan(p):
+            raise ValueError(f"noncentral t cdf undefined at t = {t}, df = {df}, delta = {delta}")
+        return p - target
 
     width = 10.0
     lo, hi = t - width, t + width
