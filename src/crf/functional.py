@@ -129,12 +129,15 @@ def _normalised(apply: Filter, ones_filtered: tf.Tensor, normalisation: str) -> 
     return lambda q: apply(q * norm) * norm
 
 
-def lattice_filter(features: tf.Tensor, normalisation: str, backend: str = "auto") -> Filter:
+def lattice_filter(
+    features: tf.Tensor, normalisation: str, backend: str = "auto", lattice_copies: int = 1
+) -> Filter:
     """Normalised Gaussian filter over a permutohedral lattice built once from `features`
     [B, *spatial, F] (already divided by the kernel widths). The returned function filters
     [B, *spatial, C] tensors of any float dtype (computed in float32) and reuses the lattice.
-    backend: "auto", "compiled" or "tf" (crf_rnn_3d.lattice_op.backend)."""
-    lattice = Lattice(tf.cast(features, tf.float32), backend=backend)
+    backend: "auto", "compiled" or "tf" (crf_rnn_3d.lattice_op.backend); lattice_copies: the
+    lattice's accuracy setting (``Lattice``), 1 by default."""
+    lattice = Lattice(tf.cast(features, tf.float32), backend=backend, lattice_copies=lattice_copies)
     dtype = features.dtype
 
     def apply(values: tf.Tensor) -> tf.Tensor:
@@ -253,6 +256,7 @@ def mean_field(
     spatial_filter: str = "separable",
     theta_gamma_max: float | None = None,
     backend: str = "auto",
+    lattice_copies: int = 1,
 ) -> tf.Tensor:
     """Mean-field inference of the fully connected CRF (see the module docstring).
 
@@ -277,6 +281,8 @@ def mean_field(
         separable filters (crf_rnn_3d.lattice_op.backend; "auto" is resolved once here, from
         the device scope and the unaries, so both kernels use the same one). Everything else
         here is TensorFlow ops already, so with "tf" no compiled op runs.
+      lattice_copies: the lattices' accuracy setting (crf_rnn_3d.lattice_op.Lattice): each
+        lattice filter averages this many lattices in rotated frames; 1 (default) is one.
 
     Returns:
       [B, *spatial, K] refined logits U - p after the last iteration (softmax them for Q).
@@ -299,7 +305,7 @@ def mean_field(
     image = require_finite(image, "image")
     features = bilateral_features(image, spacing, theta_alpha, theta_beta)
     if bilateral_filter == "lattice":
-        appearance = lattice_filter(features, normalisation, backend)
+        appearance = lattice_filter(features, normalisation, backend, lattice_copies)
     else:
         voxels = math.prod(d for d in unaries.shape[1:-1] if d is not None)
         if voxels > EXACT_BILATERAL_MAX_VOXELS:
@@ -325,6 +331,7 @@ def mean_field(
             positions(tf.shape(unaries), spacing, theta_gamma, unaries.dtype),
             normalisation,
             backend,
+            lattice_copies,
         )
     logits = unaries
     shape, num_classes = tf.shape(unaries), unaries.shape[-1]

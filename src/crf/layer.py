@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from crf_rnn_3d.crf import functional as mf
-from crf_rnn_3d.lattice_op import BACKENDS, resolve_backend
+from crf_rnn_3d.lattice_op import BACKENDS, check_lattice_copies, resolve_backend
 
 
 def _positive(name: str, value: Any) -> float:
@@ -129,6 +129,11 @@ class CrfRnn(keras.layers.Layer):
         "compiled" (the C++ ops, CPU kernels only) or "tf" (TensorFlow ops only, any device:
         the composed mean field of functional.py, never the fused kernel nor any compiled op).
         The two agree to float32 rounding (tests/test_backend.py).
+      lattice_copies: the lattice's accuracy setting (crf_rnn_3d.lattice_op.Lattice, 1..8):
+        each lattice filter averages this many lattices built in rotated frames, a smaller
+        error at a proportional cost (docs/lattice_op.md, "Accuracy setting"). Default 1 (one
+        lattice, unchanged). With more than 1, fused_inference falls back to the composed path
+        (the fused kernel runs one lattice).
 
     Weights (trainable): ``bilateral_weight`` w1 [K], ``spatial_weight`` w2 [K],
     ``compatibility`` mu [K, K], whose diagonal is held at zero (masked in call, so the stored
@@ -165,6 +170,7 @@ class CrfRnn(keras.layers.Layer):
         theta_gamma_max: float | None = None,
         fused_inference: bool = False,
         backend: str = "auto",
+        lattice_copies: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -200,6 +206,7 @@ class CrfRnn(keras.layers.Layer):
             raise ValueError(f"fused_inference must be True or False, got {fused_inference!r}")
         self.fused_inference = bool(fused_inference)
         self.backend = _choice("backend", backend, BACKENDS)
+        self.lattice_copies = check_lattice_copies(lattice_copies)
         if self.fused_inference and self.backend == "tf":
             raise ValueError(
                 "fused_inference runs the compiled kernel, which backend='tf' never uses; set "
@@ -365,6 +372,7 @@ class CrfRnn(keras.layers.Layer):
             and backend == "compiled"
             and not training
             and unaries.dtype == tf.float32
+            and self.lattice_copies == 1
         ):
             return mf.mean_field_inference(unaries, image, **settings)[0]
         return mf.mean_field(
@@ -374,6 +382,7 @@ class CrfRnn(keras.layers.Layer):
             spatial_filter=self.spatial_filter,
             theta_gamma_max=gamma_max,
             backend=backend,
+            lattice_copies=self.lattice_copies,
             **settings,
         )
 
@@ -399,5 +408,6 @@ class CrfRnn(keras.layers.Layer):
             theta_gamma_max=self.theta_gamma_max,
             fused_inference=self.fused_inference,
             backend=self.backend,
+            lattice_copies=self.lattice_copies,
         )
         return config
