@@ -149,15 +149,16 @@ def check_lattice_copies(lattice_copies: object) -> int:
 
 
 def copy_rotation(num_features: int, copy: int) -> np.ndarray:
-    """float32 [F, F] orthogonal matrix (determinant +1) of lattice copy `copy` >= 1: fixed for
-    (F, copy), so both backends and every call build the same copies. Drawn from the Haar
-    measure (QR of a Gaussian matrix with the signs of R's diagonal moved into Q)."""
+    """float32 [F, F] orthogonal matrix of lattice copy `copy` >= 1, fixed for (F, copy) so that
+    both backends and every call build the same copies: drawn from the Haar measure on O(F)
+    (QR of a Gaussian matrix, the signs of R's diagonal moved into Q); for F = 1, where the only
+    choices are +-1, the reflection -1 for odd copies (the lattice then sits at another offset
+    from the data: the build subtracts each channel's minimum)."""
+    if num_features == 1:
+        return np.array([[-1.0 if copy % 2 else 1.0]], np.float32)
     rng = np.random.default_rng([0x1A77, num_features, copy])
     q, r = np.linalg.qr(rng.normal(size=(num_features, num_features)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q.astype(np.float32)
+    return (q * np.sign(np.diag(r))).astype(np.float32)
 
 
 def warn_untested_features(num_features: int | None, lattice_copies: int) -> None:
