@@ -73,6 +73,8 @@ class Lattice:
         fixed rotated frames (``_common.copy_rotation``). The Gaussian is the same; the
         lattice's error falls (measured in docs/benchmarks.md) and the cost of the build and of
         every filter grows in proportion. 1 (default): one lattice, results unchanged bit for bit.
+        ``tensors`` are copy 0's lattice (the features' own frame); ``copies`` holds the others
+        as Lattice objects; ``num_points`` counts all.
       blur_passes: a measurement setting, compiled backend only, 1..8: a lattice finer by
         sqrt((3k+1)/4) blurred k times, the same Gaussian. It lowers the error only for F <= 3
         and raises it above (docs/lattice_op.md); 1 (default) is Adams et al.'s lattice.
