@@ -33,7 +33,7 @@ PYTEST_ARGS ?=
 .PHONY: setup build lint test test-core test-all bench-lattice bench-core bench-scaling study-feature-grad demo demo-brats demo-lattice clean help
 .PHONY: reproduce-promise reproduce-brats smoke wheel-check check-gpu-ops gpu-check bench-tf-path
 .PHONY: data-promise data-brats data-synthetic
-.PHONY: bench bench-crf bench-crf-train sanity-2d sanity-3d sanity-theta
+.PHONY: bench bench-crf bench-crf-train bench-accuracy sanity-2d sanity-3d sanity-theta
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -164,6 +164,10 @@ bench: $(BENCH_STAMP) $(LIB) ## the whole comparison (dense_crf, lattice op) -> 
 
 bench-lattice: $(BENCH_STAMP) $(LIB) ## lattice op benchmark against pydensecrf2 (docs/benchmarks.md)
 	$(PY) scripts/bench_lattice.py $(ARGS)
+
+# The lattice's accuracy settings against the exact filter and pydensecrf2 (docs/benchmarks.md).
+bench-accuracy: $(BENCH_STAMP) $(LIB) ## lattice error vs exact filter and cost per accuracy setting, beside pydensecrf2
+	$(PY) scripts/bench_accuracy.py $(ARGS)
 
 # Route 1 vs route 2 of the features' gradient against the exact one (docs/lattice_op.md).
 study-feature-grad: $(LIB) ## the features' gradient routes against the exact one

@@ -135,9 +135,9 @@ def test_lattice_path_within_lattice_accuracy(spatial, spacing, max_tol, rms_tol
 class CountingLattice(mf.Lattice):
     builds = 0
 
-    def __init__(self, features, backend="auto"):
+    def __init__(self, features, backend="auto", **settings):
         type(self).builds += 1
-        super().__init__(features, backend=backend)
+        super().__init__(features, backend=backend, **settings)
 
 
 @pytest.mark.parametrize("spatial_filter,expected", [("separable", 1), ("lattice", 2)])

@@ -90,6 +90,22 @@ def test_recompute_gives_the_plain_loops_logits_and_gradients(backend, learn_the
         _assert_close(got, want, 1e-6, f"{backend}, d/d {name}")
 
 
+def test_recompute_with_lattice_copies_keeps_every_gradient() -> None:
+    """With lattice_copies > 1 the rotated copies' features are computed outside the filter:
+    the recomputed iterations must still send the features' gradient through them (to the
+    image and the learnt widths), as the plain loop does."""
+    unaries, image, upstream = _inputs(2, (6, 7, 5), 3, 2, seed=5)
+    settings = dict(backend="compiled", learn_theta=True, lattice_copies=3)
+    weights = _weights(settings, unaries, image, seed=6)
+    plain = _logits_and_gradients(_layer(False, **settings), unaries, image, upstream, weights)
+    layer = _layer(True, **settings)
+    again = _logits_and_gradients(layer, unaries, image, upstream, weights)
+    np.testing.assert_array_equal(again[0], plain[0])
+    names = ["unaries", "image"] + [w.name for w in layer.trainable_weights]
+    for name, got, want in zip(names, again[1], plain[1], strict=True):
+        _assert_close(got, want, 1e-6, f"copies, d/d {name}")
+
+
 def test_recompute_float64_exact_against_plain_and_finite_differences() -> None:
     """Exact bilateral filter in float64, learnt widths, batch of 2: the recomputed gradients
     equal the plain loop's within 1e-12; those of the widths and of the compatibility match

@@ -168,20 +168,26 @@ def _normalised(
     return Filter(lambda q: apply(q * norm) * norm, [*sources, norm])
 
 
-def lattice_filter(features: tf.Tensor, normalisation: str, backend: str = "auto") -> Filter:
+def lattice_filter(
+    features: tf.Tensor, normalisation: str, backend: str = "auto", lattice_copies: int = 1
+) -> Filter:
     """Normalised Gaussian filter over a permutohedral lattice built once from `features`
     [B, *spatial, F] (already divided by the kernel widths). The returned function filters
     [B, *spatial, C] tensors of any float dtype (computed in float32) and reuses the lattice.
-    backend: "auto", "compiled" or "tf" (crf_rnn_3d.lattice_op.backend)."""
-    lattice = Lattice(tf.cast(features, tf.float32), backend=backend)
+    backend: "auto", "compiled" or "tf" (crf_rnn_3d.lattice_op.backend); lattice_copies: the
+    lattice's accuracy setting (``Lattice``), 1 by default."""
+    lattice = Lattice(tf.cast(features, tf.float32), backend=backend, lattice_copies=lattice_copies)
     dtype = features.dtype
 
     def apply(values: tf.Tensor) -> tf.Tensor:
         return tf.cast(lattice.filter(tf.cast(values, tf.float32)), dtype)
 
     ones = tf.ones_like(features[..., :1])
-    # the filter op reads the lattice's features tensor (its feature gradient's input)
-    return _normalised(apply, apply(ones), normalisation, [lattice.features])
+    # the filter ops read the lattice's features tensor (their feature gradient's input), and
+    # those of its rotated copies (lattice_copies > 1), each computed from the features outside
+    # the filter: all are sources of the recomputing mean field
+    sources = [lattice.features, *(copy.features for copy in lattice.copies)]
+    return _normalised(apply, apply(ones), normalisation, sources)
 
 
 def exact_filter(features: tf.Tensor, normalisation: str) -> Filter:
@@ -304,6 +310,7 @@ def mean_field(
     theta_gamma_max: float | None = None,
     backend: str = "auto",
     recompute: bool = False,
+    lattice_copies: int = 1,
 ) -> tf.Tensor:
     """Mean-field inference of the fully connected CRF (see the module docstring).
 
@@ -336,6 +343,8 @@ def mean_field(
         keeping every intermediate of every iteration. Same logits (bit-identical), same
         gradients to float rounding; less memory, more time. Without a gradient tape it is
         the plain loop.
+      lattice_copies: the lattices' accuracy setting (crf_rnn_3d.lattice_op.Lattice): each
+        lattice filter averages this many lattices in rotated frames; 1 (default) is one.
 
     Returns:
       [B, *spatial, K] refined logits U - p after the last iteration (softmax them for Q).
@@ -358,7 +367,7 @@ def mean_field(
     image = require_finite(image, "image")
     features = bilateral_features(image, spacing, theta_alpha, theta_beta)
     if bilateral_filter == "lattice":
-        appearance = lattice_filter(features, normalisation, backend)
+        appearance = lattice_filter(features, normalisation, backend, lattice_copies)
     else:
         voxels = math.prod(d for d in unaries.shape[1:-1] if d is not None)
         if voxels > EXACT_BILATERAL_MAX_VOXELS:
@@ -384,6 +393,7 @@ def mean_field(
             positions(tf.shape(unaries), spacing, theta_gamma, unaries.dtype),
             normalisation,
             backend,
+            lattice_copies,
         )
     weights = [bilateral_weight, spatial_weight, compatibility]
     if recompute:

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from crf_rnn_3d.crf import functional as mf
-from crf_rnn_3d.lattice_op import BACKENDS, resolve_backend
+from crf_rnn_3d.lattice_op import BACKENDS, check_lattice_copies, resolve_backend
 
 # The default of CrfRnn's `recompute` (docs/crf.md, "Training memory").
 RECOMPUTE_DEFAULT = False
@@ -146,6 +146,11 @@ class CrfRnn(keras.layers.Layer):
         the backward pass and run each iteration again there (``functional.mean_field``'s
         ``recompute``): the same logits, the same gradients to float rounding, less memory for
         more time (docs/crf.md, "Training memory", has the measurement behind the default).
+      lattice_copies: the lattice's accuracy setting (crf_rnn_3d.lattice_op.Lattice, 1..8):
+        each lattice filter averages this many lattices built in rotated frames, a smaller
+        error at a proportional cost (docs/lattice_op.md, "Accuracy setting"). Default 1 (one
+        lattice, unchanged). With more than 1, fused_inference falls back to the composed path
+        (the fused kernel runs one lattice).
 
     Weights (trainable): ``bilateral_weight`` w1 [K], ``spatial_weight`` w2 [K],
     ``compatibility`` mu [K, K], whose diagonal is held at zero (masked in call, so the stored
@@ -184,6 +189,7 @@ class CrfRnn(keras.layers.Layer):
         fused_inference: bool = False,
         backend: str = "auto",
         recompute: bool = RECOMPUTE_DEFAULT,
+        lattice_copies: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -222,6 +228,7 @@ class CrfRnn(keras.layers.Layer):
         if not isinstance(recompute, bool | np.bool_):
             raise ValueError(f"recompute must be True or False, got {recompute!r}")
         self.recompute = bool(recompute)
+        self.lattice_copies = check_lattice_copies(lattice_copies)
         if self.fused_inference and self.backend == "tf":
             raise ValueError(
                 "fused_inference runs the compiled kernel, which backend='tf' never uses; set "
@@ -452,6 +459,7 @@ class CrfRnn(keras.layers.Layer):
             and backend == "compiled"
             and not training
             and unaries.dtype == tf.float32
+            and self.lattice_copies == 1
         ):
             return mf.mean_field_inference(unaries, image, **settings)[0]
         return mf.mean_field(
@@ -462,6 +470,7 @@ class CrfRnn(keras.layers.Layer):
             theta_gamma_max=gamma_max,
             backend=backend,
             recompute=self.recompute,
+            lattice_copies=self.lattice_copies,
             **settings,
         )
 
@@ -488,5 +497,6 @@ class CrfRnn(keras.layers.Layer):
             fused_inference=self.fused_inference,
             backend=self.backend,
             recompute=self.recompute,
+            lattice_copies=self.lattice_copies,
         )
         return config

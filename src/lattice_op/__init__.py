@@ -8,8 +8,10 @@ Public API (every caller, benchmarks included, uses exactly this):
   gaussian_taps(sigma, truncate, n)   the taps of one axis of a truncated Gaussian
   BACKENDS, resolve_backend           the backend switch ("auto", "compiled", "tf") that every
                                       filtering entry point takes as backend=
+  check_lattice_copies                the accuracy setting's check (Lattice(lattice_copies=))
 """
 
+from crf_rnn_3d.lattice_op._common import check_lattice_copies
 from crf_rnn_3d.lattice_op.backend import BACKENDS, resolve_backend
 from crf_rnn_3d.lattice_op.lattice import Lattice, LatticeTensors, permutohedral_filter
 from crf_rnn_3d.lattice_op.separable import gaussian_taps, separable_filter
@@ -18,6 +20,7 @@ __all__ = [
     "BACKENDS",
     "Lattice",
     "LatticeTensors",
+    "check_lattice_copies",
     "gaussian_taps",
     "permutohedral_filter",
     "resolve_backend",

@@ -5,6 +5,7 @@ backend evaluates with its own filter on its own lattice.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -109,6 +110,69 @@ def check_static_rank(tensor: tf.Tensor, name: str) -> None:
         )
     if rank is not None and tensor.shape[-1] == 0:
         raise invalid(f"{name} has 0 channels (shape {tensor.shape})")
+
+
+# The accuracy setting (docs/lattice_op.md, "Accuracy setting"): k sweeps of blurs on a lattice
+# finer by sqrt((3k + 1) / 4). Each pass costs a blur sweep and the finer lattice has more points,
+# so k stays small; 1 is Adams et al.'s lattice (the default, unchanged).
+MAX_BLUR_PASSES = 8
+# Above this many feature channels the lattice's error is not covered by the tests
+# (tests/test_lattice_accuracy.py goes up to 10): Lattice warns.
+MAX_TESTED_FEATURES = 10
+
+
+def check_blur_passes(blur_passes: object) -> int:
+    """The accuracy setting as a plain int in 1..MAX_BLUR_PASSES; anything else is a ValueError
+    that names it."""
+    if isinstance(blur_passes, bool) or not isinstance(blur_passes, (int, np.integer)):
+        raise ValueError(f"blur_passes must be an integer, got {blur_passes!r}")
+    if not 1 <= int(blur_passes) <= MAX_BLUR_PASSES:
+        raise ValueError(f"blur_passes must be in 1..{MAX_BLUR_PASSES}, got {int(blur_passes)}")
+    return int(blur_passes)
+
+
+# The accuracy setting that helps (docs/lattice_op.md, "Accuracy setting"): the filter averages
+# this many lattices, each built from the features in a rotated frame. Cost grows linearly.
+MAX_LATTICE_COPIES = 8
+
+
+def check_lattice_copies(lattice_copies: object) -> int:
+    """The number of averaged lattices as a plain int in 1..MAX_LATTICE_COPIES; anything else
+    is a ValueError that names it."""
+    if isinstance(lattice_copies, bool) or not isinstance(lattice_copies, (int, np.integer)):
+        raise ValueError(f"lattice_copies must be an integer, got {lattice_copies!r}")
+    if not 1 <= int(lattice_copies) <= MAX_LATTICE_COPIES:
+        raise ValueError(
+            f"lattice_copies must be in 1..{MAX_LATTICE_COPIES}, got {int(lattice_copies)}"
+        )
+    return int(lattice_copies)
+
+
+def copy_rotation(num_features: int, copy: int) -> np.ndarray:
+    """float32 [F, F] orthogonal matrix of lattice copy `copy` >= 1, fixed for (F, copy) so that
+    both backends and every call build the same copies: drawn from the Haar measure on O(F)
+    (QR of a Gaussian matrix, the signs of R's diagonal moved into Q); for F = 1, where the only
+    choices are +-1, the reflection -1 for odd copies (the lattice then sits at another offset
+    from the data: the build subtracts each channel's minimum)."""
+    if num_features == 1:
+        return np.array([[-1.0 if copy % 2 else 1.0]], np.float32)
+    rng = np.random.default_rng([0x1A77, num_features, copy])
+    q, r = np.linalg.qr(rng.normal(size=(num_features, num_features)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def warn_untested_features(num_features: int | None, lattice_copies: int) -> None:
+    """Warns once per call site when a lattice has more feature channels than the accuracy
+    tests cover: its error against the exact Gaussian grows with F (docs/benchmarks.md)."""
+    if num_features is not None and num_features > MAX_TESTED_FEATURES:
+        warnings.warn(
+            f"lattice with {num_features} feature channels (lattice_copies={lattice_copies}): the "
+            f"permutohedral approximation's error grows with the feature count and is tested "
+            f"only up to {MAX_TESTED_FEATURES} (docs/benchmarks.md, accuracy setting); more "
+            f"lattice_copies lower it at a proportional cost",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def checked_values(values: tf.Tensor | object, features_shape: tf.TensorShape) -> tf.Tensor:

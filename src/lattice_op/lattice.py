@@ -16,8 +16,15 @@ import tensorflow as tf
 
 from crf_rnn_3d.lattice_op import _library, tf_lattice
 from crf_rnn_3d.lattice_op._common import as_float32 as _as_float32
+from crf_rnn_3d.lattice_op._common import (
+    check_blur_passes,
+    check_lattice_copies,
+    checked_values,
+    copy_rotation,
+    feature_gradient,
+    warn_untested_features,
+)
 from crf_rnn_3d.lattice_op._common import check_static_rank as _check_static_rank
-from crf_rnn_3d.lattice_op._common import checked_values, feature_gradient
 from crf_rnn_3d.lattice_op.backend import resolve_backend
 
 __all__ = ["Lattice", "LatticeTensors", "feature_gradient", "permutohedral_filter"]
@@ -64,6 +71,16 @@ class Lattice:
         (tf_lattice.py; any device). "auto" is resolved here, once, from this call's device
         scope and the features (``resolve_backend``) and stored as ``self.backend``. Both build
         the same lattice points and filter to within float32 rounding (docs/lattice_op.md).
+      lattice_copies: the accuracy setting (docs/lattice_op.md, "Accuracy setting"), 1..8.
+        The filter averages this many lattices: this one and copies built from the features in
+        fixed rotated frames (``_common.copy_rotation``). The Gaussian is the same; the
+        lattice's error falls (measured in docs/benchmarks.md) and the cost of the build and of
+        every filter grows in proportion. 1 (default): one lattice, results unchanged bit for bit.
+        ``tensors`` are copy 0's lattice (the features' own frame); ``copies`` holds the others
+        as Lattice objects; ``num_points`` counts all.
+      blur_passes: a measurement setting, compiled backend only, 1..8: a lattice finer by
+        sqrt((3k+1)/4) blurred k times, the same Gaussian. It lowers the error only for F <= 3
+        and raises it above (docs/lattice_op.md); 1 (default) is Adams et al.'s lattice.
 
     Raises:
       tf.errors.InvalidArgumentError: wrong dtype or rank, no channels or voxels, NaN or Inf in
@@ -71,7 +88,10 @@ class Lattice:
         or Inf in the values is refused by :meth:`filter`: docs/reliability.md, "NaN and Inf".)
       tf.errors.ResourceExhaustedError: the lattice would not fit in memory (the budget is the
         machine's memory, or CRF3D_LATTICE_MAX_BYTES when set; compiled backend only).
-      ValueError: an unknown backend.
+      ValueError: an unknown backend, a setting out of range, blur_passes > 1 with the TF
+        backend, or lattice_copies > 1 with an unknown number of feature channels.
+
+    Warns (RuntimeWarning) for more than 10 feature channels: the error is tested up to 10.
 
     Gradients: every filter output is differentiable with respect to the values (the adjoint
     filter) and to the features (see :func:`_filter_gradient`: the derivative of the Gaussian
@@ -79,24 +99,61 @@ class Lattice:
     constant in the features and has no gradient of its own.
     """
 
-    def __init__(self, features: tf.Tensor, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        features: tf.Tensor,
+        backend: str = "auto",
+        blur_passes: int = 1,
+        lattice_copies: int = 1,
+    ) -> None:
         features = _as_float32(features, "features")
         _check_static_rank(features, "features")
+        self.blur_passes = check_blur_passes(blur_passes)
+        self.lattice_copies = check_lattice_copies(lattice_copies)
+        warn_untested_features(features.shape[-1], self.lattice_copies)
         self.backend = resolve_backend(backend, features)
+        if self.backend == "tf" and self.blur_passes != 1:
+            raise ValueError(
+                "blur_passes > 1 (a measurement setting, docs/lattice_op.md) runs on the "
+                "compiled backend only; use lattice_copies for the TF path"
+            )
         self.features = features
         self.features_shape = features.shape
         self._tf_lattice = None
+        # The accuracy setting: copies 1.. are lattices of the same features in rotated frames
+        # (the exact Gaussian is rotation invariant, the lattice's error is not); filter
+        # averages all copies. Copy 0 is this object's own lattice, so 1 copy is unchanged.
+        self.copies: list[Lattice] = []
+        if self.lattice_copies > 1:
+            num_features = features.shape[-1]
+            if num_features is None:
+                raise ValueError("lattice_copies > 1 needs a static number of feature channels")
+            for copy in range(1, self.lattice_copies):
+                rotation = tf.constant(copy_rotation(num_features, copy))
+                self.copies.append(
+                    Lattice(
+                        tf.linalg.matvec(rotation, features),
+                        backend=self.backend,
+                        blur_passes=self.blur_passes,
+                    )
+                )
         if self.backend == "tf":
             self._tf_lattice = tf_lattice.TfLattice(features)
             # TfLatticeTensors: vertex_index, vertex_weight, blur_neighbours
             self.tensors = self._tf_lattice.tensors
         else:
-            self.tensors = LatticeTensors(*_ops().crf3d_lattice_build(features))
+            self.tensors = LatticeTensors(
+                *_ops().crf3d_lattice_build(features, blur_passes=self.blur_passes)
+            )
 
     @property
     def num_points(self) -> tf.Tensor:
-        """Number of lattice points M over all batch items (int32 scalar tensor)."""
-        return tf.shape(self.tensors.blur_neighbours)[1]
+        """Number of lattice points M over all batch items (int32 scalar tensor), summed over
+        the copies when lattice_copies > 1."""
+        points = tf.shape(self.tensors.blur_neighbours)[1]
+        for copy in self.copies:
+            points += copy.num_points
+        return points
 
     def filter(
         self, values: tf.Tensor, reverse: bool = False, check_finite: bool = True
@@ -124,11 +181,25 @@ class Lattice:
           tf.errors.InvalidArgumentError: values of the wrong dtype, rank or shape, or (with
             check_finite) holding NaN or Inf.
         """
+        out = self._filter_one(values, reverse, check_finite)
+        if not self.copies:
+            return out
+        for copy in self.copies:
+            out += copy._filter_one(values, reverse, check_finite)
+        return out * (1.0 / self.lattice_copies)
+
+    def _filter_one(self, values: tf.Tensor, reverse: bool, check_finite: bool) -> tf.Tensor:
+        """The filter of this object's own lattice (copy 0)."""
         if self._tf_lattice is not None:  # checks the values itself
             return self._tf_lattice.filter(values, reverse=reverse, check_finite=check_finite)
         values = checked_values(values, self.features_shape)
         return _ops().crf3d_lattice_filter(
-            values, self.features, *self.tensors, reverse=reverse, check_finite=bool(check_finite)
+            values,
+            self.features,
+            *self.tensors,
+            reverse=reverse,
+            check_finite=bool(check_finite),
+            blur_passes=self.blur_passes,
         )
 
 
@@ -138,12 +209,14 @@ def permutohedral_filter(
     reverse: bool = False,
     check_finite: bool = True,
     backend: str = "auto",
+    blur_passes: int = 1,
+    lattice_copies: int = 1,
 ) -> tf.Tensor:
-    """One-shot form: ``Lattice(features, backend).filter(values, reverse, check_finite)``; see
-    both."""
-    return Lattice(features, backend=backend).filter(
-        values, reverse=reverse, check_finite=check_finite
-    )
+    """One-shot form: ``Lattice(features, backend, blur_passes, lattice_copies).filter(values,
+    reverse, check_finite)``; see both."""
+    return Lattice(
+        features, backend=backend, blur_passes=blur_passes, lattice_copies=lattice_copies
+    ).filter(values, reverse=reverse, check_finite=check_finite)
 
 
 @tf.RegisterGradient("Crf3dLatticeFilter")
@@ -168,11 +241,17 @@ def _filter_gradient(op: tf.Operation, grad: tf.Tensor) -> list[tf.Tensor | None
     values, features = op.inputs[0], op.inputs[1]
     lattice = list(op.inputs[2:])
     reverse = op.get_attr("reverse")
+    passes = op.get_attr("blur_passes")
     skip = getattr(op, "skip_input_indices", None) or ()
 
     def filter_fn(x: tf.Tensor, adjoint: bool) -> tf.Tensor:
         return _ops().crf3d_lattice_filter(
-            x, features, *lattice, reverse=reverse != adjoint, check_finite=False
+            x,
+            features,
+            *lattice,
+            reverse=reverse != adjoint,
+            check_finite=False,
+            blur_passes=passes,
         )
 
     adjoint_grad = filter_fn(grad, True)

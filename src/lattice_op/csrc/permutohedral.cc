@@ -26,7 +26,7 @@ constexpr int64_t kMinVoxelsPerChunk = 16384;
 // embed
 // ---------------------------------------------------------------------------------------------
 
-Embedding::Embedding(int d) : d_(d), scale_(static_cast<size_t>(d)) {
+Embedding::Embedding(int d, int blur_passes) : d_(d), scale_(static_cast<size_t>(d)) {
   // Feature channel i is lifted onto H_d = {x in R^{d+1}: sum(x) = 0} along the vector
   // e_i = (1, ..., 1, -(i+1), 0, ..., 0) (i+1 ones; EmbedImpl applies it), Adams et al.'s
   // basis. These d vectors are orthogonal with |e_i|^2 = (i+1)(i+2), so dividing channel i by
@@ -44,7 +44,14 @@ Embedding::Embedding(int d) : d_(d), scale_(static_cast<size_t>(d)) {
   // span sqrt(2/3) (d+1) lattice units for the whole filter to be a unit-variance Gaussian
   // (for d = 1 exactly, on average over where the voxels fall between lattice points; for
   // larger d the lattice's kernel comes out a few percent wider, as the accuracy tests state).
-  const double inv_std = std::sqrt(2.0 / 3.0) * (d + 1);
+  //
+  // With blur_passes = k the sweep of blurs runs k times: the blur's variance becomes
+  // k (d+1)^2 / 2 while the splat's and slice's stays (d+1)^2 / 6, so a feature unit must span
+  // sqrt(k / 2 + 1 / 6) (d+1) lattice units for the same unit-variance Gaussian. The lattice is
+  // then finer relative to the Gaussian by sqrt((3k + 1) / 4), and the interpolation, the
+  // least Gaussian part of the kernel, carries 1 / (3k + 1) of its variance instead of 1/4.
+  const double inv_std = blur_passes == 1 ? std::sqrt(2.0 / 3.0) * (d + 1)
+                                          : std::sqrt(blur_passes / 2.0 + 1.0 / 6.0) * (d + 1);
   for (int i = 0; i < d; ++i) {
     scale_[static_cast<size_t>(i)] = static_cast<float>(inv_std / std::sqrt((i + 1.0) * (i + 2.0)));
   }
@@ -414,11 +421,12 @@ std::string TooManyPoints(int64_t max_points, int64_t n, int d) {
 
 Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t max_points,
                              int32_t index_base, int32_t* vertex_index, float* vertex_weight,
-                             const Parallel& par) {
+                             const Parallel& par, int blur_passes) {
   d_ = d;
   shards_.clear();
   shard_begin_.clear();
-  const Embedding emb(d);
+  if (blur_passes < 1) return Status::Invalid("lattice: blur_passes must be >= 1");
+  const Embedding emb(d, blur_passes);
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>(par.num_threads(), n / kMinVoxelsPerChunk));
   auto chunk_begin = [&](int64_t c) { return n * c / chunks; };
@@ -934,7 +942,8 @@ bool Slice(const LatticeView& lat, const float* lattice_values, int channels, fl
   return !bad.load();
 }
 
-// The whole filter, S^T B_d ... B_0 S (or, reversed, S^T B_0 ... B_d S): splat into one half of
+// The whole filter, S^T (B_d ... B_0)^k S (or, reversed, S^T (B_0 ... B_d)^k S), k =
+// lat.blur_passes: splat into one half of
 // the scratch, blur back and forth between the halves, slice from the last one written.
 // With first_nonfinite given, values holding a NaN or Inf stop the filter after the splat
 // (*first_nonfinite >= 0; see Filter).
@@ -959,9 +968,11 @@ bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool 
     *first_nonfinite = nonfinite.load() ? FirstNonFinite(values, lat.num_voxels * C) : -1;
     if (*first_nonfinite >= 0) return ok;
   }
-  for (int s = 0; s < d1; ++s) {
-    ok = BlurDirection<kChannels>(lat, reverse ? d1 - 1 - s : s, channels, cur, next, par) && ok;
-    std::swap(cur, next);
+  for (int pass = 0; pass < lat.blur_passes; ++pass) {
+    for (int s = 0; s < d1; ++s) {
+      ok = BlurDirection<kChannels>(lat, reverse ? d1 - 1 - s : s, channels, cur, next, par) && ok;
+      std::swap(cur, next);
+    }
   }
   return Slice<kChannels>(lat, cur, channels, out, par) && ok;
 }
@@ -974,6 +985,7 @@ Status Filter(const LatticeView& lat, const float* values, int channels, bool re
   if (values == nullptr && channels != 1) {
     return Status::Invalid("lattice: a filter of ones (no values) has one channel");
   }
+  if (lat.blur_passes < 1) return Status::Invalid("lattice: blur_passes must be >= 1");
   if ((lat.splat_offsets == nullptr) != (lat.splat_voxels == nullptr) ||
       (lat.splat_offsets == nullptr) != (lat.splat_weights == nullptr)) {
     return Status::Invalid(

@@ -12,7 +12,9 @@
 //   blur    a [1/2, 1, 1/2] stencil runs along each of the d+1 lattice directions in turn
 //           (BlurDirection);
 //   slice   each voxel reads back the weighted values of its d+1 lattice points (Slice).
-// Filter runs splat, blur and slice, the three steps of Adams et al.'s filtering.
+// Filter runs splat, blur and slice, the three steps of Adams et al.'s filtering. The accuracy
+// setting blur_passes = k (Embedding, LatticeView) repeats the sweep of blurs k times on a lattice
+// finer by sqrt((3k + 1) / 4): the same Gaussian, a smaller approximation error, more points.
 //
 // The result approximates alpha_d * c * sum_j exp(-|f_i - f_j|^2 / 2) v_j with alpha_d =
 // 1 / (1 + 2^-d) (Krahenbuhl's normalisation) and a scale c that depends on how densely the
@@ -59,7 +61,12 @@ int64_t FirstNonFinite(const T* x, int64_t n) {
 // Constants of the d-dimensional embedding, derived once per lattice.
 class Embedding {
  public:
-  explicit Embedding(int d);
+  // blur_passes k >= 1: the filter blurs along every direction k times (Filter), and the
+  // embedding spans sqrt(k / 2 + 1 / 6) (d+1) lattice units per feature unit instead of
+  // sqrt(2/3) (d+1), so that the whole filter keeps the same unit-variance Gaussian on a lattice
+  // finer by sqrt((3k + 1) / 4) (derivation at the constructor; docs/lattice_op.md, "Accuracy
+  // setting"). k = 1 is Adams et al.'s lattice, bit for bit.
+  explicit Embedding(int d, int blur_passes = 1);
   int dim() const { return d_; }
   // Locates feature vector f (length d) in the lattice: writes the remainder-0 vertex rem0
   // (d+1 coordinates), the rank of each coordinate (d+1) and the barycentric weights of the
@@ -196,8 +203,10 @@ class LatticeBuilder {
   // lattice, offset by index_base) and vertex_weight [n, d+1]. Fails with kResourceExhausted
   // when the lattice would exceed max_points, and with kInvalidArgument for non-finite or too
   // widely spread features (channel names in messages are 0-based).
+  // blur_passes: the Embedding's (the filters of this lattice must run as many passes).
   Status Build(const float* features, int64_t n, int d, int64_t max_points, int32_t index_base,
-               int32_t* vertex_index, float* vertex_weight, const Parallel& par);
+               int32_t* vertex_index, float* vertex_weight, const Parallel& par,
+               int blur_passes = 1);
   int64_t num_points() const { return shard_begin_.empty() ? 0 : shard_begin_.back(); }
   // Fills rows [index_base, index_base + num_points()) of each direction's block of the blur
   // neighbour table nbrs [d+1, total_points, 2] (the - and + neighbour); an absent neighbour is
@@ -268,6 +277,7 @@ struct LatticeView {
   const int32_t* splat_offsets = nullptr;    // [M+1]
   const int32_t* splat_voxels = nullptr;     // [num_voxels * (d+1)], values in [0, num_voxels)
   const float* splat_weights = nullptr;      // [num_voxels * (d+1)]
+  int blur_passes = 1;  // sweeps over the d+1 directions: the lattice's build setting (>= 1)
 };
 
 // Floats of scratch that Filter needs for `channels` value channels: two [M+1, C] buffers for
@@ -277,7 +287,8 @@ inline int64_t FilterScratchSize(const LatticeView& lat, int channels) {
   return (1 + parts) * (lat.num_points + 1) * static_cast<int64_t>(channels);
 }
 
-// out = K values (reverse = false) or K^T values (reverse = true); values and out are
+// out = K values (reverse = false) or K^T values (reverse = true), K = S^T (B_d ... B_0)^k S with
+// k = lat.blur_passes (the adjoint runs (B_0 ... B_d)^k); values and out are
 // [num_voxels, channels]. values may be null with channels = 1 for the filter of ones (the
 // splat then sums the weights alone). scratch holds FilterScratchSize floats. Fails with
 // kInvalidArgument when the lattice arrays are inconsistent (indices out of range).

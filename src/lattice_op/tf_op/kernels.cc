@@ -31,7 +31,9 @@ namespace errors = ::tensorflow::errors;
 
 class LatticeBuildOp : public OpKernel {
  public:
-  explicit LatticeBuildOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit LatticeBuildOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("blur_passes", &blur_passes_));
+  }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& features = ctx->input(0);
@@ -90,7 +92,7 @@ class LatticeBuildOp : public OpKernel {
       for (int64_t b = 0; b < batch; ++b) {
         const crf3d::Status s =
             builders[b].Build(f + b * n * d, n, static_cast<int>(d), max_points - base[b],
-                              base[b], vi + b * n * d1, vw + b * n * d1, par);
+                              base[b], vi + b * n * d1, vw + b * n * d1, par, blur_passes_);
         OP_REQUIRES_OK(ctx, ToTf(s));
         base[b + 1] = base[b] + static_cast<int32_t>(builders[b].num_points());
       }
@@ -126,6 +128,9 @@ class LatticeBuildOp : public OpKernel {
                                                ": out of memory while listing splat entries"));
     }
   }
+
+ private:
+  int blur_passes_ = 1;
 };
 
 class LatticeFilterOp : public OpKernel {
@@ -133,6 +138,7 @@ class LatticeFilterOp : public OpKernel {
   explicit LatticeFilterOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("reverse", &reverse_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("check_finite", &check_finite_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("blur_passes", &blur_passes_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -152,6 +158,7 @@ class LatticeFilterOp : public OpKernel {
                 errors::InvalidArgument("values has too many channels: ", channels));
     LatticeView lat;
     OP_REQUIRES_OK(ctx, ReadLattice(ctx, 2, vs, "values", &lat));
+    lat.blur_passes = blur_passes_;
     const TensorShape& fs = features.shape();
     const TensorShape& is = ctx->input(2).shape();
     bool features_match = fs.dims() == is.dims() && fs.dim_size(fs.dims() - 1) == lat.d;
@@ -183,6 +190,7 @@ class LatticeFilterOp : public OpKernel {
  private:
   bool reverse_ = false;
   bool check_finite_ = true;
+  int blur_passes_ = 1;
 };
 
 template <typename T>

@@ -15,6 +15,7 @@ using ::tensorflow::shape_inference::ShapeHandle;
 // that names the tensor in the kernels, so unknown dimensions are always accepted.
 REGISTER_OP("Crf3dLatticeBuild")
     .Input("features: float")
+    .Attr("blur_passes: int >= 1 = 1")
     .Output("vertex_index: int32")
     .Output("vertex_weight: float")
     .Output("blur_neighbours: int32")
@@ -46,7 +47,9 @@ lattice points of each voxel and their barycentric weights; blur_neighbours [F+1
 two neighbours of each of the M lattice points along each direction (M marks an absent one);
 splat_offsets [M+1], splat_voxels and splat_weights [B*N*(F+1)]: per lattice point (CSR), the
 voxel and barycentric weight of each entry that touches it; all three are empty ([0]) when
-64 (M+1) <= B*N*(F+1), and the filter then splats without them.
+64 (M+1) <= B*N*(F+1), and the filter then splats without them. blur_passes k: the accuracy
+setting; the lattice is finer by sqrt((3k+1)/4) and its filters must blur k times (the same attr
+on Crf3dLatticeFilter); 1 is Adams et al.'s lattice.
 )doc");
 
 REGISTER_OP("Crf3dLatticeFilter")
@@ -60,6 +63,7 @@ REGISTER_OP("Crf3dLatticeFilter")
     .Input("splat_weights: float")
     .Attr("reverse: bool = false")
     .Attr("check_finite: bool = true")
+    .Attr("blur_passes: int >= 1 = 1")
     .Output("output: float")
     .SetShapeFn(::tensorflow::shape_inference::UnchangedShape)
     .Doc(R"doc(
@@ -69,7 +73,8 @@ features [B, *spatial, F] are the features the lattice was built from: the kerne
 their shape; the registered gradient uses them for the gradient with respect to the features.
 check_finite: values holding NaN or Inf are an InvalidArgument error that gives the index of
 the first one (checked during the splat, which reads every value); false lets them through
-(the registered gradient filters incoming gradients so).
+(the registered gradient filters incoming gradients so). blur_passes: the sweeps of blurs, the
+value the lattice was built with.
 )doc");
 
 REGISTER_OP("Crf3dSeparableFilter")
