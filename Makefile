@@ -159,7 +159,7 @@ data-synthetic: $(LIB) ## write and preprocess the PROMISE12-like and BraTS-like
 	$(PY) -m crf_rnn_3d.experiments.prepare data=synthetic_brats $(ARGS)
 
 # Every figure the README quotes, each against its peer in the same run: one JSON, one table.
-bench: $(BENCH_STAMP) $(LIB) ## the whole comparison (dense_crf, lattice op) -> results/bench/<time>/summary.md
+bench: $(BENCH_STAMP) $(LIB) ## every comparison (dense_crf, lattice op, accuracy, CRF training) -> results/bench/<time>/summary.md
 	$(PY) scripts/bench_all.py $(ARGS)
 
 bench-lattice: $(BENCH_STAMP) $(LIB) ## lattice op benchmark against pydensecrf2 (docs/benchmarks.md)

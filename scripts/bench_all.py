@@ -4,7 +4,12 @@ Parts (each its own script, run here as a subprocess that writes JSON):
   dense_crf  scripts/bench_crf.py pydensecrf: dense_crf against pydensecrf2 on the PROMISE12- and
              BraTS-sized phantoms, with TensorFlow's default threads and again with one thread;
   lattice    scripts/bench_lattice.py: a lattice build + 10 filters against pydensecrf2's setup +
-             5-iteration inference, peak memory, 1 and 2 threads.
+             5-iteration inference, peak memory, 1 and 2 threads;
+  accuracy   scripts/bench_accuracy.py: the lattice's error against the exact filter at F >= 7,
+             beside pydensecrf2's on the same cases, default and lattice_copies=2, and the cost
+             of the copies;
+  train      scripts/bench_crf_train.py: a CrfRnn forward + backward (5 iterations) in a traced
+             training step at the PROMISE12 size, recompute off and on, both backends.
 
 Writes results/bench/<UTC time>/: each part's JSON, summary.json (the rows) and summary.md (one
 table: ours, the peer's, the ratio, the goal and whether it is met), and prints the table. The
@@ -28,11 +33,18 @@ import time
 from pathlib import Path
 
 from crf_rnn_3d.benchmarks.lattice_report import machine
-from crf_rnn_3d.benchmarks.summary import Row, dense_crf_rows, lattice_rows, markdown
+from crf_rnn_3d.benchmarks.summary import (
+    Row,
+    accuracy_rows,
+    dense_crf_rows,
+    lattice_rows,
+    markdown,
+    train_rows,
+)
 from crf_rnn_3d.experiments.cli import fail
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("dense_crf", "lattice")
+PARTS = ("dense_crf", "lattice", "accuracy", "train")
 
 
 def _run(command: list[str], log: Path) -> None:
@@ -69,7 +81,29 @@ def run_lattice(out: Path, repeats: int) -> list[Row]:
     return lattice_rows(json.loads(result.read_text()))
 
 
-RUNNERS = {"dense_crf": run_dense_crf, "lattice": run_lattice}
+def run_accuracy(out: Path, repeats: int) -> list[Row]:
+    script = str(REPO_ROOT / "scripts" / "bench_accuracy.py")
+    folder = out / "accuracy"
+    command = [sys.executable, script, "--seeds", "3", "--repeats", str(repeats)]
+    _run([*command, "--out", str(folder)], out / "accuracy.log")
+    (result,) = sorted(folder.glob("*.json"))
+    return accuracy_rows(json.loads(result.read_text()))
+
+
+def run_train(out: Path, repeats: int) -> list[Row]:
+    script = str(REPO_ROOT / "scripts" / "bench_crf_train.py")
+    result = out / "crf_train.json"
+    command = [sys.executable, script, "--cases", "promise", "--backends", "compiled", "tf"]
+    _run([*command, "--repeats", str(min(repeats, 2)), "--json", str(result)], out / "train.log")
+    return train_rows(json.loads(result.read_text()))
+
+
+RUNNERS = {
+    "dense_crf": run_dense_crf,
+    "lattice": run_lattice,
+    "accuracy": run_accuracy,
+    "train": run_train,
+}
 
 
 def _commit() -> str:

@@ -209,6 +209,7 @@ def main_parent(args: argparse.Namespace) -> None:
     base = [sys.executable, __file__, "child", "--repeats", str(args.repeats)]
     base += ["--threads", str(args.threads), "--iterations", str(args.iterations)]
     max_mib = args.max_gib * 1024.0
+    records: list[dict] = []  # the traced steps, for --json
     print(
         "| case | backend | recompute | step time | peak RSS above start | held by the tape "
         "(eager) | eager step time |"
@@ -227,6 +228,10 @@ def main_parent(args: argparse.Namespace) -> None:
                 what = [*base, "--case", case, "--backend", backend]
                 what += ["--recompute"] if recompute else []
                 graph, note = run_child([*what, "--what", "graph"], max_mib)
+                records.append(
+                    {"case": case, "backend": backend, "recompute": recompute, "note": note}
+                    | (graph or {})
+                )
                 cells = [
                     note or f"{graph['seconds']:.2f} s",
                     "" if note else f"+{graph['peak_mib']:.0f} MiB",
@@ -254,6 +259,10 @@ def main_parent(args: argparse.Namespace) -> None:
                 )
                 cells = note or f"{run['seconds']:.2f} s, peak +{run['peak_mib']:.0f} MiB"
                 print(f"\nlattice build alone, {case}, {backend}: {cells}", flush=True)
+    if args.json:
+        with open(args.json + ".tmp", "w") as handle:
+            json.dump({"iterations": args.iterations, "steps": records}, handle, indent=1)
+        os.replace(args.json + ".tmp", args.json)
     if args.vnet:
         vnet, note = run_child([*base, "--case", "promise", "--what", "vnet"], max_mib)
         cells = f"{note} | |" if note else f"{vnet['seconds']:.2f} s | +{vnet['peak_mib']:.0f} MiB"
@@ -281,6 +290,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=5, help="mean-field iterations")
     parser.add_argument("--max-gib", type=float, default=10.0, help="stop a child above this RSS")
     parser.add_argument("--min-free-gib", type=float, default=12.0, help="for the brats runs")
+    parser.add_argument("--json", default=None, help="also write the traced steps to this file")
     args = parser.parse_args()
     if args.command == "child":
         child(args)

@@ -87,3 +87,54 @@ def test_markdown_table():
     assert "- commit: abc1234" in text
     assert "| p | c | time | 0.5 s | 2.00 s | **0.25x** | <= 0.25x | **no** |" in text
     assert "| p | c | agreement | 99.999% | - | - | >= 0.999 | yes |" in text
+
+
+def test_accuracy_rows_hold_the_setting_to_half_the_peers_error_at_twice_the_cost():
+    from crf_rnn_3d.benchmarks.summary import accuracy_rows
+
+    results = {
+        "errors": [
+            {"case": "dense", "F": 5, "values": "smooth",  # below F = 7: left out
+             "error": {"default": 0.1, "copies=2": 0.05, "pydensecrf2": 0.1}},
+            {"case": "dense", "F": 7, "values": "noise",
+             "error": {"default": 0.2, "copies=2": 0.09, "pydensecrf2": 0.2}},
+            {"case": "sparse", "F": 10, "values": "smooth",
+             "error": {"default": 0.3, "copies=2": 0.2, "pydensecrf2": 0.31}},
+        ],
+        "cost": [
+            {"F": 7, "voxels": 110592, "seconds": {"default": 1.0, "copies=2": 1.9}},
+            {"F": 10, "voxels": 110592, "seconds": {"default": 1.0, "copies=2": 2.5}},
+        ],
+    }  # fmt: skip
+    rows = accuracy_rows(results)
+    assert len(rows) == 2 * 2 + 2
+    by = {(r.case, r.figure): r for r in rows}
+    f7 = by[("dense, F = 7, noise values", "error, copies=2")]
+    assert f7.ratio == pytest.approx(0.45) and f7.met is True
+    f10 = by[("sparse, F = 10, smooth values", "error, copies=2")]
+    assert f10.ratio == pytest.approx(0.2 / 0.31) and f10.met is False
+    assert by[("dense, F = 7, noise values", "error, default")].met is None  # no goal
+    assert by[("F = 7, 110,592 voxels", "time, copies=2 (build + 10 filters)")].met is True
+    assert by[("F = 10, 110,592 voxels", "time, copies=2 (build + 10 filters)")].met is False
+
+
+def test_train_rows_compare_recompute_with_the_plain_step():
+    from crf_rnn_3d.benchmarks.summary import train_rows
+
+    results = {
+        "iterations": 5,
+        "steps": [
+            {"case": "promise", "backend": "compiled", "recompute": False, "note": "",
+             "seconds": 2.0, "peak_mib": 400.0},
+            {"case": "promise", "backend": "compiled", "recompute": True, "note": "",
+             "seconds": 3.0, "peak_mib": 180.0},
+            {"case": "promise", "backend": "tf", "recompute": False, "note": "over the cap"},
+            {"case": "promise", "backend": "tf", "recompute": True, "note": "",
+             "seconds": 9.0, "peak_mib": 900.0},
+        ],
+    }  # fmt: skip
+    rows = train_rows(results)
+    assert [r.case for r in rows] == ["promise, compiled, 5 iterations"] * 2  # tf: no pair
+    memory, time = rows
+    assert memory.ratio == pytest.approx(0.45) and memory.met is True
+    assert time.ratio == pytest.approx(1.5) and time.met is None

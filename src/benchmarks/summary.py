@@ -138,6 +138,59 @@ def lattice_rows(results: Mapping) -> list[Row]:
     return rows
 
 
+def accuracy_rows(results: Mapping, setting: str = "copies=2", min_features: int = 7) -> list[Row]:
+    """The lattice's error against the exact filter (scripts/bench_accuracy.py's JSON), for
+    F >= min_features: the default's and `setting`'s relative L2 error over pydensecrf2's on the
+    same case (goal for the setting: at most 0.5x), and the setting's time over the default's
+    (goal: at most 2x)."""
+    rows = []
+    for r in results["errors"]:
+        if r["F"] < min_features or "pydensecrf2" not in r["error"]:
+            continue
+        case = f"{r['case']}, F = {r['F']}, {r['values']} values"
+        peer = r["error"]["pydensecrf2"]
+        rows.append(Row("accuracy", case, "error, default", r["error"]["default"], peer, "rel. L2"))
+        rows.append(
+            _row("accuracy", case, f"error, {setting}", r["error"][setting], peer, "rel. L2", 0.5)
+        )
+    for r in results["cost"]:
+        if r["F"] < min_features:
+            continue
+        rows.append(
+            _row(
+                "accuracy",
+                f"F = {r['F']}, {r['voxels']:,} voxels",
+                f"time, {setting} (build + 10 filters)",
+                r["seconds"][setting],
+                r["seconds"]["default"],
+                "s",
+                2.0,
+            )
+        )
+    return rows
+
+
+def train_rows(results: Mapping) -> list[Row]:
+    """A CrfRnn forward + backward in a traced training step (scripts/bench_crf_train.py --json):
+    time and peak memory with recompute on over recompute off (goal for the memory: at most
+    0.5x)."""
+    steps = {(s["case"], s["backend"], s["recompute"]): s for s in results["steps"]}
+    rows = []
+    for (case, backend, recompute), on in steps.items():
+        off = steps.get((case, backend, False))
+        if not recompute or off is None or "seconds" not in on or "seconds" not in off:
+            continue
+        where = f"{case}, {backend}, {results['iterations']} iterations"
+        figure = "CrfRnn fwd + bwd, recompute on / off"
+        memory = f"peak memory, {figure}"
+        rows.append(
+            _row("CRF training", where, memory, on["peak_mib"], off["peak_mib"], "MiB", 0.5)
+        )
+        time_on, time_off = on["seconds"], off["seconds"]
+        rows.append(Row("CRF training", where, f"time, {figure}", time_on, time_off, "s"))
+    return rows
+
+
 def _number(x: float, unit: str = "") -> str:
     if unit == "fraction":  # label agreement: 0.99999 must not round to 1
         return f"{100 * x:.3f}%"
