@@ -6,6 +6,7 @@ variant's prediction outline)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def plot_metric(
                             alpha=0.5, ms=3)  # fmt: skip
             else:
                 ax.text(0.5, 0.5, "no case", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xticks(range(1, len(variants) + 1), [labels[v] for v in variants])
+            # long labels ("V-Net + CRF (theta per case)") wrapped, so that four fit side by side
+            names = [textwrap.fill(labels[v], 16) for v in variants]
+            ax.set_xticks(range(1, len(variants) + 1), names)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
