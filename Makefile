@@ -126,12 +126,12 @@ demo-lattice: $(LIB) ## filter a synthetic 3D volume with the lattice op and che
 	$(PY) scripts/demo_lattice.py
 
 # The main job (docs/experiments.md): phantoms -> 5-fold CV with and without the CRF -> report.
-demo: $(LIB) ## 5-fold CV of V-Net with/without the CRF on phantoms -> results/reports/demo
+demo: $(LIB) ## 5-fold CV, V-Net and three CRF variants, PROMISE12-like phantoms -> results/reports/demo
 	$(PY) -m crf_rnn_3d.experiments.cross_validate experiment=demo $(ARGS)
 
 # The BraTS protocol on phantoms (docs/experiments.md): 40 BraTS-like cases at 4 mm, 85/15
 # holdout, the preset's variants, regions whole/core/enhancing -> report in the paper's Table 2 layout.
-demo-brats: $(LIB) ## 85/15 holdout, V-Net with/without the CRF, BraTS-like phantoms -> results/reports/demo_brats
+demo-brats: $(LIB) ## 85/15 holdout, V-Net and three CRF variants, BraTS-like phantoms -> results/reports/demo_brats
 	$(PY) -m crf_rnn_3d.experiments.cross_validate experiment=demo_brats $(ARGS)
 
 # The paper's protocols at full size on the real data (stops at once if it is missing).
