@@ -31,7 +31,6 @@ import numpy as np
 import tensorflow as tf
 
 from crf_rnn_3d.crf import functional as mf
-from crf_rnn_3d.crf._ops import fused_mean_field
 from crf_rnn_3d.lattice_op import BACKENDS, Lattice, check_lattice_copies, resolve_backend
 
 MODES = ("default", "pydensecrf")
@@ -222,17 +221,9 @@ def dense_crf(
         del img32
         lattice = Lattice(features, backend="compiled").tensors
         del features  # the kernel needs the lattice only
-        unaries_t = unaries_tensor()
-        _, refined = fused_mean_field(
-            unaries_t,
-            lattice,
-            settings["bilateral_weight"],
-            settings["spatial_weight"],
-            settings["compatibility"],
-            mf.spatial_taps(spacing, settings["theta_gamma"], unaries_t.shape),
-            num_iterations=settings["num_iterations"],
-            normalisation=settings["normalisation"],
-            output_logits=False,
+        fused = {k: v for k, v in settings.items() if k not in ("theta_alpha", "theta_beta")}
+        _, refined = mf.mean_field_on_lattice(
+            unaries_tensor(), lattice, return_logits=False, **fused
         )
         return refined.numpy()[0]
     reference = _aligned_empty((1, *img.shape))

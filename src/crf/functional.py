@@ -37,7 +37,13 @@ import tensorflow as tf
 from tensorflow.python.eager import record as _record
 
 from crf_rnn_3d.crf._ops import fused_mean_field
-from crf_rnn_3d.lattice_op import Lattice, gaussian_taps, resolve_backend, separable_filter
+from crf_rnn_3d.lattice_op import (
+    Lattice,
+    LatticeTensors,
+    gaussian_taps,
+    resolve_backend,
+    separable_filter,
+)
 
 NORMALISATIONS = ("mean", "symmetric")
 BILATERAL_FILTERS = ("lattice", "exact")
@@ -548,6 +554,37 @@ def mean_field_inference(
     )
     lattice = Lattice(features, backend="compiled").tensors
     del features  # not needed by the kernel: free it before the kernel's buffers are taken
+    return mean_field_on_lattice(
+        unaries,
+        lattice,
+        spacing=spacing,
+        theta_gamma=theta_gamma,
+        bilateral_weight=bilateral_weight,
+        spatial_weight=spatial_weight,
+        compatibility=compatibility,
+        num_iterations=num_iterations,
+        normalisation=normalisation,
+        return_logits=return_logits,
+    )
+
+
+def mean_field_on_lattice(
+    unaries: tf.Tensor,
+    lattice: LatticeTensors,
+    *,
+    spacing: Sequence[float],
+    theta_gamma: float,
+    bilateral_weight: tf.Tensor,
+    spatial_weight: tf.Tensor,
+    compatibility: tf.Tensor,
+    num_iterations: int,
+    normalisation: str = "mean",
+    return_logits: bool = True,
+) -> tuple[tf.Tensor | None, tf.Tensor]:
+    """:func:`mean_field_inference` from an already built bilateral lattice (the compiled
+    build's ``Lattice(features).tensors``), for callers that build it themselves (dense_crf,
+    which builds it before its unaries exist to lower its peak memory). Same arguments and
+    result; the spatial kernel's axes are capped by the static shape of `unaries`."""
     taps = spatial_taps(spacing, float(theta_gamma), unaries.shape)
     logits, probabilities = fused_mean_field(
         unaries,
