@@ -41,26 +41,35 @@ def _paper_table(summary: dict, variants: list[str], labels: dict, paper: dict) 
         "| Method | " + " | ".join(f"{r} (this run) | {r} (paper)" for r in regions) + " |",
         "|---|" + "---|---|" * len(regions),
     ]
-    for v in variants:
-        cells = []
-        for r in regions:
-            s = dice[r]["variants"][v]
-            ref = paper.get(r, {}).get(v)
-            theirs = "n/a"
-            if ref and ref.get("mean") is not None:
-                std = ref.get("std")
-                theirs = f"{ref['mean']:.3f}" + ("" if std is None else f" ± {std:.3f}")
-            cells += [f"{_fmt(s['mean'])} ± {_fmt(s['std'])}", theirs]
-        lines.append(f"| {labels[v]} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + _dice_rows(dice, regions, variants, labels, paper, sd_shown=False)
 
 
-def _paper_number(ref: Mapping | None) -> str:
-    """The paper's "mean ± SD" of one cell; "n/a" for what it does not give."""
+def _paper_number(ref: Mapping | None, sd_shown: bool = True) -> str:
+    """The paper's "mean ± SD" of one cell; "n/a" for what it does not give (an absent SD is
+    left out instead when not sd_shown)."""
     mean = None if not ref else ref.get("mean")
     if mean is None:
         return "n/a"
-    return f"{_fmt(float(mean))} ± {_fmt(None if ref.get('std') is None else float(ref['std']))}"
+    std = None if ref.get("std") is None else float(ref["std"])
+    if std is None and not sd_shown:
+        return _fmt(float(mean))
+    return f"{_fmt(float(mean))} ± {_fmt(std)}"
+
+
+def _dice_rows(
+    dice: dict, regions: list, variants: list, labels: dict, paper: Mapping, sd_shown: bool
+) -> list[str]:
+    """One table row per variant: for each region this run's Dice mean ± SD beside the paper's
+    (:func:`_paper_number`)."""
+    rows = []
+    for v in variants:
+        cells = []
+        for r in regions:
+            ours = dice[r]["variants"][v]
+            cells += [f"{_fmt(ours['mean'])} ± {_fmt(ours['std'])}",
+                      _paper_number(paper.get(r, {}).get(v), sd_shown)]  # fmt: skip
+        rows.append(f"| {labels[v]} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def paper_table_section(cfg: Mapping, summary: dict) -> list[str]:
@@ -97,13 +106,7 @@ def paper_table_section(cfg: Mapping, summary: dict) -> list[str]:
         "| Method | " + " | ".join(f"{r}: this run | {r}: paper" for r in regions) + " |",
         "|---|" + "---|---|" * len(regions),
     ]
-    for v in variants:
-        cells = []
-        for r in regions:
-            ours = dice[r]["variants"][v]
-            cells += [f"{_fmt(ours['mean'])} ± {_fmt(ours['std'])}",
-                      _paper_number(paper.get(r, {}).get(v))]  # fmt: skip
-        lines.append(f"| {labels[v]} | " + " | ".join(cells) + " |")
+    lines += _dice_rows(dice, regions, variants, labels, paper, sd_shown=True)
     if spec.get("note"):
         lines += ["", str(spec["note"])]
     return lines
