@@ -172,3 +172,30 @@ def test_unreadable_newest_checkpoint_falls_back_and_logs_once(smoke_cfg, capfd)
     state = json.loads((first.run_dir / "state.json").read_text())
     assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
     assert list((first.run_dir / "checkpoints").glob("ckpt-3.*.corrupt-*"))
+
+
+def test_checkpoints_are_still_pruned_after_a_fallback(smoke_cfg, capfd) -> None:
+    """After falling back from an unreadable checkpoint, the run keeps only
+    ``keep_checkpoints`` of them again: the rewritten state keeps each checkpoint's time
+    (without the times TensorFlow's manager treats the listed checkpoints as preserved and
+    never deletes them)."""
+    from crf_rnn_3d.experiments.train import train
+
+    cfg = OmegaConf.merge(
+        smoke_cfg,
+        {"train": {"steps": 6, "stop_after": 4, "seed": 6, "checkpoint_every": 1,
+                   "keep_checkpoints": 2}},
+    )  # fmt: skip
+    first = train(cfg, 0, "vnet")
+    folder = first.run_dir / "checkpoints"
+
+    def kept() -> list[int]:
+        return sorted(int(p.name.split(".")[0][5:]) for p in folder.glob("ckpt-*.index"))
+
+    assert kept() == [3, 4]
+    for data in folder.glob("ckpt-4.data-*"):
+        data.write_bytes(data.read_bytes()[:20])
+    second = train(OmegaConf.merge(cfg, {"train": {"stop_after": None}}), 0, "vnet")
+    assert "ckpt-4" in capfd.readouterr().err
+    assert second.started_from == 3 and second.complete
+    assert kept() == [5, 6]  # ckpt-3 pruned again; before the fix it stayed forever

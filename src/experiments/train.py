@@ -342,11 +342,21 @@ class RunRecord:
                 print(f"warning: {exc}; resuming from the checkpoint before it",
                       file=sys.stderr)  # fmt: skip
         if unreadable:
-            usable = [p for p in self._manager.checkpoints if p not in unreadable]
+            # The state keeps each remaining checkpoint's time: without them the manager treats
+            # every listed checkpoint as preserved and never prunes it (keep_checkpoints would
+            # stop holding after a fallback).
+            state = tf.train.get_checkpoint_state(directory)
+            times = dict(zip(state.all_model_checkpoint_paths,
+                             state.all_model_checkpoint_timestamps, strict=False))  # fmt: skip
+            usable = [p for p in state.all_model_checkpoint_paths if p not in unreadable]
             for path in unreadable:
                 for part in Path(path).parent.glob(Path(path).name + ".*"):
                     part.rename(part.with_name(f"{part.name}.corrupt-{int(time.time())}"))
-            tf.compat.v1.train.update_checkpoint_state(directory, usable[-1], usable)
+            tf.compat.v1.train.update_checkpoint_state(
+                directory, usable[-1], usable,
+                all_model_checkpoint_timestamps=[times.get(p, time.time()) for p in usable],
+                last_preserved_timestamp=state.last_preserved_timestamp,
+            )  # fmt: skip
             self._manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
         start = int(session.step.numpy())
         self.started_from.append(start)
