@@ -23,8 +23,16 @@ channels on a 48^3 dense grid, as a ratio to the default setting in the same run
 of --repeats, after a warm-up call). On a shared machine the times are noisy; the point counts
 are not.
 
-Usage: .venv/bin/python scripts/bench_accuracy.py [--seeds 3] [--repeats 3] [--out DIR]
-(`make bench-accuracy`; needs requirements-bench.txt for pydensecrf2.)
+--explore measures instead the ideas tried for issue 14's goal (structured pairs of copies,
+width corrections, a self-weight correction, a mass-keeping blur) on the same cases at F = 7 and
+10, with a float64 numpy re-implementation of the lattice (``np_lattice``, ``np_filter``) that
+can move and widen the lattice, which the op cannot; tests/test_lattice_accuracy_setting.py
+checks that it is the op's lattice (same points, same filter to float32 rounding), and the
+output prints the op's default error beside it. docs/lattice_op.md ("Ideas measured") has what
+each idea is and why it fails.
+
+Usage: .venv/bin/python scripts/bench_accuracy.py [--seeds 3] [--repeats 3] [--out DIR] [--explore]
+(`make bench-accuracy`; needs requirements-bench.txt for pydensecrf2, except --explore.)
 """
 
 from __future__ import annotations
@@ -197,15 +205,239 @@ def markdown(errors: list[dict], cost: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- Exploration of ideas for issue 14's goal (--explore) ---------------------------------------
+# A float64 numpy re-implementation of the lattice (the algorithm of csrc/permutohedral.cc, step
+# for step, without its float32 rounding or threads) that can move the lattice by an offset and
+# change its width, which the op cannot: it tests ideas before anything is built into the op.
+# On the default setting it reproduces the op's error to about 3 digits (printed beside it).
+
+
+def np_lattice(features: np.ndarray, width: float = 1.0, offset: np.ndarray | None = None) -> dict:
+    """The lattice of features [N, d] (float64): vertex points and barycentric weights per voxel,
+    and each point's two neighbours per blur direction. `width` multiplies the embedding's
+    scale (lattice units per feature unit; > 1 narrows the lattice's Gaussian); `offset` [d+1]
+    moves the elevated features (on the hyperplane sum = 0, in lattice units) before rounding."""
+    n, d = features.shape
+    scale = (
+        np.sqrt(2.0 / 3.0) * (d + 1) * width / np.sqrt(np.arange(1, d + 1) * np.arange(2, d + 2))
+    )
+    scaled = (features - features.min(0)) * scale
+    elevated = np.zeros((n, d + 1))
+    running = np.zeros(n)
+    for i in range(d, 0, -1):  # Adams et al.'s elevation onto the hyperplane sum = 0
+        elevated[:, i] = running - i * scaled[:, i - 1]
+        running += scaled[:, i - 1]
+    elevated[:, 0] = running
+    if offset is not None:
+        elevated = elevated + offset
+    up = np.ceil(elevated / (d + 1)) * (d + 1)
+    down = np.floor(elevated / (d + 1)) * (d + 1)
+    rem0 = np.where(up - elevated < elevated - down, up, down)
+    excess = np.rint(rem0.sum(1) / (d + 1)).astype(np.int64)[:, None]
+    # rank: how many coordinates have a larger differential (ties: the lower index ranks first)
+    order = np.argsort(rem0 - elevated, axis=1, kind="stable")
+    rank = np.argsort(order, axis=1, kind="stable")
+    high = (excess > 0) & (rank >= d + 1 - excess)
+    low = (excess < 0) & (rank < -excess)
+    rem0 = rem0 - (d + 1) * high + (d + 1) * low
+    rank = rank + excess - (d + 1) * high + (d + 1) * low
+    weights = np.zeros((n, d + 2))
+    share = (elevated - rem0) / (d + 1)
+    rows = np.arange(n)[:, None]
+    np.add.at(weights, (rows, d - rank), share)
+    np.add.at(weights, (rows, d + 1 - rank), -share)
+    weights[:, 0] += 1.0 + weights[:, d + 1]
+    remainder = np.arange(d + 1)[None, :, None]
+    keys = rem0[:, None, :] + remainder - (d + 1) * (rank[:, None, :] > d - remainder)
+    flat = keys.reshape(-1, d + 1).astype(np.int64)
+
+    def code(rows_: np.ndarray) -> np.ndarray:
+        rows_ = np.ascontiguousarray(rows_[:, :d])
+        return rows_.view(np.dtype((np.void, 8 * d))).ravel()
+
+    codes, first, index = np.unique(code(flat), return_index=True, return_inverse=True)
+    points = flat[first]
+    m = len(points)
+    neighbours = []
+    for j in range(d + 1):
+        step = np.full(d + 1, 1, np.int64)
+        step[j] = -d
+        pair = []
+        for sign in (-1, 1):
+            wanted = code(points + sign * step)
+            at = np.minimum(np.searchsorted(codes, wanted), m - 1)
+            pair.append(np.where(codes[at] == wanted, at, m))
+        neighbours.append(pair)
+    return {
+        "d": d,
+        "m": m,
+        "index": index.reshape(n, d + 1),
+        "weights": weights[:, : d + 1],
+        "neighbours": neighbours,
+    }
+
+
+def np_filter(lattice: dict, values: np.ndarray, keep_lost: bool = False) -> np.ndarray:
+    """Splat, blur ([1/2, 1, 1/2] per direction) and slice of values [N, C], float64.
+    keep_lost: a point keeps the half it would have sent to an absent neighbour."""
+    d, m = lattice["d"], lattice["m"]
+    grid = np.zeros((m + 1, values.shape[1]))
+    np.add.at(
+        grid,
+        lattice["index"].ravel(),
+        (lattice["weights"][..., None] * values[:, None, :]).reshape(-1, values.shape[1]),
+    )
+    for below, above in lattice["neighbours"]:
+        blurred = grid[:m] + 0.5 * (grid[below] + grid[above])
+        if keep_lost:
+            absent = (below == m).astype(float) + (above == m)
+            blurred += 0.5 * absent[:, None] * grid[:m]
+        grid[:m] = blurred
+    return (grid[lattice["index"]] * lattice["weights"][..., None]).sum(1) / (1.0 + 2.0**-d)
+
+
+def np_self_weight(lattice: dict) -> np.ndarray:
+    """Each voxel's weight on itself in the filter, [N], as it would be if every lattice point
+    that a blur path passes through were stored: vertices k and l of a simplex are |k - l|
+    steps apart one way round and d + 1 - |k - l| the other, and each step carries 1/2."""
+    d = lattice["d"]
+    apart = np.abs(np.arange(d + 1)[:, None] - np.arange(d + 1)[None, :])
+    blur = np.where(apart == 0, 1.0 + 2.0**-d, 2.0**-apart + 2.0 ** -(d + 1 - apart))
+    w = lattice["weights"]
+    return np.einsum("nk,kl,nl->n", w, blur, w) / (1.0 + 2.0**-d)
+
+
+def _partition_shift(d: int) -> np.ndarray:
+    """Half a lattice period between two halves of the coordinates: kills the lowest Fourier
+    harmonics of the lattice's position-dependent error that run between the halves."""
+    shift = (d + 1) / 2.0 * (np.arange(d + 1) < (d + 1) // 2)
+    return shift - shift.mean()
+
+
+def _centroid_shift(d: int) -> np.ndarray:
+    """The vertices of copy 1 at the centroids of copy 0's simplices."""
+    return d / 2.0 - np.arange(d + 1, dtype=np.float64)
+
+
+# label -> list of copies (rotation copy number or None, offset function or None, width),
+# and a flag for the filter variant; every idea is a pair of copies (2x the cost) or one.
+EXPLORE = {
+    "rotation pair (copies=2)": ([(None, None, 1.0), (1, None, 1.0)], ""),
+    "centroid-shift pair": ([(None, None, 1.0), (None, _centroid_shift, 1.0)], ""),
+    "partition-shift pair": ([(None, None, 1.0), (None, _partition_shift, 1.0)], ""),
+    "reflection pair": ([(None, None, 1.0), (-1, None, 1.0)], ""),
+    "width x0.96": ([(None, None, 0.96)], ""),
+    "width x1.04": ([(None, None, 1.04)], ""),
+    "rotation pair, width x0.96": ([(None, None, 0.96), (1, None, 0.96)], ""),
+    "rotation pair, width x0.92": ([(None, None, 0.92), (1, None, 0.92)], ""),
+    "self weight to its mean": ([(None, None, 1.0)], "self"),
+    "absent neighbour keeps its half": ([(None, None, 1.0)], "keep_lost"),
+}
+
+
+def _explore_filter(feats: np.ndarray, values: np.ndarray, copies, variant: str) -> np.ndarray:
+    from crf_rnn_3d.lattice_op._common import copy_rotation
+
+    d = feats.shape[1]
+    total = 0.0
+    for rotation, offset, width in copies:
+        f = feats
+        if rotation == -1:
+            f = -feats
+        elif rotation is not None:
+            f = feats @ copy_rotation(d, rotation).astype(np.float64).T
+        lattice = np_lattice(f, width, None if offset is None else offset(d))
+        out = np_filter(lattice, values, keep_lost=variant == "keep_lost")
+        if variant == "self":
+            weight = np_self_weight(lattice)
+            out = out + (weight.mean() - weight)[:, None] * values
+        total = total + out
+    return total
+
+
+def explore(seeds: int, features: tuple[int, ...] = (7, 10)) -> list[dict]:
+    """Each idea's error (relative L2 of the normalised filter, median over seeds) on the
+    benchmark's cases, beside the numpy lattice's default and the op's default."""
+    from crf_rnn_3d.lattice_op import Lattice
+    from crf_rnn_3d.lattice_op.reference import exact_normalised_filter
+
+    rows = []
+    for case, (shape, spacing, samples) in CASES.items():
+        for num_f in features:
+            for kind in ("smooth", "noise"):
+                errors: dict[str, list[float]] = {}
+                for seed in range(seeds):
+                    rng = np.random.default_rng([num_f, seed, int(kind == "noise")])
+                    feats = case_features(shape, spacing, num_f, rng)
+                    vals = case_values(shape, spacing, kind, rng)
+                    flat_f = feats.reshape(-1, num_f).astype(np.float64)
+                    flat_v = vals.reshape(-1, 1).astype(np.float64)
+                    n = flat_f.shape[0]
+                    idx = np.arange(n) if samples is None else rng.choice(n, samples, False)
+                    exact = exact_normalised_filter(flat_v, flat_f, idx)[:, 0]
+                    both = np.concatenate([flat_v, np.ones_like(flat_v)], 1)
+                    lat = Lattice(feats[None], backend="compiled")
+                    op = lat.filter(np.concatenate([vals, np.ones_like(vals)], -1)[None])
+                    op = op.numpy().reshape(-1, 2)
+                    errors.setdefault("op default", []).append(
+                        relative_l2((op[:, 0] / op[:, 1])[idx], exact)
+                    )
+                    ideas = {"numpy default": ([(None, None, 1.0)], ""), **EXPLORE}
+                    for label, (copies, variant) in ideas.items():
+                        out = _explore_filter(flat_f, both, copies, variant)
+                        errors.setdefault(label, []).append(
+                            relative_l2((out[:, 0] / out[:, 1])[idx], exact)
+                        )
+                row = {
+                    "case": case,
+                    "F": num_f,
+                    "values": kind,
+                    "error": {k: float(np.median(v)) for k, v in errors.items()},
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def explore_markdown(rows: list[dict]) -> str:
+    labels = list(EXPLORE)
+    lines = [
+        "| case | F | values | op default | numpy default | " + " | ".join(labels) + " |",
+        "|---|---|---|---|---|" + "---|" * len(labels),
+    ]
+    for r in rows:
+        e = r["error"]
+        ratios = " | ".join(f"{e[k] / e['numpy default']:.2f}" for k in labels)
+        lines.append(
+            f"| {r['case']} | {r['F']} | {r['values']} | {e['op default']:.3f} | "
+            f"{e['numpy default']:.3f} | {ratios} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("results/bench_accuracy"))
+    parser.add_argument(
+        "--explore",
+        action="store_true",
+        help="measure the ideas tried for issue 14 on a numpy lattice instead (F = 7, 10)",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.repeats < 1:
         print("bench_accuracy: --seeds and --repeats must be >= 1", file=sys.stderr)
         raise SystemExit(2)
+    if args.explore:
+        rows = explore(args.seeds)
+        args.out.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+        path = args.out / f"explore-{stamp}.json"
+        path.write_text(json.dumps({"utc": stamp, "explore": rows}, indent=1))
+        print(explore_markdown(rows))
+        print(f"written {path}")
+        return
     errors = measure_errors(args.seeds)
     cost = measure_cost(args.repeats)
     commit = subprocess.run(

@@ -286,3 +286,47 @@ def test_dense_crf_with_copies_runs_the_composed_mean_field(monkeypatch) -> None
     assert np.abs(two - one).max() > 1e-4
     with pytest.raises(ValueError, match="lattice_copies"):
         dense_crf(probs, image, lattice_copies=9)
+
+
+def _bench_accuracy_module():
+    """scripts/bench_accuracy.py, whose --explore mode measures ideas on a float64 numpy
+    lattice (docs/lattice_op.md, "Ideas measured"); loaded by path (scripts/ is no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_accuracy.py"
+    spec = importlib.util.spec_from_file_location("bench_accuracy_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("num_f", range(1, 11))
+def test_numpy_lattice_of_the_exploration_is_the_op(num_f: int) -> None:
+    # The exploration's figures are only about the op if its numpy lattice is the op's lattice:
+    # the same points (count) and the same filter up to the op's float32 rounding.
+    bench = _bench_accuracy_module()
+    rng = np.random.default_rng([num_f, 5])
+    feats = rng.normal(size=(700, num_f)) * 1.5
+    vals = rng.normal(size=(700, 2))
+    mine = bench.np_lattice(feats)
+    lattice = Lattice(feats[None].astype(np.float32), backend="compiled")
+    theirs = lattice.filter(vals[None].astype(np.float32)).numpy()[0]
+    assert mine["m"] == int(lattice.num_points)
+    out = bench.np_filter(mine, vals)
+    assert np.max(np.abs(out - theirs)) <= 1e-5 * np.max(np.abs(theirs))
+
+
+def test_numpy_lattice_self_weight_is_the_filter_diagonal_when_no_point_is_missing() -> None:
+    # np_self_weight assumes every blur path's points are stored; on a dense 2-D grid (every
+    # neighbour present near the middle) it must equal the filter of a one-hot voxel there.
+    bench = _bench_accuracy_module()
+    grid = np.stack(np.meshgrid(np.arange(40), np.arange(40), indexing="ij"), -1)
+    feats = grid.reshape(-1, 2) * 0.15
+    lattice = bench.np_lattice(feats)
+    weight = bench.np_self_weight(lattice)
+    for voxel in (20 * 40 + 20, 21 * 40 + 17, 18 * 40 + 23):
+        one_hot = np.zeros((feats.shape[0], 1))
+        one_hot[voxel] = 1.0
+        diagonal = bench.np_filter(lattice, one_hot)[voxel, 0]
+        assert abs(diagonal - weight[voxel]) <= 1e-12
