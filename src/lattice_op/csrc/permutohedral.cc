@@ -4,13 +4,35 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <new>
 #include <sstream>
 #include <utility>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace crf3d {
+
+void* AllocateTableMemory(size_t bytes) {
+  if (bytes < kLargePageBytes) {
+    void* p = std::malloc(std::max<size_t>(bytes, 1));
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+  }
+  const size_t rounded = (bytes + kLargePageBytes - 1) / kLargePageBytes * kLargePageBytes;
+  void* p = std::aligned_alloc(kLargePageBytes, rounded);
+  if (p == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(p, rounded, MADV_HUGEPAGE);  // a hint: failure leaves ordinary pages
+#endif
+  return p;
+}
+
+void FreeTableMemory(void* p) { std::free(p); }
 
 namespace {
 
@@ -831,7 +853,7 @@ bool SplatSums(const LatticeView& lat, const float* values, int channels, float*
   const int64_t m = lat.num_points;
   const int64_t n = lat.num_voxels;
   const int d1 = lat.d + 1;
-  const int64_t parts = SplatParts(n);
+  const int64_t parts = SplatParts(n, lat.d, m);
   const auto m_u = static_cast<uint64_t>(m);
   auto sums = [&](int64_t t) { return t == 0 ? lattice_values : part_sums + (t - 1) * m * C; };
   std::atomic<bool> bad{false};
