@@ -4,35 +4,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <new>
 #include <sstream>
 #include <utility>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace crf3d {
-
-void* AllocateTableMemory(size_t bytes) {
-  if (bytes < kLargePageBytes) {
-    void* p = std::malloc(std::max<size_t>(bytes, 1));
-    if (p == nullptr) throw std::bad_alloc();
-    return p;
-  }
-  const size_t rounded = (bytes + kLargePageBytes - 1) / kLargePageBytes * kLargePageBytes;
-  void* p = std::aligned_alloc(kLargePageBytes, rounded);
-  if (p == nullptr) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  madvise(p, rounded, MADV_HUGEPAGE);  // a hint: failure leaves ordinary pages
-#endif
-  return p;
-}
-
-void FreeTableMemory(void* p) { std::free(p); }
 
 namespace {
 

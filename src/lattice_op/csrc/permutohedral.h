@@ -29,7 +29,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -58,30 +57,6 @@ int64_t FirstNonFinite(const T* x, int64_t n) {
   }
   return -1;
 }
-
-// Memory for the key table's slots and keys, which the build reads at random (a lookup per
-// vertex of every voxel). Blocks of at least kLargePageBytes are aligned to that size and, on
-// Linux, asked for transparent huge pages (madvise), so that a random lookup costs one cache
-// miss rather than a cache miss and a page walk: a BraTS-sized lattice's table spans tens of
-// MiB, far beyond what the TLB covers with 4 KiB pages. Elsewhere (or if the kernel declines)
-// the memory is ordinary.
-constexpr size_t kLargePageBytes = size_t{2} << 20;
-void* AllocateTableMemory(size_t bytes);  // throws std::bad_alloc
-void FreeTableMemory(void* p);
-
-template <typename T>
-struct TableAllocator {
-  using value_type = T;
-  TableAllocator() = default;
-  template <typename U>
-  TableAllocator(const TableAllocator<U>&) {}  // NOLINT: rebinding, as allocators do
-  T* allocate(size_t n) { return static_cast<T*>(AllocateTableMemory(n * sizeof(T))); }
-  void deallocate(T* p, size_t) { FreeTableMemory(p); }
-  template <typename U>
-  bool operator==(const TableAllocator<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const TableAllocator<U>&) const { return false; }
-};
 
 // Constants of the d-dimensional embedding, derived once per lattice.
 class Embedding {
@@ -182,7 +157,7 @@ class KeyTable {
   }
   // Frees the slots and keeps the keys: key(i) and size() still answer, lookups no longer do.
   void ReleaseSlots() {
-    std::vector<uint64_t, TableAllocator<uint64_t>>().swap(slots_);
+    std::vector<uint64_t>().swap(slots_);
     mask_ = 0;
   }
   // Which of `shards` hash-sharded tables holds a key of hash h: the upper 32 bits (the slot
@@ -216,8 +191,8 @@ class KeyTable {
   std::vector<uint64_t> coefficients_;  // odd, one per key coordinate
   uint64_t coefficient_sum_ = 0;
   int64_t size_ = 0;
-  std::vector<int32_t, TableAllocator<int32_t>> keys_;
-  std::vector<uint64_t, TableAllocator<uint64_t>> slots_;  // power-of-two capacity; 0: empty
+  std::vector<int32_t> keys_;
+  std::vector<uint64_t> slots_;  // power-of-two capacity; 0 marks an empty slot
   uint64_t mask_ = 0;
 };
 
