@@ -17,7 +17,7 @@ InvalidArg = tf.errors.InvalidArgumentError
 
 def smooth_features(shape=(24, 28, 30), theta=6.0, seed=0) -> np.ndarray:
     """[1, *shape, 4]: positions / theta and one smooth intensity: a lattice of a few hundred
-    points for 5k-20k voxels, so 64 (M + 1) <= N (F + 1) and the build lists no splat entries
+    points for 5k-20k voxels, so 32 (M + 1) <= N (F + 1) and the build lists no splat entries
     (the default 20,160 voxels make 2 parts, SplatParts)."""
     grids = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij")
     rng = np.random.default_rng(seed)
@@ -31,7 +31,7 @@ def test_small_lattice_is_built_without_lists_and_filters_like_the_exact_gaussia
     lat = Lattice(f, backend="compiled")
     n, d1 = f[0, ..., 0].size, f.shape[-1] + 1
     m = int(lat.num_points)
-    assert 64 * (m + 1) <= n * d1  # the build's rule for no lists
+    assert 32 * (m + 1) <= n * d1  # the build's rule for no lists (SplatNeedsLists)
     assert lat.tensors.splat_offsets.shape == (0,)
     assert lat.tensors.splat_voxels.shape == (0,)
     assert lat.tensors.splat_weights.shape == (0,)

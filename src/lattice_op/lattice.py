@@ -46,7 +46,7 @@ class LatticeTensors(NamedTuple):
                      that touches it (in increasing order of voxel * (F+1) + k)
     splat_weights:   float32 [B*N*(F+1)]  the barycentric weight of that entry
     The three splat tensors are all empty ([0]) when the lattice is far smaller than its
-    entries (64 (M+1) <= B N (F+1)): the filter then splats without lists (docs/lattice_op.md,
+    entries (32 (M+1) <= B N (F+1)): the filter then splats without lists (docs/lattice_op.md,
     "Two forms of the splat").
     """
 

@@ -262,10 +262,10 @@ void CheckSplatWithoutLists() {
       same_threads = same_threads && b == c;
     }
   }
-  Check(worst <= 1e-5 && crf3d::SplatParts(n) == 4,
+  Check(worst <= 1e-5 && crf3d::SplatParts(n, d, with.m) == 4,
         "splat without lists = splat with lists (C = 1, 3, 6; forward and adjoint)",
         Format("max |diff| / max |out| = %.2g, %.0f parts", worst,
-               static_cast<double>(crf3d::SplatParts(n))));
+               static_cast<double>(crf3d::SplatParts(n, d, with.m))));
   Check(same_threads, "splat without lists: output independent of the thread count",
         "1 and 3 threads, bit for bit");
   std::vector<float> v(static_cast<size_t>(n * 2));
@@ -279,13 +279,93 @@ void CheckSplatWithoutLists() {
   Check(!s.ok() && first == n + 5, "splat without lists: a NaN is reported at its index",
         Format("reported %.0f, expected %.0f", static_cast<double>(first),
                static_cast<double>(n + 5)));
-  // the build's choice: lists only when 64 (M + 1) > entries (180,000 entries: up to 2811 points
-  // without lists)
-  Check(!crf3d::SplatNeedsLists(36000, 4, 2811) && crf3d::SplatNeedsLists(36000, 4, 2812) &&
-            crf3d::SplatNeedsLists(n, d, with.m),
+  // the build's choice: lists only when 32 (M + 1) > entries (180,000 entries: up to 5624
+  // points without lists, 180,000 / 32 = 5625 = M + 1 being the last one allowed)
+  Check(!crf3d::SplatNeedsLists(36000, 4, 5624) && crf3d::SplatNeedsLists(36000, 4, 5625) &&
+            !crf3d::SplatNeedsLists(n, d, with.m),
         "SplatNeedsLists: no lists for a lattice far smaller than its entries",
-        Format("this lattice: %.0f points for %.0f entries, lists", static_cast<double>(with.m),
+        Format("this lattice: %.0f points for %.0f entries, no lists", static_cast<double>(with.m),
                static_cast<double>(n * (d + 1))));
+}
+
+// 3a'. The parts of the splat without lists (SplatParts) and the choice of the lists
+// (SplatNeedsLists), against values worked out by hand, and against the memory bound they are
+// meant to keep; then the splat without lists on a lattice whose parts the memory bound cuts
+// (fewer than one per 8192 voxels) against the splat with lists.
+void CheckSplatPartsRule() {
+  struct Case {
+    int64_t n;
+    int d;
+    int64_t m;
+    int64_t parts;
+    bool lists;
+  };
+  // parts = max(1, min(16, n / 8192, n (d+1) / (4 (m+1)))), lists when the last is below 8.
+  const Case cases[] = {
+      {8928000, 7, 1416126, 12, false},  // the BraTS-sized reference: 71,424,000 / 5,664,508
+      {8928000, 7, 268846, 16, false},   // dense_crf's BraTS case: 66 by memory
+      {8928000, 7, 2500000, 7, true},    // 71,424,000 / 10,000,004 = 7.1
+      {20160, 4, 500, 2, false},         // 20,160 / 8192 = 2 parts (the voxel count binds)
+      {5000, 4, 100, 1, false},          // fewer than 8192 voxels: one part
+      {36000, 4, 20000, 2, true},        // 180,000 / 80,004 = 2.2
+      {1000, 2, 5000, 1, true},          // 3000 / 20,004 = 0: at least one part
+  };
+  bool ok = true;
+  std::string detail;
+  for (const Case& c : cases) {
+    const int64_t parts = crf3d::SplatParts(c.n, c.d, c.m);
+    const bool lists = crf3d::SplatNeedsLists(c.n, c.d, c.m);
+    if (parts != c.parts || lists != c.lists) {
+      ok = false;
+      detail += Format("n=%.0f: %.0f parts", static_cast<double>(c.n), static_cast<double>(parts));
+    }
+  }
+  Check(ok, "SplatParts / SplatNeedsLists: the hand-worked cases",
+        detail.empty() ? "7 cases" : detail);
+  // Without lists, the parts' sums for C = 8 never take more memory than the lists would have.
+  bool within = true;
+  for (int64_t n : {10000, 65536, 100000, 1000000, 9000000}) {
+    for (int d : {2, 4, 7}) {
+      for (int64_t m = 1; m < n * (d + 1); m = m * 3 + 1) {
+        if (crf3d::SplatNeedsLists(n, d, m)) continue;
+        const int64_t parts = crf3d::SplatParts(n, d, m);
+        within = within && parts * (m + 1) * 8 <= 2 * n * (d + 1) && parts >= 1 &&
+                 parts <= crf3d::kMaxSplatParts;
+      }
+    }
+  }
+  Check(within, "SplatParts: without lists, P (M + 1) 8 floats <= the lists' 2 N (F + 1) words",
+        "n up to 9e6, F = 2, 4, 7, M in steps of x3");
+  // A finer lattice (features step 0.5): the memory bound cuts the parts below n / 8192 = 4.
+  std::mt19937 rng(22);
+  int d = 0;
+  const std::vector<float> f = GridFeatures({40, 30, 30}, 0.5, 1, 0.5, rng, &d);
+  const int64_t n = static_cast<int64_t>(f.size()) / d;
+  const crf3d::StdThreadParallel one(1), three(3);
+  OwnedLattice with(f, n, d, three);
+  OwnedLattice without(f, n, d, three);
+  without.lists = false;
+  const int64_t parts = crf3d::SplatParts(n, d, with.m);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> v(static_cast<size_t>(n * 3));
+  for (float& a : v) a = normal(rng);
+  double worst = 0.0;
+  bool same_threads = true;
+  for (bool reverse : {false, true}) {
+    const std::vector<float> a = with.Filter(v.data(), 3, reverse, three);
+    const std::vector<float> b = without.Filter(v.data(), 3, reverse, three);
+    const std::vector<float> c = without.Filter(v.data(), 3, reverse, one);
+    double scale = 0.0, gap = 0.0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      scale = std::max(scale, std::abs(static_cast<double>(a[i])));
+      gap = std::max(gap, std::abs(static_cast<double>(a[i]) - b[i]));
+    }
+    worst = std::max(worst, gap / scale);
+    same_threads = same_threads && b == c;
+  }
+  Check(worst <= 1e-5 && same_threads && parts > 1 && parts < 4,
+        "splat without lists, parts cut by memory = splat with lists (1 and 3 threads alike)",
+        Format("max |diff| / max |out| = %.2g, %.0f parts", worst, static_cast<double>(parts)));
 }
 
 // 3b. The lattice's structure against a reference built here from the public embedding, with a
@@ -698,6 +778,7 @@ int main() {
   CheckAdjoint();
   CheckThreadCount();
   CheckSplatWithoutLists();
+  CheckSplatPartsRule();
   CheckStructure({30, 40, 100}, 1, 11);  // F = 4: 7 chunks with 7 threads
   CheckStructure({20, 30, 60}, 4, 12);   // F = 7 (the BraTS feature count)
   CheckStructure({16, 32, 70}, 7, 13);   // F = 10: the build's generic path

@@ -831,7 +831,7 @@ bool SplatSums(const LatticeView& lat, const float* values, int channels, float*
   const int64_t m = lat.num_points;
   const int64_t n = lat.num_voxels;
   const int d1 = lat.d + 1;
-  const int64_t parts = SplatParts(n);
+  const int64_t parts = SplatParts(n, lat.d, m);
   const auto m_u = static_cast<uint64_t>(m);
   auto sums = [&](int64_t t) { return t == 0 ? lattice_values : part_sums + (t - 1) * m * C; };
   std::atomic<bool> bad{false};

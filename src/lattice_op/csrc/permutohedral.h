@@ -231,29 +231,39 @@ constexpr int kMaxSplatParts = 16;
 // cursors; parts of fewer voxels than this do not pay for theirs. The splat without lists cuts
 // its parts by the same number.
 constexpr int64_t kMinVoxelsPerSplatPart = 8192;
+// The splat without lists is taken only if the memory rule below leaves it at least this many
+// parts (the parts are what its threads share; below this the lists' gather scales better).
+constexpr int64_t kMinSplatPartsWithoutLists = 8;
 
 // The splat has two forms.
 //   With lists (BuildSplatCsr): each lattice point gathers the entries of its CSR list. The
 //     lists cost 8 bytes per vertex entry (voxel and weight), as much as vertex_index and
 //     vertex_weight themselves.
-//   Without lists: the voxels are cut into SplatParts(num_voxels) contiguous parts; each part
-//     adds its entries, in order, into a [M, C] sum of its own, and the parts' sums are added
-//     in part order. This costs (parts - 1) * (M + 1) * C floats of scratch per filter call and
+//   Without lists: the voxels are cut into SplatParts contiguous parts; each part adds its
+//     entries, in order, into a [M, C] sum of its own, and the parts' sums are added in part
+//     order. This costs (parts - 1) * (M + 1) * C floats of scratch per filter call and
 //     nothing per entry, so it is the form of choice when the lattice is much smaller than the
 //     entries (a bilateral lattice of wide spatial widths: M is a few percent of the voxels).
 // Both sum in a fixed order that does not depend on the thread count.
-// The build lists the entries only when SplatNeedsLists says so.
-inline bool SplatNeedsLists(int64_t num_voxels, int d, int64_t num_points) {
-  // Without lists, the parts' sums take up to kMaxSplatParts * (M + 1) * C floats; with lists,
-  // the lists take 2 * num_voxels * (d + 1) words. For C up to 8 the sums are the smaller when
-  // 64 (M + 1) <= num_voxels (d + 1).
-  return 64 * (num_points + 1) > num_voxels * (d + 1);
+//
+// Parts of the splat without lists: one per kMinVoxelsPerSplatPart voxels, at most
+// kMaxSplatParts, and at most as many as keep the parts' sums within the lists' memory for any
+// C up to 8: P parts' sums take at most P (M + 1) 8 floats, the lists 2 num_voxels (d + 1)
+// words, so P <= num_voxels (d + 1) / (4 (M + 1)). A function of the lattice's sizes alone, not
+// of the thread count, so the sums' order is fixed. At least 1.
+inline int64_t SplatParts(int64_t num_voxels, int d, int64_t num_points) {
+  const int64_t by_memory = num_voxels * (d + 1) / (4 * (num_points + 1));
+  return std::max<int64_t>(
+      1, std::min<int64_t>({kMaxSplatParts, num_voxels / kMinVoxelsPerSplatPart, by_memory}));
 }
 
-// Parts of the splat without lists: one per kMinVoxelsPerSplatPart voxels, at most
-// kMaxSplatParts, a function of the voxel count alone (so the sums' order is fixed).
-inline int64_t SplatParts(int64_t num_voxels) {
-  return std::max<int64_t>(1, std::min<int64_t>(kMaxSplatParts, num_voxels / kMinVoxelsPerSplatPart));
+// The build lists the entries only when the memory rule leaves the splat without lists fewer
+// than kMinSplatPartsWithoutLists parts: 32 (M + 1) > num_voxels (d + 1). (Until issue 14 the
+// rule was 64 (M + 1) > num_voxels (d + 1), which kept 16 parts' sums within the lists; with the
+// parts fitted to the lattice, a BraTS-sized lattice of 1.4 M points for 8.9 M voxels, F = 7,
+// splats without lists in 12 parts.)
+inline bool SplatNeedsLists(int64_t num_voxels, int d, int64_t num_points) {
+  return num_voxels * (d + 1) / (4 * (num_points + 1)) < kMinSplatPartsWithoutLists;
 }
 
 // Transposes the vertex entries (voxel i, vertex k; flat number i * (d+1) + k) into CSR lists
@@ -283,7 +293,8 @@ struct LatticeView {
 // Floats of scratch that Filter needs for `channels` value channels: two [M+1, C] buffers for
 // the blur, and without splat lists the sums of all parts but the first.
 inline int64_t FilterScratchSize(const LatticeView& lat, int channels) {
-  const int64_t parts = lat.splat_offsets == nullptr ? SplatParts(lat.num_voxels) : 1;
+  const int64_t parts =
+      lat.splat_offsets == nullptr ? SplatParts(lat.num_voxels, lat.d, lat.num_points) : 1;
   return (1 + parts) * (lat.num_points + 1) * static_cast<int64_t>(channels);
 }
 

@@ -47,7 +47,7 @@ lattice points of each voxel and their barycentric weights; blur_neighbours [F+1
 two neighbours of each of the M lattice points along each direction (M marks an absent one);
 splat_offsets [M+1], splat_voxels and splat_weights [B*N*(F+1)]: per lattice point (CSR), the
 voxel and barycentric weight of each entry that touches it; all three are empty ([0]) when
-64 (M+1) <= B*N*(F+1), and the filter then splats without them. blur_passes k: the accuracy
+32 (M+1) <= B*N*(F+1), and the filter then splats without them. blur_passes k: the accuracy
 setting; the lattice is finer by sqrt((3k+1)/4) and its filters must blur k times (the same attr
 on Crf3dLatticeFilter); 1 is Adams et al.'s lattice.
 )doc");
