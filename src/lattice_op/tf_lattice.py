@@ -298,14 +298,19 @@ def _embed(f: tf.Tensor, d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]
     the host in TensorFlow's GPU build), and every step costs O(d^2) per voxel (no sort)."""
     d1 = d + 1
     scale, _, _ = embedding_constants(d)
-    cf = f * scale  # [N, d]
     n = tf.shape(f)[0]
+    # Eagerly every named tensor lives until its name is rebound or deleted, so the names
+    # below are dropped as soon as they are used up (del): this bounds the eager peak to the
+    # few [N, d+1] tensors that are alive together in a graph anyway.
+    cf = f * scale  # [N, d]
     # running sums from the last channel down, one float addition at a time (like the loop
     # j = d..1 of the compiled op): top[t] = cf[d-1] + ... + cf[d-1-t]
     top = tf.scan(lambda acc, x: acc + x, tf.reverse(tf.transpose(cf), [0]), tf.zeros([n]))
-    running = tf.reverse(tf.concat([tf.zeros([1, n]), top], 0), [0])  # [d+1, N]: S[d - j]
+    running = tf.transpose(tf.reverse(tf.concat([tf.zeros([1, n]), top], 0), [0]))
+    del top  # running [N, d+1]: S[d - j]
     j = tf.range(1, d1, dtype=tf.float32)
-    elevated = tf.transpose(running) - tf.concat([tf.zeros([n, 1]), j * cf], 1)  # [N, d+1]
+    elevated = running - tf.concat([tf.zeros([n, 1]), j * cf], 1)  # [N, d+1]
+    del cf, running
 
     # nearest remainder-0 point
     d1_f = tf.cast(d1, tf.float32)
@@ -313,7 +318,9 @@ def _embed(f: tf.Tensor, d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]
     v = elevated * down
     up = tf.math.ceil(v) * d1_f
     low = tf.math.floor(v) * d1_f
+    del v
     rem0_f = tf.where(up - elevated < elevated - low, up, low)
+    del up, low
     rem0 = tf.cast(rem0_f, tf.int64)
     d64 = tf.cast(d, tf.int64)
     d1_64 = d64 + 1
@@ -323,30 +330,36 @@ def _embed(f: tf.Tensor, d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]
     # rank of coordinate x: the y with a larger differential, and the y < x with an equal one
     # (the compiled op's pairwise counts: ties go to the lower coordinate), y = 0..d in turn
     differential = elevated - rem0_f
+    del rem0_f
     coordinate = tf.range(d1_64)[None, :]
 
-    def count_above(y: tf.Tensor, rank: tf.Tensor) -> tf.Tensor:
+    def count_above(y: tf.Tensor, rank: tf.Tensor, differential=differential) -> tf.Tensor:
         dy = tf.gather(differential, y, axis=1)[:, None]
         above = (dy > differential) | ((dy == differential) & (y < coordinate))
         return rank + tf.cast(above, tf.int64)
 
-    rank = _loop(d1_64, count_above, tf.zeros_like(rem0)) + total[:, None]
-    below, above = rank < 0, rank > d64
-    rank = tf.where(below, rank + d1_64, tf.where(above, rank - d1_64, rank))
-    rem0 = tf.where(below, rem0 + d1_64, tf.where(above, rem0 - d1_64, rem0))
+    rank = _loop(d1_64, count_above, total[:, None] + tf.zeros_like(rem0))
+    del differential, total, count_above
+    # the wrap back onto the hyperplane: rank < 0 gains d+1, rank > d loses it (rem0 alike)
+    wrap = tf.where(rank < 0, d1_64, tf.where(rank > d64, -d1_64, tf.zeros_like(rank)))
+    rank += wrap
+    rem0 += wrap
+    del wrap
 
     # barycentric weights: vertex k gets v(rank d-k) - v(rank d-k+1); vertex 0 gets
     # v(rank d) + (1 - v(rank 0)) (each a single rounding, whatever the order of the loop).
     # w[k] = v(rank d-k): rank is a permutation of 0..d, so each w[k] collects one v exactly
     # (the other terms are zeros)
     v = (elevated - tf.cast(rem0, tf.float32)) * down
+    del elevated
     slot = d64 - coordinate  # [1, d+1]: w's slot k holds rank d - k
 
-    def place(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+    def place(x: tf.Tensor, w: tf.Tensor, v=v) -> tf.Tensor:
         hit = tf.gather(rank, x, axis=1)[:, None] == slot
         return w + tf.where(hit, tf.gather(v, x, axis=1)[:, None], 0.0)
 
     w = _loop(d1_64, place, tf.zeros_like(v))
+    del v, place
     bary = tf.concat([w[:, :1] + (1.0 - w[:, -1:]), w[:, 1:] - w[:, :-1]], axis=1)
     return rem0, rank, bary
 
@@ -460,7 +473,9 @@ def build(features: tf.Tensor, key_bits: int = KEY_BITS) -> TfLatticeTensors:
     d64 = tf.cast(d, tf.int64)
     batch = tf.shape(flat)[0]
     shifted = tf.reshape(flat - lo[:, None, :], [-1, d])  # [N, d], N = B * n
+    del flat
     rem0, rank, bary = _embed(shifted, d)
+    del shifted
 
     ids, neighbours = _points(rem0, rank, tf.cast(batch, tf.int64), d64, key_bits)
     vertex_shape = tf.concat([shape[:-1], [d1]], 0)
