@@ -372,12 +372,12 @@ def _points(
 
     The key of vertex k of voxel i is (batch item, coordinates 0..d-1 of rem0 + k, minus d+1
     where rank > d - k); the last coordinate is implied by the zero sum. No key table is
-    stored: key column c is computed when it is needed, [N, d+1] at a time (:func:`key_column`),
-    once for its bounds and once to pack or fold it in. Packed (the coordinates' ranges,
-    widened by d+1 on each side, fit key_bits with the batch item's): one int64 code per entry,
-    one Unique, whose distinct values are the points' codes in order of first occurrence; the
-    neighbour along direction j is the code minus or plus that of u_j (within the widened
-    ranges every field stays inside its bits, so code arithmetic is key arithmetic). Folded:
+    stored: key column c is computed when it is packed or folded in, [N, d+1] at a time
+    (``key_column``). Packed (rem0's per-column ranges, widened by 2d on each side, fit
+    key_bits with the batch item's): one int64 code per entry, one Unique, whose distinct
+    values are the points' codes in order of first occurrence; the neighbour along direction
+    j is the code minus or plus that of u_j (within the widened ranges every field stays
+    inside its bits, so code arithmetic is key arithmetic). Folded:
     the columns folded in one by one (:func:`_fold`), each point's key read back at its first
     entry, and the neighbours looked up with the same folding. Either way the neighbours of
     one direction are numbered with the points in one table [points; keys - u_j; keys + u_j]
@@ -396,8 +396,11 @@ def _points(
     def item() -> tf.Tensor:  # the batch item of every entry, [N, d+1]
         return tf.broadcast_to((tf.range(rows) // per_item)[:, None], [rows, d1])
 
-    lo, hi = _bounds(key_column, d)
-    lo, hi = lo - d1, hi + d1  # room for the neighbours' codes
+    # bounds of every key and neighbour key: a vertex key is rem0 shifted by -d..d in each
+    # coordinate and a neighbour one step of u_j further (-d..d again), so rem0's per-column
+    # range widened by 2d on each side holds them all (from rem0's columns, [N] at a time)
+    lo, hi = _bounds(lambda c: tf.gather(rem0, c, axis=1), d)
+    lo, hi = lo - 2 * d, hi + 2 * d
     bits = _bit_length(hi - lo)
     item_bits = _bit_length(tf.reshape(batch - 1, [1]))[0]
     # u_j = (d+1) e_j - (1, ..., 1) on the d stored coordinates (u_d = -(1, ..., 1))
