@@ -176,8 +176,7 @@ def test_every_key_budget_builds_the_compiled_lattice():
     features are spread so that the ranges are wide (many bits per field) and the batch items
     differ (the batch item's field is not empty). These keys need 26 bits (worked out with
     NumPy from the remainder-0 points: coordinate spans 208, 220 and 156, widened by 2F = 6 on
-    each side,
-    8 bits each, and 2 bits for the batch items 0..2), so 25 folds and 26 packs."""
+    each side, 8 bits each, and 2 bits for the batch items 0..2), so 25 folds and 26 packs."""
     rng = np.random.default_rng(8)
     f = rng.uniform(0.0, 60.0, size=(3, 7, 6, 3)).astype(np.float32)
     f[1] *= 0.25
