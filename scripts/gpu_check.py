@@ -21,14 +21,17 @@ Times are the median of --repeats runs after one warm-up. Memory on a GPU is the
 during the timed runs (tf.config.experimental.get_memory_info). On the CPU each step runs in a
 process of its own (this script with --child), and its memory is that process's peak RSS above
 its size just before the step's first call (crf_rnn_3d.benchmarks.memory), over the warm-up and
-the timed runs: in one long process a step's peak would be hidden by what the allocator kept
-from an earlier step (later steps then read 0).
+the timed runs, with glibc's large blocks mmapped (MALLOC_MMAP_THRESHOLD_, as
+scripts/bench_crf_train.py) so that memory freed by the set-up leaves the RSS. In one long
+process a step's peak would be hidden by what the allocator kept from an earlier step (later
+steps then read 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -214,7 +217,9 @@ def run_child(npz: Path, name: str, what: str, args: argparse.Namespace) -> Any:
     command = [sys.executable, __file__, "--child", what, "--inputs", str(npz), "--cases", name]
     command += ["--repeats", str(args.repeats)]
     print(f"   {what} ...", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    # large blocks mmapped, so that what a step frees leaves the RSS (as scripts/bench_crf_train.py)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
