@@ -22,9 +22,14 @@ during the timed runs (tf.config.experimental.get_memory_info). On the CPU each 
 process of its own (this script with --child), and its memory is that process's peak RSS above
 its size just before the step's first call (crf_rnn_3d.benchmarks.memory), over the warm-up and
 the timed runs, with glibc's large blocks mmapped (MALLOC_MMAP_THRESHOLD_, as
-scripts/bench_crf_train.py) so that memory freed by the set-up leaves the RSS. In one long
-process a step's peak would be hidden by what the allocator kept from an earlier step (later
-steps then read 0).
+scripts/bench_crf_train.py). In one long process a step's peak would be hidden by what the
+allocator kept from an earlier step (later steps then read 0); the filter's set-up (its
+lattice) is still in that process, so its RSS figure can hide what the filter reuses of the
+build's freed memory. Beside it, "tensor peak": the peak of TensorFlow's CPU allocator
+(tf.config.experimental.get_memory_info("CPU:0"), reset before the first call) above the
+tensors alive before it: the tensors a step holds at once, the figure a GPU reports, immune to
+pooling, but blind to memory a kernel allocates itself (the compiled op's C++ core, Unique's
+hash table).
 """
 
 from __future__ import annotations
@@ -211,6 +216,17 @@ def wanted_steps(args: argparse.Namespace, backend: str) -> list[str]:
     return [s for s in STEPS if s != "train" or train]
 
 
+def _rss_mib(pid: int) -> float:
+    """Resident size of process pid in MiB (0 once it has gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
 def run_child(npz: Path, name: str, what: str, args: argparse.Namespace) -> Any:
     """Runs one step (or the accuracy check) in a fresh process; returns what it printed last
     (one JSON line). A failure (e.g. out of memory) is recorded, not raised."""
@@ -219,11 +235,20 @@ def run_child(npz: Path, name: str, what: str, args: argparse.Namespace) -> Any:
     print(f"   {what} ...", flush=True)
     # large blocks mmapped, so that what a step frees leaves the RSS (as scripts/bench_crf_train.py)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {done.returncode}: {tail[:300]}"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env)
+        while proc.poll() is None:  # stop a child past --max-gib (the machine is shared)
+            if _rss_mib(proc.pid) > 1024 * args.max_gib:
+                proc.kill()
+                proc.wait()
+                return {"error": f"stopped: over {args.max_gib:g} GiB RSS"}
+            time.sleep(0.05)
+        out.seek(0)
+        err.seek(0)
+        lines = out.read().strip().splitlines()
+        errors = err.read().strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"error": f"exit {proc.returncode}: {(errors or ['no output'])[-1][:300]}"}
     return json.loads(lines[-1])
 
 
@@ -275,6 +300,8 @@ def child(args: argparse.Namespace) -> int:
     with tf.device("/CPU:0"):
         fn = step_fn(inputs, backend, step)
         before = reset_peak()  # the process's size with the inputs and the step's set-up
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        held = tf.config.experimental.get_memory_info("CPU:0")["current"]
         _finish(fn())  # warm-up: traces, allocations
         times = []
         for _ in range(args.repeats):
@@ -282,7 +309,9 @@ def child(args: argparse.Namespace) -> int:
             _finish(fn())
             times.append(time.perf_counter() - start)
         peak = max(peak_mib() - before, 0.0)
-    print(json.dumps({"seconds": statistics.median(times), "peak_mib": peak}))
+        tensors = tf.config.experimental.get_memory_info("CPU:0")["peak"] - held
+    result = {"seconds": statistics.median(times), "peak_mib": peak}
+    print(json.dumps({**result, "tensor_peak_mib": max(tensors, 0) / 2**20}))
     return 0
 
 
@@ -309,8 +338,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "| phantom | step | TF path (s) | compiled (s) | ratio | TF path peak (MiB) "
-        "| compiled peak (MiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| compiled peak (MiB) | TF path tensor peak (MiB) | compiled tensor peak (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["cases"]:
         tf_steps, c_steps = row["steps"]["tf"], row["steps"]["compiled"]
@@ -322,14 +351,20 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{k}: {x['error']}" for k, x in (("tf", a), ("compiled", b)) if x and "error" in x
             ]
             if failed:
-                lines.append(f"| {row['case']} | {step} | failed ({'; '.join(failed)}) | | | | |")
+                lines.append(
+                    f"| {row['case']} | {step} | failed ({'; '.join(failed)}) | | | | | | |"
+                )
                 continue
             ratio = f"{a['seconds'] / b['seconds']:.2f}x" if b else "-"
             b_s = f"{b['seconds']:.3f}" if b else "-"
             b_m = f"{b['peak_mib']:.0f}" if b else "-"
+            t_a, t_b = (
+                f"{x['tensor_peak_mib']:.0f}" if x and "tensor_peak_mib" in x else "-"
+                for x in (a, b)
+            )
             lines.append(
                 f"| {row['case']} | {step} | {a['seconds']:.3f} | {b_s} | {ratio} | "
-                f"{a['peak_mib']:.0f} | {b_m} |"
+                f"{a['peak_mib']:.0f} | {b_m} | {t_a} | {t_b} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -341,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", action="store_true", help="time a V-Net + CRF step too")
     parser.add_argument("--train-compiled", action="store_true", help="also for the compiled path")
     parser.add_argument("--out", type=Path, default=Path("results/gpu_check"))
+    parser.add_argument("--max-gib", type=float, default=16.0, help="stop a CPU step above this")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # backend:step or accuracy
     parser.add_argument("--inputs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
