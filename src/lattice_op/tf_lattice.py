@@ -24,17 +24,24 @@ same lattice points and barycentric weights:
     (the compiled op's pairwise counts, ties to the lower coordinate: F+1 passes of
     comparisons, no sort), the wrap back onto the hyperplane, and the barycentric weights;
   - the F+1 vertex keys of each voxel's simplex, with the batch item as one more key column,
-    so batch items never share lattice points;
-  - the lattice points: :func:`dense_ids` numbers distinct keys in order of first occurrence,
-    exactly (below), which is also the compiled op's numbering when it builds in one chunk;
-  - blur neighbours: the keys one step away along each lattice direction, looked up with the
-    same exact numbering over [points; neighbour keys].
+    so batch items never share lattice points; no key table is stored: each key column is
+    computed from rem0 and rank when it is packed or folded in (:func:`_points`);
+  - the lattice points: distinct keys numbered in order of first occurrence, exactly (below),
+    which is also the compiled op's numbering when it builds in one chunk;
+  - blur neighbours: the keys one step away along each lattice direction, looked up one
+    direction at a time with the same exact numbering over [points; neighbour keys].
 
-Exact keys: :func:`dense_ids` never merges two different keys. When the key columns' value
-ranges (measured at run time) fit ``key_bits`` (62) bits together, each key is packed into one
-int64 (disjoint bit fields) and numbered by one Unique; otherwise the columns are folded in one
-at a time, each time renumbering the pair (number so far, column) with Unique, whose values stay
-below (rows)^2 < 2^62. Both paths give the same numbers; tests force the second one.
+Exact keys: the numbering never merges two different keys. When the key columns' value ranges
+(measured at run time; for the build, rem0's ranges widened by 2F, room for every vertex and
+neighbour key) fit ``key_bits`` (62) bits together, each key is packed into one int64 (disjoint
+bit fields) and numbered by one Unique; otherwise the columns are folded in one at a time, each
+time renumbering the pair (number so far, column) with Unique, whose values stay below
+(rows)^2 < 2^62. Both paths give the same numbers; tests force the second one.
+:func:`dense_ids` does the same for a stored table.
+
+Memory: the largest tensors of the build are [N, F+1] (8 (F+1) bytes per voxel in int64), never
+the [N (F+1), F+1] key table; eager intermediates are dropped as soon as they are used
+(docs/lattice_op.md, "Memory of the build").
 
 Filter (:class:`TfLattice` ``.filter``): splat (products weight x value summed per lattice point
 with unsorted_segment_sum, in entry order like the compiled splat), blur (F+1 directions, the
