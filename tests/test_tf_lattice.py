@@ -169,6 +169,22 @@ def test_forced_fallback_keys_build_the_compiled_lattice(key_bits):
         assert rel(x, ref) <= REL
 
 
+def test_every_key_budget_builds_the_compiled_lattice():
+    """The build packs its keys (and finds blur neighbours by code arithmetic) when the widened
+    coordinate ranges fit the bit budget, else folds them: for every budget from 0 bits (always
+    folded) through the exact fit to 62 (packed), the lattice equals the compiled op's. The
+    features are spread so that the ranges are wide (many bits per field) and the batch items
+    differ (the batch item's field is not empty). These keys need 26 bits (worked out with
+    NumPy from the remainder-0 points: coordinate spans 208, 220 and 156, widened by 2F = 6 on
+    each side, 8 bits each, and 2 bits for the batch items 0..2), so 25 folds and 26 packs."""
+    rng = np.random.default_rng(8)
+    f = rng.uniform(0.0, 60.0, size=(3, 7, 6, 3)).astype(np.float32)
+    f[1] *= 0.25
+    compiled = Lattice(f, "compiled")
+    for key_bits in (0, 10, 20, 24, 25, 26, 27, 40, 62):
+        assert_same_lattice(compiled, TfLattice(f, _key_bits=key_bits))
+
+
 def test_batch_items_never_share_points():
     f, v, _ = batch_of((10, 9), 3, 2, 1, seed=4)
     single = TfLattice(f)

@@ -24,17 +24,24 @@ same lattice points and barycentric weights:
     (the compiled op's pairwise counts, ties to the lower coordinate: F+1 passes of
     comparisons, no sort), the wrap back onto the hyperplane, and the barycentric weights;
   - the F+1 vertex keys of each voxel's simplex, with the batch item as one more key column,
-    so batch items never share lattice points;
-  - the lattice points: :func:`dense_ids` numbers distinct keys in order of first occurrence,
-    exactly (below), which is also the compiled op's numbering when it builds in one chunk;
-  - blur neighbours: the keys one step away along each lattice direction, looked up with the
-    same exact numbering over [points; neighbour keys].
+    so batch items never share lattice points; no key table is stored: each key column is
+    computed from rem0 and rank when it is packed or folded in (:func:`_points`);
+  - the lattice points: distinct keys numbered in order of first occurrence, exactly (below),
+    which is also the compiled op's numbering when it builds in one chunk;
+  - blur neighbours: the keys one step away along each lattice direction, looked up one
+    direction at a time with the same exact numbering over [points; neighbour keys].
 
-Exact keys: :func:`dense_ids` never merges two different keys. When the key columns' value
-ranges (measured at run time) fit ``key_bits`` (62) bits together, each key is packed into one
-int64 (disjoint bit fields) and numbered by one Unique; otherwise the columns are folded in one
-at a time, each time renumbering the pair (number so far, column) with Unique, whose values stay
-below (rows)^2 < 2^62. Both paths give the same numbers; tests force the second one.
+Exact keys: the numbering never merges two different keys. When the key columns' value ranges
+(measured at run time; for the build, rem0's ranges widened by 2F, room for every vertex and
+neighbour key) fit ``key_bits`` (62) bits together, each key is packed into one int64 (disjoint
+bit fields) and numbered by one Unique; otherwise the columns are folded in one at a time, each
+time renumbering the pair (number so far, column) with Unique, whose values stay below
+(rows)^2 < 2^62. Both paths give the same numbers; tests force the second one.
+:func:`dense_ids` does the same for a stored table.
+
+Memory: the largest tensors of the build are [N, F+1] (8 (F+1) bytes per voxel in int64), never
+the [N (F+1), F+1] key table; eager intermediates are dropped as soon as they are used
+(docs/lattice_op.md, "Memory of the build").
 
 Filter (:class:`TfLattice` ``.filter``): splat (products weight x value summed per lattice point
 with unsorted_segment_sum, in entry order like the compiled splat), blur (F+1 directions, the
@@ -49,6 +56,7 @@ through the barycentric weights.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -112,6 +120,68 @@ def embedding_constants(d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     return scale, alpha, max_span
 
 
+Column = Callable[[tf.Tensor], tf.Tensor]
+
+
+def _bit_length(span: tf.Tensor) -> tf.Tensor:
+    """Bits needed for 0..span, per entry of an int64 vector span >= 0: the number of powers of
+    two <= span (exact integer comparisons)."""
+    powers = tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.range(63, dtype=tf.int64))
+    return tf.reduce_sum(tf.cast(span[:, None] >= powers[None, :], tf.int64), axis=1)
+
+
+def _bounds(column: Column, num_columns: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(lo, hi), int64 [num_columns]: the minimum and maximum of column(c) for c = 0..count-1,
+    one column at a time, so that only one column exists at a time (int64 Min has no GPU
+    kernel: the minimum is the negated Max of the negation, of one column)."""
+    slots = tf.range(num_columns)
+
+    def body(c: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor):
+        values = column(c)
+        at = slots == c
+        low, high = -tf.reduce_max(-values), tf.reduce_max(values)
+        return c + 1, tf.where(at, low, lo), tf.where(at, high, hi)
+
+    zeros = tf.zeros([num_columns], tf.int64)
+    _, lo, hi = tf.while_loop(
+        lambda c, lo, hi: c < num_columns, body, (tf.constant(0, tf.int64), zeros, zeros)
+    )
+    return lo, hi
+
+
+def _pack(
+    column: Column, num_columns: tf.Tensor, lo: tf.Tensor, field: tf.Tensor, code: tf.Tensor
+) -> tf.Tensor:
+    """code + sum_c (column(c) - lo[c]) * field[c]: the columns' disjoint bit fields added into
+    one int64 per row, one column at a time."""
+
+    def body(c: tf.Tensor, code: tf.Tensor):
+        return c + 1, code + (column(c) - tf.gather(lo, c)) * tf.gather(field, c)
+
+    _, code = tf.while_loop(lambda c, code: c < num_columns, body, (tf.constant(0, tf.int64), code))
+    return code
+
+
+def _fold(
+    column: Column, num_columns: tf.Tensor, ids: tf.Tensor, count: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """(ids, count) after folding column(c), c = 0..num_columns-1, into a first-occurrence
+    numbering `ids` (int64, < the number of rows) of `count` distinct values, without packing:
+    per column two Uniques, the column's own numbering, then the pair (number so far, column
+    number), whose code ids * width + number stays below rows^2 < 2^62."""
+
+    def body(c: tf.Tensor, ids: tf.Tensor, count: tf.Tensor):
+        own = tf.unique(tf.reshape(column(c), [-1]), out_idx=tf.int64)
+        width = tf.size(own.y, out_type=tf.int64)
+        pair = tf.unique(tf.reshape(ids, [-1]) * width + own.idx, out_idx=tf.int64)
+        return c + 1, tf.reshape(pair.idx, tf.shape(ids)), tf.size(pair.y, out_type=tf.int64)
+
+    _, ids, count = tf.while_loop(
+        lambda c, ids, count: c < num_columns, body, (tf.constant(0, tf.int64), ids, count)
+    )
+    return ids, count
+
+
 def dense_ids(columns: tf.Tensor, key_bits: int = KEY_BITS) -> tuple[tf.Tensor, tf.Tensor]:
     """Numbers the distinct rows of an integer [R, c] key table exactly.
 
@@ -121,46 +191,32 @@ def dense_ids(columns: tf.Tensor, key_bits: int = KEY_BITS) -> tuple[tf.Tensor, 
     in one by one (two Uniques per column); `key_bits` is a parameter so that tests can force
     the second path. The table is int32, or int64 with values in int32's range (the lattice's
     keys); everything is computed in int64, whose kernels run on a GPU (int32 arithmetic runs
-    on the host in TensorFlow's GPU build).
+    on the host in TensorFlow's GPU build). The lattice build uses the same steps on columns it
+    computes one at a time (:func:`build`).
     """
     columns = tf.convert_to_tensor(columns)
     if columns.dtype not in (tf.int32, tf.int64):
         raise ValueError(f"dense_ids: the key table must be int32 or int64, got {columns.dtype}")
     columns = tf.cast(columns, tf.int64)
-    lo = -tf.reduce_max(-columns, axis=0)  # int64 Min has no GPU kernel; Max has
-    hi = tf.reduce_max(columns, axis=0)
-    span = hi - lo  # >= 0, < 2^32
-    powers = tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.range(63, dtype=tf.int64))
-    # bits needed for 0..span: the number of powers of two <= span (exact integer comparisons)
-    bits = tf.reduce_sum(tf.cast(span[:, None] >= powers[None, :], tf.int64), axis=1)
-    total = tf.reduce_sum(bits)
+    rows = tf.shape(columns, out_type=tf.int64)[0]
+    num_columns = tf.shape(columns, out_type=tf.int64)[1]
+
+    def column(c: tf.Tensor) -> tf.Tensor:
+        return tf.gather(columns, c, axis=1)
+
+    lo, hi = _bounds(column, num_columns)
+    bits = _bit_length(hi - lo)  # spans >= 0, < 2^32
 
     def packed() -> tuple[tf.Tensor, tf.Tensor]:
-        offset = tf.cumsum(bits, exclusive=True)
-        field = tf.bitwise.left_shift(tf.ones_like(offset), offset)
-        code = tf.reduce_sum((columns - lo) * field, axis=1)
+        field = tf.bitwise.left_shift(tf.ones_like(bits), tf.cumsum(bits, exclusive=True))
+        code = _pack(column, num_columns, lo, field, tf.zeros([rows], tf.int64))
         unique = tf.unique(code, out_idx=tf.int64)
         return unique.idx, tf.size(unique.y, out_type=tf.int64)
 
     def folded() -> tuple[tf.Tensor, tf.Tensor]:
-        rows = tf.shape(columns, out_type=tf.int64)[0]
+        return _fold(column, num_columns, tf.zeros([rows], tf.int64), tf.minimum(rows, 1))
 
-        def body(c: tf.Tensor, ids: tf.Tensor, count: tf.Tensor):
-            column = tf.unique(columns[:, c], out_idx=tf.int64)
-            width = tf.size(column.y, out_type=tf.int64)
-            # ids < rows and column.idx < width <= rows, so the pair code stays below rows^2
-            pair = ids * width + column.idx
-            unique = tf.unique(pair, out_idx=tf.int64)
-            return c + 1, unique.idx, tf.size(unique.y, out_type=tf.int64)
-
-        _, ids, count = tf.while_loop(
-            lambda c, ids, count: c < tf.shape(columns)[1],
-            body,
-            (tf.constant(0), tf.zeros([rows], tf.int64), tf.minimum(rows, 1)),
-        )
-        return ids, count
-
-    return tf.cond(total <= key_bits, packed, folded)
+    return tf.cond(tf.reduce_sum(bits) <= key_bits, packed, folded)
 
 
 def _check_features(features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -249,14 +305,19 @@ def _embed(f: tf.Tensor, d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]
     the host in TensorFlow's GPU build), and every step costs O(d^2) per voxel (no sort)."""
     d1 = d + 1
     scale, _, _ = embedding_constants(d)
-    cf = f * scale  # [N, d]
     n = tf.shape(f)[0]
+    # Eagerly every named tensor lives until its name is rebound or deleted, so the names
+    # below are dropped as soon as they are used up (del): this bounds the eager peak to the
+    # few [N, d+1] tensors that are alive together in a graph anyway.
+    cf = f * scale  # [N, d]
     # running sums from the last channel down, one float addition at a time (like the loop
     # j = d..1 of the compiled op): top[t] = cf[d-1] + ... + cf[d-1-t]
     top = tf.scan(lambda acc, x: acc + x, tf.reverse(tf.transpose(cf), [0]), tf.zeros([n]))
-    running = tf.reverse(tf.concat([tf.zeros([1, n]), top], 0), [0])  # [d+1, N]: S[d - j]
+    running = tf.transpose(tf.reverse(tf.concat([tf.zeros([1, n]), top], 0), [0]))
+    del top  # running [N, d+1]: S[d - j]
     j = tf.range(1, d1, dtype=tf.float32)
-    elevated = tf.transpose(running) - tf.concat([tf.zeros([n, 1]), j * cf], 1)  # [N, d+1]
+    elevated = running - tf.concat([tf.zeros([n, 1]), j * cf], 1)  # [N, d+1]
+    del cf, running
 
     # nearest remainder-0 point
     d1_f = tf.cast(d1, tf.float32)
@@ -264,7 +325,9 @@ def _embed(f: tf.Tensor, d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]
     v = elevated * down
     up = tf.math.ceil(v) * d1_f
     low = tf.math.floor(v) * d1_f
+    del v
     rem0_f = tf.where(up - elevated < elevated - low, up, low)
+    del up, low
     rem0 = tf.cast(rem0_f, tf.int64)
     d64 = tf.cast(d, tf.int64)
     d1_64 = d64 + 1
@@ -274,32 +337,138 @@ def _embed(f: tf.Tensor, d: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]
     # rank of coordinate x: the y with a larger differential, and the y < x with an equal one
     # (the compiled op's pairwise counts: ties go to the lower coordinate), y = 0..d in turn
     differential = elevated - rem0_f
+    del rem0_f
     coordinate = tf.range(d1_64)[None, :]
 
-    def count_above(y: tf.Tensor, rank: tf.Tensor) -> tf.Tensor:
+    def count_above(y: tf.Tensor, rank: tf.Tensor, differential=differential) -> tf.Tensor:
         dy = tf.gather(differential, y, axis=1)[:, None]
         above = (dy > differential) | ((dy == differential) & (y < coordinate))
         return rank + tf.cast(above, tf.int64)
 
-    rank = _loop(d1_64, count_above, tf.zeros_like(rem0)) + total[:, None]
-    below, above = rank < 0, rank > d64
-    rank = tf.where(below, rank + d1_64, tf.where(above, rank - d1_64, rank))
-    rem0 = tf.where(below, rem0 + d1_64, tf.where(above, rem0 - d1_64, rem0))
+    rank = _loop(d1_64, count_above, total[:, None] + tf.zeros_like(rem0))
+    del differential, total, count_above
+    # the wrap back onto the hyperplane: rank < 0 gains d+1, rank > d loses it (rem0 alike)
+    wrap = tf.where(rank < 0, d1_64, tf.where(rank > d64, -d1_64, tf.zeros_like(rank)))
+    rank += wrap
+    rem0 += wrap
+    del wrap
 
     # barycentric weights: vertex k gets v(rank d-k) - v(rank d-k+1); vertex 0 gets
     # v(rank d) + (1 - v(rank 0)) (each a single rounding, whatever the order of the loop).
     # w[k] = v(rank d-k): rank is a permutation of 0..d, so each w[k] collects one v exactly
     # (the other terms are zeros)
     v = (elevated - tf.cast(rem0, tf.float32)) * down
+    del elevated
     slot = d64 - coordinate  # [1, d+1]: w's slot k holds rank d - k
 
-    def place(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+    def place(x: tf.Tensor, w: tf.Tensor, v=v) -> tf.Tensor:
         hit = tf.gather(rank, x, axis=1)[:, None] == slot
         return w + tf.where(hit, tf.gather(v, x, axis=1)[:, None], 0.0)
 
     w = _loop(d1_64, place, tf.zeros_like(v))
+    del v, place
     bary = tf.concat([w[:, :1] + (1.0 - w[:, -1:]), w[:, 1:] - w[:, :-1]], axis=1)
     return rem0, rank, bary
+
+
+def _points(
+    rem0: tf.Tensor, rank: tf.Tensor, batch: tf.Tensor, d: tf.Tensor, key_bits: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The lattice points of the simplices (rem0, rank int64 [N, d+1]; N = batch x n voxels):
+    (vertex ids int64 [N, d+1], blur neighbours int64 [d+1, M, 2]).
+
+    The key of vertex k of voxel i is (batch item, coordinates 0..d-1 of rem0 + k, minus d+1
+    where rank > d - k); the last coordinate is implied by the zero sum. No key table is
+    stored: key column c is computed when it is packed or folded in, [N, d+1] at a time
+    (``key_column``). Packed (rem0's per-column ranges, widened by 2d on each side, fit
+    key_bits with the batch item's): one int64 code per entry, one Unique, whose distinct
+    values are the points' codes in order of first occurrence; the neighbour along direction
+    j is the code minus or plus that of u_j (within the widened ranges every field stays
+    inside its bits, so code arithmetic is key arithmetic). Folded:
+    the columns folded in one by one (:func:`_fold`), each point's key read back at its first
+    entry, and the neighbours looked up with the same folding. Either way the neighbours of
+    one direction are numbered with the points in one table [points; keys - u_j; keys + u_j]
+    (3M rows): the points come first and are distinct, so their ids are 0..M-1, a query that
+    is a point gets that point's id and any other query an id >= M."""
+    d1 = d + 1
+    rows = tf.shape(rem0, out_type=tf.int64)[0]
+    per_item = rows // batch
+    vertex = tf.range(d1)[None, :]  # k of each entry
+
+    def key_column(c: tf.Tensor) -> tf.Tensor:
+        r = tf.gather(rank, c, axis=1)[:, None]
+        shift = tf.where(r <= d - vertex, vertex, vertex - d1)
+        return tf.gather(rem0, c, axis=1)[:, None] + shift  # [N, d+1]
+
+    def item() -> tf.Tensor:  # the batch item of every entry, [N, d+1]
+        return tf.broadcast_to((tf.range(rows) // per_item)[:, None], [rows, d1])
+
+    # bounds of every key and neighbour key: a vertex key is rem0 shifted by -d..d in each
+    # coordinate and a neighbour one step of u_j further (-d..d again), so rem0's per-column
+    # range widened by 2d on each side holds them all (from rem0's columns, [N] at a time)
+    lo, hi = _bounds(lambda c: tf.gather(rem0, c, axis=1), d)
+    lo, hi = lo - 2 * d, hi + 2 * d
+    bits = _bit_length(hi - lo)
+    item_bits = _bit_length(tf.reshape(batch - 1, [1]))[0]
+    # u_j = (d+1) e_j - (1, ..., 1) on the d stored coordinates (u_d = -(1, ..., 1))
+
+    def u(j: tf.Tensor) -> tf.Tensor:
+        return tf.where(tf.range(d) == j, d, tf.constant(-1, tf.int64))  # [d]
+
+    def neighbours_of(lookup, m: tf.Tensor) -> tf.Tensor:
+        """[d+1, M, 2]: lookup(j) gives the ids of [points; - u_j; + u_j] for direction j."""
+
+        def body(j: tf.Tensor, found: tf.Tensor):
+            ids = lookup(j)
+            pair = tf.transpose(tf.reshape(ids[m:], [2, m]))  # [M, 2]: minus, plus
+            return j + 1, tf.concat([found, tf.where(pair < m, pair, m)[None]], 0)
+
+        _, found = tf.while_loop(
+            lambda j, found: j < d1,
+            body,
+            (tf.constant(0, tf.int64), tf.zeros(tf.stack([0, m, 2]), tf.int64)),
+            shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, None, 2])),
+        )
+        return found
+
+    def packed() -> tuple[tf.Tensor, tf.Tensor]:
+        field = tf.bitwise.left_shift(tf.ones_like(bits), tf.cumsum(bits, exclusive=True))
+        code = tf.bitwise.left_shift(item(), tf.reduce_sum(bits))  # the batch item on top
+        code = _pack(key_column, d, lo, field, code)
+        unique = tf.unique(tf.reshape(code, [-1]), out_idx=tf.int64)
+        points = unique.y  # [M] codes in order of first occurrence
+
+        def lookup(j: tf.Tensor) -> tf.Tensor:
+            step = tf.reduce_sum(u(j) * field)
+            table = tf.concat([points, points - step, points + step], 0)
+            return tf.unique(table, out_idx=tf.int64).idx
+
+        m = tf.size(points, out_type=tf.int64)
+        return tf.reshape(unique.idx, [rows, d1]), neighbours_of(lookup, m)
+
+    def folded() -> tuple[tf.Tensor, tf.Tensor]:
+        ids, m = _fold(key_column, d, item(), batch)
+        # each point's first entry: a minimum over entry numbers, in float64 (exact below
+        # 2^53; int64 UnsortedSegmentMin has no GPU kernel)
+        flat_ids = tf.reshape(ids, [-1])
+        entry = tf.cast(tf.range(tf.size(flat_ids, out_type=tf.int64)), tf.float64)
+        first = tf.cast(tf.math.unsorted_segment_min(entry, flat_ids, m), tf.int64)
+        point_item = first // (per_item * d1)
+
+        def lookup(j: tf.Tensor) -> tf.Tensor:
+            step = u(j)
+
+            def query_column(c: tf.Tensor) -> tf.Tensor:
+                key = tf.gather(tf.reshape(key_column(c), [-1]), first)
+                s = tf.gather(step, c)
+                return tf.concat([key, key - s, key + s], 0)
+
+            items = tf.concat([point_item, point_item, point_item], 0)
+            return _fold(query_column, d, items, batch)[0]
+
+        return ids, neighbours_of(lookup, m)
+
+    return tf.cond(tf.reduce_sum(bits) + item_bits <= key_bits, packed, folded)
 
 
 def build(features: tf.Tensor, key_bits: int = KEY_BITS) -> TfLatticeTensors:
@@ -312,44 +481,18 @@ def build(features: tf.Tensor, key_bits: int = KEY_BITS) -> TfLatticeTensors:
     flat, lo, d = _check_features(features)
     d1 = d + 1
     d64 = tf.cast(d, tf.int64)
-    d1_64 = d64 + 1
-    batch, n = tf.shape(flat)[0], tf.shape(flat)[1]
+    batch = tf.shape(flat)[0]
     shifted = tf.reshape(flat - lo[:, None, :], [-1, d])  # [N, d], N = B * n
+    del flat
     rem0, rank, bary = _embed(shifted, d)
+    del shifted
 
-    # vertex k of each simplex: rem0 + k, minus d+1 where rank > d - k (first d coordinates;
-    # the last is implied by the zero sum), with the batch item as the leading key column
-    k = tf.range(d1_64)[None, :, None]
-    keys = rem0[:, None, :d] + tf.where(rank[:, None, :d] <= d64 - k, k, k - d1_64)  # [N, d+1, d]
-    item = tf.range(tf.cast(batch, tf.int64))[:, None, None, None]
-    item = tf.reshape(tf.broadcast_to(item, [batch, n, d1, 1]), [batch * n, d1, 1])
-    columns = tf.concat([item, keys], axis=2)
-    columns = tf.reshape(columns, [-1, d1])  # [E, d+1], entries in (voxel, vertex) order
-    ids, num_points = dense_ids(columns, key_bits)
-    # each point's first entry: a minimum over entry numbers, in float64 (exact below 2^53;
-    # int64 UnsortedSegmentMin has no GPU kernel)
-    entry = tf.cast(tf.range(tf.size(ids, out_type=tf.int64)), tf.float64)
-    first = tf.cast(tf.math.unsorted_segment_min(entry, ids, num_points), tf.int64)
-    points = tf.gather(columns, first)  # [M, d+1]: batch item, d coordinates
-
-    # neighbours along direction j: the key minus (sign 0) or plus (sign 1)
-    # u_j = (d+1) e_j - (1, ..., 1) on the d stored coordinates (u_d = -(1, ..., 1))
-    eye = tf.cast(tf.range(d1_64)[:, None] == tf.range(d64)[None, :], tf.int64)  # [d+1, d]
-    u = d1_64 * eye - 1
-    u = tf.concat([tf.zeros_like(u[:, :1]), u], axis=1)  # the batch column stays
-    sign = tf.constant([-1, 1], tf.int64)
-    queries = points[None, :, None, :] + sign[None, None, :, None] * u[:, None, None, :]
-    table = tf.concat([points, tf.reshape(queries, [-1, d1])], axis=0)
-    # the points come first and are distinct, so their ids are 0..M-1 and a query that is a
-    # point gets that point's id; any other query gets an id >= M
-    found, _ = dense_ids(table, key_bits)
-    found = found[num_points:]
-    neighbours = tf.where(found < num_points, found, num_points)
+    ids, neighbours = _points(rem0, rank, tf.cast(batch, tf.int64), d64, key_bits)
     vertex_shape = tf.concat([shape[:-1], [d1]], 0)
     return TfLatticeTensors(
         vertex_index=tf.reshape(ids, vertex_shape),
         vertex_weight=tf.stop_gradient(tf.reshape(bary, vertex_shape)),
-        blur_neighbours=tf.reshape(neighbours, [d1, -1, 2]),
+        blur_neighbours=neighbours,
     )
 
 
