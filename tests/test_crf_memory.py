@@ -180,13 +180,18 @@ def test_recompute_under_tf_function_with_unknown_sizes(backend, grappler_off, m
     weights = _weights(settings, unaries, image, seed=6)
     spec = [tf.TensorSpec([None, None, None, None, c]) for c in (2, 1, 2)]
     calls = []
-    iteration = mf._iteration
+    iteration, rerun = mf._iteration, mf._iteration_gradient
 
     def counted(*args, **kwargs):
         calls.append(1)
         return iteration(*args, **kwargs)
 
+    def counted_rerun(*args, **kwargs):
+        calls.append(1)
+        return rerun(*args, **kwargs)
+
     monkeypatch.setattr(mf, "_iteration", counted)
+    monkeypatch.setattr(mf, "_iteration_gradient", counted_rerun)
     results = []
     for recompute in (False, True):
         layer = _layer(recompute, **settings)

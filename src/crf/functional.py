@@ -434,22 +434,20 @@ def _compatibility_gradient(message: tf.Tensor, grad_logits: tf.Tensor) -> tf.Te
     """d/d mu of sum(grad_logits * (unaries - einsum("...k,lk->...l", message, mu))), [K, K].
 
     The same values, bit for bit, as TensorFlow's einsum gradient in the plain loop (each
-    entry (l, k) the product -grad_l * message_k at every voxel, summed over the voxels by
-    the same row reduction), without its two [K, K, B, *spatial] tensors (the outer product
-    and its transpose; 32 MiB at the PROMISE12 size with K = 2): here one row of classes at a
-    time, [K, B, *spatial], each waiting for the previous one's sum.
+    entry (l, k) the product -grad_l * message_k at every voxel, summed over the voxels by the
+    same reduction), without its two [K, K, B, *spatial] tensors (the outer product and its
+    transpose; 32 MiB at the PROMISE12 size with K = 2): here one entry at a time, from one
+    class of each ([B, *spatial] tensors), each waiting for the previous entry's sum.
     """
-    rank = message.shape.rank
-    order = [rank - 1, *range(rank - 1)]
-    rows_of_message = tf.transpose(message, order)  # [K, B, *spatial]
-    pairwise_grad = tf.negative(grad_logits)  # d/d pairwise, exact
-    axes = list(range(1, rank))
-    rows = []
-    for cls in range(message.shape[-1]):
-        with tf.control_dependencies(rows[-1:]):
-            product = rows_of_message * pairwise_grad[None, ..., cls]
-        rows.append(tf.reduce_sum(product, axis=axes))
-    return tf.stack(rows)
+    classes = message.shape[-1]
+    entries: list[tf.Tensor] = []
+    for row in range(classes):
+        for col in range(classes):
+            with tf.control_dependencies(entries[-1:]):
+                pairwise_grad = tf.negative(grad_logits[..., row])  # d/d pairwise, exact
+                product = pairwise_grad * message[..., col]
+            entries.append(tf.reduce_sum(product))
+    return tf.reshape(tf.stack(entries), [classes, classes])
 
 
 def _after(tensor: tf.Tensor, upstream: tf.Tensor) -> tf.Tensor:
@@ -464,6 +462,84 @@ def _after(tensor: tf.Tensor, upstream: tf.Tensor) -> tf.Tensor:
     flag = tf.cast(first, tf.bool)
     zero = tf.where(tf.equal(flag, flag), 0.0, float("nan"))
     return tensor + tf.cast(zero, tensor.dtype)
+
+
+def _iteration_gradient(
+    entering: tf.Tensor,
+    grad_logits: tf.Tensor,
+    unaries: tf.Tensor,
+    weights: Sequence[tf.Tensor],
+    appearance: Filter,
+    smoothness: Filter,
+    sources: Sequence[tf.Tensor],
+) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """One mean-field iteration run again from the logits `entering` it, and its gradient for
+    the gradient `grad_logits` of the logits leaving it: (d/d entering, [d/d unaries, w1, w2,
+    mu, *sources]), each a tensor (zeros where unconnected).
+
+    The forward ops are :func:`_iteration`'s. The gradient is the one a single tape over it
+    would give, bit for bit, computed in stages so that fewer [B, *spatial, K] tensors are
+    alive at once: the weighted sum and compatibility transform (the compatibility's part by
+    :func:`_compatibility_gradient`), then the appearance filter's backward pass, then the
+    smoothness filter's (in a graph it waits for the appearance's), then the softmax's. Where
+    one tape would add the two filters' gradients of q (or of a source they share) with one
+    add_n of two terms, this adds the same two terms: the sum is the same.
+    """
+    bilateral_weight, spatial_weight, compatibility = weights
+    # the filters' sources that get a gradient (eagerly: those a tape watches)
+    app_sources = [s for s in appearance.sources if any(s is t for t in sources)]
+    smooth_sources = [s for s in smoothness.sources if any(s is t for t in sources)]
+    with tf.GradientTape() as softmax_tape:
+        softmax_tape.watch(entering)
+        flat = tf.reshape(entering, [-1, unaries.shape[-1]])
+        q = tf.reshape(tf.nn.softmax(flat), tf.shape(unaries))
+    with tf.GradientTape() as appearance_tape:
+        appearance_tape.watch([q, *app_sources])
+        filtered_a = appearance(q)
+    with tf.control_dependencies([filtered_a]):  # one filter at a time (in a graph)
+        q_smooth = tf.identity(q)
+    with tf.GradientTape() as smoothness_tape:
+        smoothness_tape.watch([q_smooth, *smooth_sources])
+        filtered_g = smoothness(q_smooth)
+    with tf.GradientTape() as tape:
+        tape.watch([filtered_a, filtered_g, bilateral_weight, spatial_weight])
+        message = bilateral_weight * filtered_a + spatial_weight * filtered_g
+    # The logits leaving the iteration, unaries - einsum("...k,lk->...l", message, mu), are not
+    # formed again (a tape over them would read their shapes, so compute them): their gradient
+    # with respect to the unaries is grad_logits, to the message TensorFlow's einsum gradient
+    # of the negated grad_logits (the same ops), to mu _compatibility_gradient's.
+    d_mu = _compatibility_gradient(message, grad_logits)
+    with tf.control_dependencies([d_mu]):  # the message is freed before the rest starts
+        d_message = tf.einsum("...l,lk->...k", tf.negative(grad_logits), compatibility)
+    zero = tf.UnconnectedGradients.ZERO
+    d_a, d_g, d_w1, d_w2 = tape.gradient(
+        message,
+        [filtered_a, filtered_g, bilateral_weight, spatial_weight],
+        output_gradients=d_message,
+        unconnected_gradients=zero,
+    )
+    d_unaries = grad_logits
+    del tape, message, d_message
+    dq_a, *d_app = appearance_tape.gradient(
+        filtered_a, [q, *app_sources], output_gradients=d_a, unconnected_gradients=zero
+    )
+    with tf.control_dependencies([dq_a, *d_app]):  # the smoothness filter's after it
+        d_g = tf.identity(d_g)
+    dq_g, *d_smooth = smoothness_tape.gradient(
+        filtered_g,
+        [q_smooth, *smooth_sources],
+        output_gradients=d_g,
+        unconnected_gradients=zero,
+    )
+    d_entering = softmax_tape.gradient(
+        q, entering, output_gradients=dq_a + dq_g, unconnected_gradients=zero
+    )
+    d_sources = []
+    for source in sources:
+        parts = [g for s, g in zip(app_sources, d_app, strict=True) if s is source]
+        parts += [g for s, g in zip(smooth_sources, d_smooth, strict=True) if s is source]
+        d_sources.append(parts[0] if len(parts) == 1 else tf.add_n(parts))
+    return d_entering, [d_unaries, d_w1, d_w2, d_mu, *d_sources]
 
 
 def _iterate_recomputed(
@@ -522,29 +598,15 @@ def _iterate_recomputed(
                 total = totals[index]
                 totals[index] = grad if total is None else total + grad
 
-            # the compatibility's gradient comes from _compatibility_gradient, not the tape
-            mu = 3
-            targets = [i for i in range(len(inputs)) if i != mu]
             grad_logits = upstream
             for start in reversed(checkpoints):
-                with tf.GradientTape() as tape:
-                    # a tensor of its own (at the first iteration the unaries enter twice)
-                    entering = tf.identity(start) if eager else _after(start, grad_logits)
-                    tape.watch([entering, *inputs])
-                    out, message = _iteration(
-                        entering, unaries, weights, appearance, smoothness, with_message=True
-                    )
-                add(mu, _compatibility_gradient(message, grad_logits))
-                del message
-                grads = tape.gradient(
-                    out,
-                    [entering, *(inputs[i] for i in targets)],
-                    output_gradients=grad_logits,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                # a tensor of its own (at the first iteration the unaries enter twice)
+                entering = tf.identity(start) if eager else _after(start, grad_logits)
+                grad_logits, grads = _iteration_gradient(
+                    entering, grad_logits, unaries, weights, appearance, smoothness, sources
                 )
-                for index, grad in zip(targets, grads[1:], strict=True):
+                for index, grad in enumerate(grads):
                     add(index, grad)
-                grad_logits = grads[0]
             add(0, grad_logits)  # the first iteration's logits are the unaries
             return totals
 
