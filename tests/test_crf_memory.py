@@ -328,3 +328,70 @@ def test_default_config_keeps_recompute_off() -> None:
     # the per-case widths' head's keys belong to the model, not to the layer
     layer_cfg = {k: v for k, v in cfg.items() if k not in CASE_THETA_DEFAULTS}
     assert CrfRnn(**layer_cfg).recompute is False
+
+
+@pytest.mark.parametrize("learn_theta", [False, True], ids=["fixed", "learn_theta"])
+def test_iteration_gradient_equals_one_tape_bit_for_bit(learn_theta) -> None:
+    """The staged backward pass of one iteration (_iteration_gradient: no output logits
+    formed, one filter at a time, the compatibility's gradient entry by entry) against one
+    GradientTape over _iteration, eagerly: every gradient bit-identical (unaries, weights,
+    compatibility, the features and normalisers; with learnt widths the spatial taps)."""
+    unaries, image, upstream = _inputs(2, (6, 5, 4), 3, 2, seed=21)
+    rng = np.random.default_rng(22)
+    logits = tf.constant(unaries.numpy() + rng.normal(size=unaries.shape).astype(np.float32))
+    w1, w2 = (tf.constant(rng.uniform(0.5, 1.5, 3).astype(np.float32)) for _ in range(2))
+    mu = tf.constant(rng.normal(size=(3, 3)).astype(np.float32))
+    theta = tf.constant(1.7) if learn_theta else 1.7
+    with tf.GradientTape(persistent=True) as outer:
+        if learn_theta:
+            outer.watch(theta)
+        features = mf.bilateral_features(image, SPACING, 3.0, [1.5, 1.5])
+        appearance = mf.lattice_filter(features, "mean", "compiled")
+        smoothness = mf.separable_spatial_filter(
+            tf.shape(unaries), SPACING, theta, "mean", tf.float32, unaries.shape, theta_max=3.0
+        )
+    sources = appearance.sources + smoothness.sources
+    inputs = [unaries, w1, w2, mu, *sources]
+    with tf.GradientTape() as tape:
+        tape.watch([logits, *inputs])
+        out = mf._iteration(logits, unaries, [w1, w2, mu], appearance, smoothness)
+    want = tape.gradient(
+        out,
+        [logits, *inputs],
+        output_gradients=upstream,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    )
+    d_entering, got = mf._iteration_gradient(
+        logits, upstream, unaries, [w1, w2, mu], appearance, smoothness, sources
+    )
+    assert len(got) == len(want) - 1 == 4 + len(sources)
+    names = ["logits", "unaries", "w1", "w2", "mu"]
+    for name, g, w in zip(names, [d_entering, *got[:4]], want[:5], strict=True):
+        assert float(np.max(np.abs(w.numpy()))) > 0, name
+        np.testing.assert_array_equal(g.numpy(), w.numpy(), err_msg=name)
+    for i, (g, w) in enumerate(zip(got[4:], want[5:], strict=True)):
+        np.testing.assert_array_equal(g.numpy(), w.numpy(), err_msg=f"source {i}")
+    del outer
+
+
+def test_compatibility_gradient_is_einsums_bit_for_bit() -> None:
+    """_compatibility_gradient against TensorFlow's einsum gradient (bit-identical, eagerly
+    and traced) and against a float64 NumPy sum (float32 rounding of a sum of 2 x 10^4 terms)."""
+    rng = np.random.default_rng(23)
+    message = tf.constant(rng.normal(size=(2, 20, 25, 20, 4)).astype(np.float32))
+    grad = tf.constant(rng.normal(size=(2, 20, 25, 20, 4)).astype(np.float32))
+    mu = tf.constant(rng.normal(size=(4, 4)).astype(np.float32))
+
+    def einsum_gradient(m, g):
+        with tf.GradientTape() as tape:
+            tape.watch(mu)
+            out = -tf.einsum("...k,lk->...l", m, mu)
+        return tape.gradient(out, mu, output_gradients=g)
+
+    want = einsum_gradient(message, grad).numpy()
+    np.testing.assert_array_equal(mf._compatibility_gradient(message, grad).numpy(), want)
+    traced = tf.function(mf._compatibility_gradient)(message, grad).numpy()
+    np.testing.assert_array_equal(traced, tf.function(einsum_gradient)(message, grad).numpy())
+    g64 = grad.numpy().reshape(-1, 4).astype(np.float64)
+    m64 = message.numpy().reshape(-1, 4).astype(np.float64)
+    np.testing.assert_allclose(want, -g64.T @ m64, rtol=0, atol=1e-3)
