@@ -520,6 +520,10 @@ def _iteration_gradient(
     )
     d_unaries = grad_logits
     del tape, message, d_message
+    # the filters' backward passes start once the weights' gradients (the last readers of the
+    # filters' outputs and of the message's gradient) are done
+    with tf.control_dependencies([d_w1, d_w2, d_g]):
+        d_a = tf.identity(d_a)
     dq_a, *d_app = appearance_tape.gradient(
         filtered_a, [q, *app_sources], output_gradients=d_a, unconnected_gradients=zero
     )
