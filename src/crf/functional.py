@@ -317,6 +317,7 @@ def mean_field(
     backend: str = "auto",
     recompute: bool = False,
     lattice_copies: int = 1,
+    checkpoint_every: int = 1,
 ) -> tf.Tensor:
     """Mean-field inference of the fully connected CRF (see the module docstring).
 
@@ -351,6 +352,11 @@ def mean_field(
         the plain loop.
       lattice_copies: the lattices' accuracy setting (crf_rnn_3d.lattice_op.Lattice): each
         lattice filter averages this many lattices in rotated frames; 1 (default) is one.
+      checkpoint_every: with recompute, k >= 1: keep only the logits entering iterations 0, k,
+        2k, ...; the backward pass recomputes the others from the last kept ones (iteration i
+        costs i mod k more iterations). Less memory, more time, the same results. 1 (default)
+        keeps every iteration's; k >= num_iterations keeps only the unaries. Ignored without
+        recompute.
 
     Returns:
       [B, *spatial, K] refined logits U - p after the last iteration (softmax them for Q).
@@ -368,6 +374,12 @@ def mean_field(
         )
     if spatial_filter not in SPATIAL_FILTERS:
         raise ValueError(f"spatial_filter must be one of {SPATIAL_FILTERS}, got {spatial_filter!r}")
+    if (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or (checkpoint_every < 1)
+    ):
+        raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     backend = resolve_backend(backend, unaries)
     unaries = require_finite(unaries, "unaries")
     image = require_finite(image, "image")
@@ -403,7 +415,9 @@ def mean_field(
         )
     weights = [bilateral_weight, spatial_weight, compatibility]
     if recompute:
-        return _iterate_recomputed(unaries, weights, appearance, smoothness, num_iterations)
+        return _iterate_recomputed(
+            unaries, weights, appearance, smoothness, num_iterations, checkpoint_every
+        )
     logits = unaries
     for _ in range(num_iterations):
         logits = _iteration(logits, unaries, weights, appearance, smoothness)
@@ -552,10 +566,14 @@ def _iterate_recomputed(
     appearance: Filter,
     smoothness: Filter,
     num_iterations: int,
+    checkpoint_every: int = 1,
 ) -> tf.Tensor:
     """The mean-field loop with one gradient for all of it, keeping only the logits that enter
-    each iteration (num_iterations [B, *spatial, K] tensors, the first being the unaries) and
-    running each iteration again, one at a time from the last, in the backward pass.
+    each iteration (num_iterations [B, *spatial, K] tensors, the first being the unaries), or
+    with checkpoint_every = k those entering iterations 0, k, 2k, ..., and running each
+    iteration again, one at a time from the last, in the backward pass (from the last kept
+    logits before it, i mod k iterations unrecorded first, when its own were not kept).
+    Each input's gradient is summed as the iterations deliver it.
 
     The forward ops are the plain loop's, so the logits are bit-identical; the gradients are the
     plain loop's chain of the same derivatives, summed over iterations in another order (equal
@@ -584,11 +602,12 @@ def _iterate_recomputed(
 
     @tf.custom_gradient
     def loop(*args: tf.Tensor):
-        checkpoints = []
+        checkpoints = {}  # iteration -> the logits entering it, every checkpoint_every-th
         with _record.stop_recording():
             logits = unaries
-            for _ in range(num_iterations):
-                checkpoints.append(logits)
+            for index in range(num_iterations):
+                if index % checkpoint_every == 0:
+                    checkpoints[index] = logits
                 logits = _iteration(logits, unaries, weights, appearance, smoothness)
 
         def gradient(upstream: tf.Tensor) -> list[tf.Tensor]:
@@ -603,9 +622,14 @@ def _iterate_recomputed(
                 totals[index] = grad if total is None else total + grad
 
             grad_logits = upstream
-            for start in reversed(checkpoints):
+            for index in reversed(range(num_iterations)):
+                first = index - index % checkpoint_every
                 # a tensor of its own (at the first iteration the unaries enter twice)
-                entering = tf.identity(start) if eager else _after(start, grad_logits)
+                entering = checkpoints[first]
+                entering = tf.identity(entering) if eager else _after(entering, grad_logits)
+                with _record.stop_recording():  # from the last checkpoint up to this iteration
+                    for _ in range(index - first):
+                        entering = _iteration(entering, unaries, weights, appearance, smoothness)
                 grad_logits, grads = _iteration_gradient(
                     entering, grad_logits, unaries, weights, appearance, smoothness, sources
                 )
