@@ -7,9 +7,12 @@ What is compared, and how closely:
 - logits: bit-identical (the forward ops are the plain loop's, in the same order);
 - gradients, float32 (lattice, both backends): within 1e-6 of the largest component, relative.
   The backward pass runs the same derivatives, but sums each weight's and source's gradient
-  over the iterations in its own order (tf.add_n at the end, where the plain tape adds as it
-  goes), so equal to rounding, not by construction; on these cases, eagerly, they came out
+  over the iterations in its own order (as each iteration delivers it, from the last), so
+  equal to rounding, not by construction; on these cases, eagerly, they came out
   bit-identical;
+- the staged backward pass of one iteration (_iteration_gradient) against one tape over the
+  iteration, the compatibility's gradient against einsum's, and checkpoint_every > 1 against
+  checkpoint_every = 1: bit-identical (eagerly);
 - gradients, float64 (exact bilateral filter): within 1e-12, and against central differences
   of the NumPy reference within 1e-6.
 """
