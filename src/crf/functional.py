@@ -374,11 +374,9 @@ def mean_field(
         )
     if spatial_filter not in SPATIAL_FILTERS:
         raise ValueError(f"spatial_filter must be one of {SPATIAL_FILTERS}, got {spatial_filter!r}")
-    if (
-        isinstance(checkpoint_every, bool)
-        or not isinstance(checkpoint_every, int)
-        or (checkpoint_every < 1)
-    ):
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+        raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+    if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     backend = resolve_backend(backend, unaries)
     unaries = require_finite(unaries, "unaries")
@@ -430,18 +428,15 @@ def _iteration(
     weights: Sequence[tf.Tensor],
     appearance: Filter,
     smoothness: Filter,
-    with_message: bool = False,
-) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-    """One mean-field iteration: the logits after it from the logits before it (and, with
-    ``with_message``, the message it computed, for :func:`_compatibility_gradient`)."""
+) -> tf.Tensor:
+    """One mean-field iteration: the logits after it from the logits before it."""
     bilateral_weight, spatial_weight, compatibility = weights
     # over [N, K]: TensorFlow's CPU softmax takes tensors of rank <= 5 only
     flat = tf.reshape(logits, [-1, unaries.shape[-1]])
     q = tf.reshape(tf.nn.softmax(flat), tf.shape(unaries))
     message = bilateral_weight * appearance(q) + spatial_weight * smoothness(q)
     pairwise = tf.einsum("...k,lk->...l", message, compatibility)
-    out = unaries - pairwise
-    return (out, message) if with_message else out
+    return unaries - pairwise
 
 
 def _compatibility_gradient(message: tf.Tensor, grad_logits: tf.Tensor) -> tf.Tensor:
@@ -633,8 +628,8 @@ def _iterate_recomputed(
                 grad_logits, grads = _iteration_gradient(
                     entering, grad_logits, unaries, weights, appearance, smoothness, sources
                 )
-                for index, grad in enumerate(grads):
-                    add(index, grad)
+                for position, grad in enumerate(grads):
+                    add(position, grad)
             add(0, grad_logits)  # the first iteration's logits are the unaries
             return totals
 
