@@ -19,8 +19,9 @@ after the forward pass, tape alive, minus RSS before it (the layer's output incl
 the tensors kept for the backward pass. Children run with glibc's mmap threshold fixed at
 128 KiB (glibc would otherwise raise it as large blocks are freed and keep them in its heap).
 
-``--build`` adds the bilateral lattice's build alone (its peak is part of every step's), and
-``--iterations`` changes the number of mean-field iterations (default 5).
+``--build`` adds the bilateral lattice's build alone (its peak is part of every step's),
+``--iterations`` changes the number of mean-field iterations (default 5) and
+``--checkpoint-every`` CrfRnn's checkpoint_every (default 1; it acts with recompute only).
 ``--vnet`` adds the V-Net's own training step (configs/model/vnet.yaml, no CRF, cross-entropy,
 Adam) at the PROMISE12 size for comparison.
 
@@ -141,6 +142,7 @@ def child(args: argparse.Namespace) -> None:
         backend=args.backend,
         recompute=args.recompute,
         num_iterations=args.iterations,
+        checkpoint_every=args.checkpoint_every,
     )
     layer.build([unaries.shape, image.shape])
 
@@ -208,6 +210,7 @@ def run_child(command: list[str], max_mib: float) -> tuple[dict | None, str]:
 def main_parent(args: argparse.Namespace) -> None:
     base = [sys.executable, __file__, "child", "--repeats", str(args.repeats)]
     base += ["--threads", str(args.threads), "--iterations", str(args.iterations)]
+    base += ["--checkpoint-every", str(args.checkpoint_every)]
     max_mib = args.max_gib * 1024.0
     records: list[dict] = []  # the traced steps, for --json
     print(
@@ -280,6 +283,7 @@ def main() -> None:
     one.add_argument("--iterations", type=int, default=5)
     one.add_argument("--repeats", type=int, default=2)
     one.add_argument("--threads", type=int, default=0)
+    one.add_argument("--checkpoint-every", type=int, default=1)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--repeats", type=int, default=2, help="full-size runs per child")
@@ -288,6 +292,9 @@ def main() -> None:
     parser.add_argument("--vnet", action="store_true", help="also the V-Net's own step")
     parser.add_argument("--build", action="store_true", help="also the lattice build alone")
     parser.add_argument("--iterations", type=int, default=5, help="mean-field iterations")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=1, help="CrfRnn's checkpoint_every (recompute)"
+    )
     parser.add_argument("--max-gib", type=float, default=10.0, help="stop a child above this RSS")
     parser.add_argument("--min-free-gib", type=float, default=12.0, help="for the brats runs")
     parser.add_argument("--json", default=None, help="also write the traced steps to this file")

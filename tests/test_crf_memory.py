@@ -7,9 +7,12 @@ What is compared, and how closely:
 - logits: bit-identical (the forward ops are the plain loop's, in the same order);
 - gradients, float32 (lattice, both backends): within 1e-6 of the largest component, relative.
   The backward pass runs the same derivatives, but sums each weight's and source's gradient
-  over the iterations in its own order (tf.add_n at the end, where the plain tape adds as it
-  goes), so equal to rounding, not by construction; on these cases, eagerly, they came out
+  over the iterations in its own order (as each iteration delivers it, from the last), so
+  equal to rounding, not by construction; on these cases, eagerly, they came out
   bit-identical;
+- the staged backward pass of one iteration (_iteration_gradient) against one tape over the
+  iteration, the compatibility's gradient against einsum's, and checkpoint_every > 1 against
+  checkpoint_every = 1: bit-identical (eagerly);
 - gradients, float64 (exact bilateral filter): within 1e-12, and against central differences
   of the NumPy reference within 1e-6.
 """
@@ -180,13 +183,18 @@ def test_recompute_under_tf_function_with_unknown_sizes(backend, grappler_off, m
     weights = _weights(settings, unaries, image, seed=6)
     spec = [tf.TensorSpec([None, None, None, None, c]) for c in (2, 1, 2)]
     calls = []
-    iteration = mf._iteration
+    iteration, rerun = mf._iteration, mf._iteration_gradient
 
     def counted(*args, **kwargs):
         calls.append(1)
         return iteration(*args, **kwargs)
 
+    def counted_rerun(*args, **kwargs):
+        calls.append(1)
+        return rerun(*args, **kwargs)
+
     monkeypatch.setattr(mf, "_iteration", counted)
+    monkeypatch.setattr(mf, "_iteration_gradient", counted_rerun)
     results = []
     for recompute in (False, True):
         layer = _layer(recompute, **settings)
@@ -323,3 +331,152 @@ def test_default_config_keeps_recompute_off() -> None:
     # the per-case widths' head's keys belong to the model, not to the layer
     layer_cfg = {k: v for k, v in cfg.items() if k not in CASE_THETA_DEFAULTS}
     assert CrfRnn(**layer_cfg).recompute is False
+
+
+@pytest.mark.parametrize("learn_theta", [False, True], ids=["fixed", "learn_theta"])
+def test_iteration_gradient_equals_one_tape_bit_for_bit(learn_theta) -> None:
+    """The staged backward pass of one iteration (_iteration_gradient: no output logits
+    formed, one filter at a time, the compatibility's gradient entry by entry) against one
+    GradientTape over _iteration, eagerly: every gradient bit-identical (unaries, weights,
+    compatibility, the features and normalisers; with learnt widths the spatial taps)."""
+    unaries, image, upstream = _inputs(2, (6, 5, 4), 3, 2, seed=21)
+    rng = np.random.default_rng(22)
+    logits = tf.constant(unaries.numpy() + rng.normal(size=unaries.shape).astype(np.float32))
+    w1, w2 = (tf.constant(rng.uniform(0.5, 1.5, 3).astype(np.float32)) for _ in range(2))
+    mu = tf.constant(rng.normal(size=(3, 3)).astype(np.float32))
+    theta = tf.constant(1.7) if learn_theta else 1.7
+    with tf.GradientTape(persistent=True) as outer:
+        if learn_theta:
+            outer.watch(theta)
+        features = mf.bilateral_features(image, SPACING, 3.0, [1.5, 1.5])
+        appearance = mf.lattice_filter(features, "mean", "compiled")
+        smoothness = mf.separable_spatial_filter(
+            tf.shape(unaries), SPACING, theta, "mean", tf.float32, unaries.shape, theta_max=3.0
+        )
+    sources = appearance.sources + smoothness.sources
+    inputs = [unaries, w1, w2, mu, *sources]
+    with tf.GradientTape() as tape:
+        tape.watch([logits, *inputs])
+        out = mf._iteration(logits, unaries, [w1, w2, mu], appearance, smoothness)
+    want = tape.gradient(
+        out,
+        [logits, *inputs],
+        output_gradients=upstream,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    )
+    d_entering, got = mf._iteration_gradient(
+        logits, upstream, unaries, [w1, w2, mu], appearance, smoothness, sources
+    )
+    assert len(got) == len(want) - 1 == 4 + len(sources)
+    names = ["logits", "unaries", "w1", "w2", "mu"]
+    for name, g, w in zip(names, [d_entering, *got[:4]], want[:5], strict=True):
+        assert float(np.max(np.abs(w.numpy()))) > 0, name
+        np.testing.assert_array_equal(g.numpy(), w.numpy(), err_msg=name)
+    for i, (g, w) in enumerate(zip(got[4:], want[5:], strict=True)):
+        np.testing.assert_array_equal(g.numpy(), w.numpy(), err_msg=f"source {i}")
+    del outer
+
+
+def test_compatibility_gradient_is_einsums_bit_for_bit() -> None:
+    """_compatibility_gradient against TensorFlow's einsum gradient (bit-identical, eagerly
+    and traced) and against a float64 NumPy sum (float32 rounding of a sum of 2 x 10^4 terms)."""
+    rng = np.random.default_rng(23)
+    message = tf.constant(rng.normal(size=(2, 20, 25, 20, 4)).astype(np.float32))
+    grad = tf.constant(rng.normal(size=(2, 20, 25, 20, 4)).astype(np.float32))
+    mu = tf.constant(rng.normal(size=(4, 4)).astype(np.float32))
+
+    def einsum_gradient(m, g):
+        with tf.GradientTape() as tape:
+            tape.watch(mu)
+            out = -tf.einsum("...k,lk->...l", m, mu)
+        return tape.gradient(out, mu, output_gradients=g)
+
+    want = einsum_gradient(message, grad).numpy()
+    np.testing.assert_array_equal(mf._compatibility_gradient(message, grad).numpy(), want)
+    traced = tf.function(mf._compatibility_gradient)(message, grad).numpy()
+    np.testing.assert_array_equal(traced, tf.function(einsum_gradient)(message, grad).numpy())
+    g64 = grad.numpy().reshape(-1, 4).astype(np.float64)
+    m64 = message.numpy().reshape(-1, 4).astype(np.float64)
+    np.testing.assert_allclose(want, -g64.T @ m64, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("every", [2, 3, 4])
+def test_checkpoint_every_gives_every_iterations_results_bit_for_bit(every, monkeypatch) -> None:
+    """checkpoint_every = 2, 3, 4 (4 = num_iterations: only the unaries kept), eagerly, batch of
+    2, learnt widths: logits and every gradient bit-identical to checkpoint_every = 1 (the
+    logits not kept are recomputed by the same ops from the same inputs), and the backward pass
+    reruns i mod k iterations before iteration i (counted)."""
+    unaries, image, upstream = _inputs(2, (6, 7, 5), 3, 2, seed=31)
+    settings = dict(backend="compiled", learn_theta=True)
+    weights = _weights(settings, unaries, image, seed=32)
+    want = _logits_and_gradients(_layer(True, **settings), unaries, image, upstream, weights)
+    calls = []
+    iteration = mf._iteration
+    monkeypatch.setattr(mf, "_iteration", lambda *a: calls.append(1) or iteration(*a))
+    layer = _layer(True, checkpoint_every=every, **settings)
+    layer([unaries, image])
+    calls.clear()
+    got = _logits_and_gradients(layer, unaries, image, upstream, weights)
+    # the helper's inference call (4), the training call's 4 forward iterations, then before
+    # iteration i of the backward pass i mod every more
+    assert len(calls) == 4 + 4 + sum(i % every for i in range(4))
+    np.testing.assert_array_equal(got[0], want[0])
+    assert len(got[1]) == 8
+    for index, (g, w) in enumerate(zip(got[1], want[1], strict=True)):
+        np.testing.assert_array_equal(g, w, err_msg=f"gradient {index}")
+
+
+def test_checkpoint_every_under_tf_function_matches_the_plain_loop(grappler_off) -> None:
+    """Traced with unknown sizes (grappler off, as the traced test above), checkpoint_every = 2:
+    logits and gradients within 1e-6 of the plain loop's."""
+    unaries, image, upstream = _inputs(1, (5, 6, 4), 2, 1, seed=33)
+    settings = dict(backend="compiled", learn_theta=True)
+    weights = _weights(settings, unaries, image, seed=34)
+    spec = [tf.TensorSpec([None, None, None, None, c]) for c in (2, 1, 2)]
+    results = []
+    for layer in (_layer(False, **settings), _layer(True, checkpoint_every=2, **settings)):
+        layer([unaries, image])
+        layer.set_weights(weights)
+
+        @tf.function(input_signature=spec)
+        def step(u, im, g, layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch([u, im])
+                logits = layer([u, im], training=True)
+                loss = tf.reduce_sum(g * logits)
+            return logits, tape.gradient(loss, [u, im, *layer.trainable_weights])
+
+        logits, grads = step(unaries, image, upstream)
+        results.append((logits.numpy(), [g.numpy() for g in grads]))
+    (plain_logits, plain_grads), (logits, grads) = results
+    _assert_close(logits, plain_logits, 1e-6, "logits, checkpoint_every=2")
+    for index, (got, want) in enumerate(zip(grads, plain_grads, strict=True)):
+        _assert_close(got, want, 1e-6, f"checkpoint_every=2, gradient {index}")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_checkpoint_every_must_be_a_positive_integer(bad) -> None:
+    unaries, image, _ = _inputs(1, (3, 3, 3), 2, 1, seed=35)
+    with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1"):
+        CrfRnn(recompute=True, checkpoint_every=bad)
+    with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1"):
+        mf.mean_field(
+            unaries,
+            image,
+            spacing=SPACING,
+            theta_alpha=3.0,
+            theta_beta=[1.0],
+            theta_gamma=2.0,
+            bilateral_weight=tf.ones([2]),
+            spatial_weight=tf.ones([2]),
+            compatibility=1.0 - tf.eye(2),
+            num_iterations=2,
+            recompute=True,
+            checkpoint_every=bad,
+        )
+
+
+def test_checkpoint_every_in_the_config() -> None:
+    layer = _layer(True, checkpoint_every=3)
+    assert layer.get_config()["checkpoint_every"] == 3
+    assert CrfRnn.from_config(layer.get_config()).checkpoint_every == 3

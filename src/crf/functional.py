@@ -317,6 +317,7 @@ def mean_field(
     backend: str = "auto",
     recompute: bool = False,
     lattice_copies: int = 1,
+    checkpoint_every: int = 1,
 ) -> tf.Tensor:
     """Mean-field inference of the fully connected CRF (see the module docstring).
 
@@ -351,6 +352,11 @@ def mean_field(
         the plain loop.
       lattice_copies: the lattices' accuracy setting (crf_rnn_3d.lattice_op.Lattice): each
         lattice filter averages this many lattices in rotated frames; 1 (default) is one.
+      checkpoint_every: with recompute, k >= 1: keep only the logits entering iterations 0, k,
+        2k, ...; the backward pass recomputes the others from the last kept ones (iteration i
+        costs i mod k more iterations). Less memory, more time, the same results. 1 (default)
+        keeps every iteration's; k >= num_iterations keeps only the unaries. Ignored without
+        recompute.
 
     Returns:
       [B, *spatial, K] refined logits U - p after the last iteration (softmax them for Q).
@@ -368,6 +374,10 @@ def mean_field(
         )
     if spatial_filter not in SPATIAL_FILTERS:
         raise ValueError(f"spatial_filter must be one of {SPATIAL_FILTERS}, got {spatial_filter!r}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+        raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     backend = resolve_backend(backend, unaries)
     unaries = require_finite(unaries, "unaries")
     image = require_finite(image, "image")
@@ -403,7 +413,9 @@ def mean_field(
         )
     weights = [bilateral_weight, spatial_weight, compatibility]
     if recompute:
-        return _iterate_recomputed(unaries, weights, appearance, smoothness, num_iterations)
+        return _iterate_recomputed(
+            unaries, weights, appearance, smoothness, num_iterations, checkpoint_every
+        )
     logits = unaries
     for _ in range(num_iterations):
         logits = _iteration(logits, unaries, weights, appearance, smoothness)
@@ -427,6 +439,26 @@ def _iteration(
     return unaries - pairwise
 
 
+def _compatibility_gradient(message: tf.Tensor, grad_logits: tf.Tensor) -> tf.Tensor:
+    """d/d mu of sum(grad_logits * (unaries - einsum("...k,lk->...l", message, mu))), [K, K].
+
+    The same values, bit for bit, as TensorFlow's einsum gradient in the plain loop (each
+    entry (l, k) the product -grad_l * message_k at every voxel, summed over the voxels by the
+    same reduction), without its two [K, K, B, *spatial] tensors (the outer product and its
+    transpose; 32 MiB at the PROMISE12 size with K = 2): here one entry at a time, from one
+    class of each ([B, *spatial] tensors), each waiting for the previous entry's sum.
+    """
+    classes = message.shape[-1]
+    entries: list[tf.Tensor] = []
+    for row in range(classes):
+        for col in range(classes):
+            with tf.control_dependencies(entries[-1:]):
+                pairwise_grad = tf.negative(grad_logits[..., row])  # d/d pairwise, exact
+                product = pairwise_grad * message[..., col]
+            entries.append(tf.reduce_sum(product))
+    return tf.reshape(tf.stack(entries), [classes, classes])
+
+
 def _after(tensor: tf.Tensor, upstream: tf.Tensor) -> tf.Tensor:
     """`tensor` plus a zero computed from `upstream`'s first entry (NaN there keeps it zero).
 
@@ -441,16 +473,102 @@ def _after(tensor: tf.Tensor, upstream: tf.Tensor) -> tf.Tensor:
     return tensor + tf.cast(zero, tensor.dtype)
 
 
+def _iteration_gradient(
+    entering: tf.Tensor,
+    grad_logits: tf.Tensor,
+    unaries: tf.Tensor,
+    weights: Sequence[tf.Tensor],
+    appearance: Filter,
+    smoothness: Filter,
+    sources: Sequence[tf.Tensor],
+) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """One mean-field iteration run again from the logits `entering` it, and its gradient for
+    the gradient `grad_logits` of the logits leaving it: (d/d entering, [d/d unaries, w1, w2,
+    mu, *sources]), each a tensor (zeros where unconnected).
+
+    The forward ops are :func:`_iteration`'s. The gradient is the one a single tape over it
+    would give, bit for bit, computed in stages so that fewer [B, *spatial, K] tensors are
+    alive at once: the weighted sum and compatibility transform (the compatibility's part by
+    :func:`_compatibility_gradient`), then the appearance filter's backward pass, then the
+    smoothness filter's (in a graph it waits for the appearance's), then the softmax's. Where
+    one tape would add the two filters' gradients of q (or of a source they share) with one
+    add_n of two terms, this adds the same two terms: the sum is the same.
+    """
+    bilateral_weight, spatial_weight, compatibility = weights
+    # the filters' sources that get a gradient (eagerly: those a tape watches)
+    app_sources = [s for s in appearance.sources if any(s is t for t in sources)]
+    smooth_sources = [s for s in smoothness.sources if any(s is t for t in sources)]
+    with tf.GradientTape() as softmax_tape:
+        softmax_tape.watch(entering)
+        flat = tf.reshape(entering, [-1, unaries.shape[-1]])
+        q = tf.reshape(tf.nn.softmax(flat), tf.shape(unaries))
+    with tf.GradientTape() as appearance_tape:
+        appearance_tape.watch([q, *app_sources])
+        filtered_a = appearance(q)
+    with tf.control_dependencies([filtered_a]):  # one filter at a time (in a graph)
+        q_smooth = tf.identity(q)
+    with tf.GradientTape() as smoothness_tape:
+        smoothness_tape.watch([q_smooth, *smooth_sources])
+        filtered_g = smoothness(q_smooth)
+    with tf.GradientTape() as tape:
+        tape.watch([filtered_a, filtered_g, bilateral_weight, spatial_weight])
+        message = bilateral_weight * filtered_a + spatial_weight * filtered_g
+    # The logits leaving the iteration, unaries - einsum("...k,lk->...l", message, mu), are not
+    # formed again (a tape over them would read their shapes, so compute them): their gradient
+    # with respect to the unaries is grad_logits, to the message TensorFlow's einsum gradient
+    # of the negated grad_logits (the same ops), to mu _compatibility_gradient's.
+    d_mu = _compatibility_gradient(message, grad_logits)
+    with tf.control_dependencies([d_mu]):  # the message is freed before the rest starts
+        d_message = tf.einsum("...l,lk->...k", tf.negative(grad_logits), compatibility)
+    zero = tf.UnconnectedGradients.ZERO
+    d_a, d_g, d_w1, d_w2 = tape.gradient(
+        message,
+        [filtered_a, filtered_g, bilateral_weight, spatial_weight],
+        output_gradients=d_message,
+        unconnected_gradients=zero,
+    )
+    d_unaries = grad_logits
+    del tape, message, d_message
+    # the filters' backward passes start once the weights' gradients (the last readers of the
+    # filters' outputs and of the message's gradient) are done
+    with tf.control_dependencies([d_w1, d_w2, d_g]):
+        d_a = tf.identity(d_a)
+    dq_a, *d_app = appearance_tape.gradient(
+        filtered_a, [q, *app_sources], output_gradients=d_a, unconnected_gradients=zero
+    )
+    with tf.control_dependencies([dq_a, *d_app]):  # the smoothness filter's after it
+        d_g = tf.identity(d_g)
+    dq_g, *d_smooth = smoothness_tape.gradient(
+        filtered_g,
+        [q_smooth, *smooth_sources],
+        output_gradients=d_g,
+        unconnected_gradients=zero,
+    )
+    d_entering = softmax_tape.gradient(
+        q, entering, output_gradients=dq_a + dq_g, unconnected_gradients=zero
+    )
+    d_sources = []
+    for source in sources:
+        parts = [g for s, g in zip(app_sources, d_app, strict=True) if s is source]
+        parts += [g for s, g in zip(smooth_sources, d_smooth, strict=True) if s is source]
+        d_sources.append(parts[0] if len(parts) == 1 else tf.add_n(parts))
+    return d_entering, [d_unaries, d_w1, d_w2, d_mu, *d_sources]
+
+
 def _iterate_recomputed(
     unaries: tf.Tensor,
     weights: Sequence[tf.Tensor],
     appearance: Filter,
     smoothness: Filter,
     num_iterations: int,
+    checkpoint_every: int = 1,
 ) -> tf.Tensor:
     """The mean-field loop with one gradient for all of it, keeping only the logits that enter
-    each iteration (num_iterations [B, *spatial, K] tensors, the first being the unaries) and
-    running each iteration again, one at a time from the last, in the backward pass.
+    each iteration (num_iterations [B, *spatial, K] tensors, the first being the unaries), or
+    with checkpoint_every = k those entering iterations 0, k, 2k, ..., and running each
+    iteration again, one at a time from the last, in the backward pass (from the last kept
+    logits before it, i mod k iterations unrecorded first, when its own were not kept).
+    Each input's gradient is summed as the iterations deliver it.
 
     The forward ops are the plain loop's, so the logits are bit-identical; the gradients are the
     plain loop's chain of the same derivatives, summed over iterations in another order (equal
@@ -479,33 +597,41 @@ def _iterate_recomputed(
 
     @tf.custom_gradient
     def loop(*args: tf.Tensor):
-        checkpoints = []
+        checkpoints = {}  # iteration -> the logits entering it, every checkpoint_every-th
         with _record.stop_recording():
             logits = unaries
-            for _ in range(num_iterations):
-                checkpoints.append(logits)
+            for index in range(num_iterations):
+                if index % checkpoint_every == 0:
+                    checkpoints[index] = logits
                 logits = _iteration(logits, unaries, weights, appearance, smoothness)
 
         def gradient(upstream: tf.Tensor) -> list[tf.Tensor]:
-            parts: list[list[tf.Tensor]] = [[] for _ in inputs]
+            # Each input's gradient is summed as the iterations deliver it, in the order the
+            # iterations deliver it (the order tf.add_n over all of them would add in), so
+            # that no iteration's [B, *spatial, K] gradient of the unaries (or [B, *spatial,
+            # F] of the features) waits for the last one.
+            totals: list[tf.Tensor | None] = [None for _ in inputs]
+
+            def add(index: int, grad: tf.Tensor) -> None:
+                total = totals[index]
+                totals[index] = grad if total is None else total + grad
+
             grad_logits = upstream
-            for start in reversed(checkpoints):
-                with tf.GradientTape() as tape:
-                    # a tensor of its own (at the first iteration the unaries enter twice)
-                    entering = tf.identity(start) if eager else _after(start, grad_logits)
-                    tape.watch([entering, *inputs])
-                    out = _iteration(entering, unaries, weights, appearance, smoothness)
-                grads = tape.gradient(
-                    out,
-                    [entering, *inputs],
-                    output_gradients=grad_logits,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            for index in reversed(range(num_iterations)):
+                first = index - index % checkpoint_every
+                # a tensor of its own (at the first iteration the unaries enter twice)
+                entering = checkpoints[first]
+                entering = tf.identity(entering) if eager else _after(entering, grad_logits)
+                with _record.stop_recording():  # from the last checkpoint up to this iteration
+                    for _ in range(index - first):
+                        entering = _iteration(entering, unaries, weights, appearance, smoothness)
+                grad_logits, grads = _iteration_gradient(
+                    entering, grad_logits, unaries, weights, appearance, smoothness, sources
                 )
-                grad_logits = grads[0]
-                for part, grad in zip(parts, grads[1:], strict=True):
-                    part.append(grad)
-            parts[0].append(grad_logits)  # the first iteration's logits are the unaries
-            return [tf.add_n(part) for part in parts]
+                for position, grad in enumerate(grads):
+                    add(position, grad)
+            add(0, grad_logits)  # the first iteration's logits are the unaries
+            return totals
 
         return logits, gradient
 

@@ -146,6 +146,10 @@ class CrfRnn(keras.layers.Layer):
         the backward pass and run each iteration again there (``functional.mean_field``'s
         ``recompute``): the same logits, the same gradients to float rounding, less memory for
         more time (docs/crf.md, "Training memory", has the measurement behind the default).
+      checkpoint_every: with recompute, keep the logits entering every k-th iteration only
+        (``functional.mean_field``'s ``checkpoint_every``): the others are recomputed from the
+        last kept ones in the backward pass. Default 1 (every iteration's kept); larger: less
+        memory for more time, the same results.
       lattice_copies: the lattice's accuracy setting (crf_rnn_3d.lattice_op.Lattice, 1..8):
         each lattice filter averages this many lattices built in rotated frames, a smaller
         error at a proportional cost (docs/lattice_op.md, "Accuracy setting"). Default 1 (one
@@ -190,6 +194,7 @@ class CrfRnn(keras.layers.Layer):
         backend: str = "auto",
         recompute: bool = RECOMPUTE_DEFAULT,
         lattice_copies: int = 1,
+        checkpoint_every: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -228,6 +233,7 @@ class CrfRnn(keras.layers.Layer):
         if not isinstance(recompute, bool | np.bool_):
             raise ValueError(f"recompute must be True or False, got {recompute!r}")
         self.recompute = bool(recompute)
+        self.checkpoint_every = _iterations("checkpoint_every", checkpoint_every)
         self.lattice_copies = check_lattice_copies(lattice_copies)
         if self.fused_inference and self.backend == "tf":
             raise ValueError(
@@ -470,6 +476,7 @@ class CrfRnn(keras.layers.Layer):
             theta_gamma_max=gamma_max,
             backend=backend,
             recompute=self.recompute,
+            checkpoint_every=self.checkpoint_every,
             lattice_copies=self.lattice_copies,
             **settings,
         )
@@ -497,6 +504,7 @@ class CrfRnn(keras.layers.Layer):
             fused_inference=self.fused_inference,
             backend=self.backend,
             recompute=self.recompute,
+            checkpoint_every=self.checkpoint_every,
             lattice_copies=self.lattice_copies,
         )
         return config
