@@ -307,9 +307,9 @@ Status Filter(const LatticeView& lat, const float* values, int channels, bool re
 
 // The filter (reverse = false) of a lattice without splat lists in its three steps, for a
 // caller that splats each voxel's values in the pass that computes them and slices in the pass
-// that uses the result, instead of writing both to memory and reading them back (the mean-field
-// kernel, src/crf/csrc/mean_field.cc). Filter runs the same steps with the same arithmetic in
-// the same order, so the result is the same bit for bit:
+// that uses the result, instead of writing both to memory and reading them back (an iterative
+// solver that filters what it has just computed, step after step). Filter runs the same steps
+// with the same arithmetic in the same order, so the result is the same bit for bit:
 //   1. splat: for each part t < SplatParts(num_voxels), voxels SplatPartBegin(n, t) ..
 //      SplatPartBegin(n, t + 1): zero the part's [M, C] sums, then add its voxels one by one
 //      in increasing order (SplatVoxel);
