@@ -832,7 +832,6 @@ bool SplatSums(const LatticeView& lat, const float* values, int channels, float*
   const int64_t n = lat.num_voxels;
   const int d1 = lat.d + 1;
   const int64_t parts = SplatParts(n, lat.d, m);
-  const auto m_u = static_cast<uint64_t>(m);
   auto sums = [&](int64_t t) { return t == 0 ? lattice_values : part_sums + (t - 1) * m * C; };
   std::atomic<bool> bad{false};
   par.For(parts, (m * C + (n / parts + 1) * d1 * (2 * C + 4)), [&](int64_t b, int64_t e) {
@@ -842,22 +841,8 @@ bool SplatSums(const LatticeView& lat, const float* values, int channels, float*
       std::fill(acc, acc + m * C, 0.0f);
       const int64_t lo = n * t / parts, hi = n * (t + 1) / parts;
       for (int64_t i = lo; i < hi; ++i) {
-        const int32_t* index = lat.vertex_index + i * d1;
-        const float* weight = lat.vertex_weight + i * d1;
         const float* v = values == nullptr ? nullptr : values + i * C;
-        for (int k = 0; k < d1; ++k) {
-          const int32_t p = index[k];
-          if (static_cast<uint64_t>(static_cast<int64_t>(p)) >= m_u) {
-            ok = false;
-            continue;
-          }
-          float* row = acc + static_cast<int64_t>(p) * C;
-          if (v == nullptr) {
-            row[0] += weight[k];
-          } else {
-            for (int64_t c = 0; c < C; ++c) row[c] += weight[k] * v[c];
-          }
-        }
+        ok = SplatVoxel<kChannels>(lat, i, v, channels, acc) && ok;
       }
     }
     if (!ok) bad.store(true, std::memory_order_relaxed);
@@ -918,24 +903,12 @@ bool Slice(const LatticeView& lat, const float* lattice_values, int channels, fl
            const Parallel& par) {
   const int64_t C = kChannels > 0 ? kChannels : channels;
   const int d1 = lat.d + 1;
-  const auto m_u = static_cast<uint64_t>(lat.num_points);
-  const float alpha = Embedding(lat.d).alpha();
+  const float alpha = SliceAlpha(lat.d);
   std::atomic<bool> bad{false};
   par.For(lat.num_voxels, d1 * (3 * C + 4), [&](int64_t b, int64_t e) {
     bool ok = true;
     for (int64_t i = b; i < e; ++i) {
-      float* o = out + i * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = 0.0f;
-      for (int k = 0; k < d1; ++k) {
-        const int32_t p = lat.vertex_index[i * d1 + k];
-        if (static_cast<uint64_t>(static_cast<int64_t>(p)) >= m_u) {
-          ok = false;
-          continue;
-        }
-        const float w = alpha * lat.vertex_weight[i * d1 + k];
-        const float* src = lattice_values + static_cast<int64_t>(p) * C;
-        for (int64_t c = 0; c < C; ++c) o[c] += w * src[c];
-      }
+      ok = SliceVoxel<kChannels>(lat, i, lattice_values, channels, alpha, out + i * C) && ok;
     }
     if (!ok) bad.store(true, std::memory_order_relaxed);
   });
@@ -978,6 +951,57 @@ bool FilterImpl(const LatticeView& lat, const float* values, int channels, bool 
 }
 
 }  // namespace
+
+float SliceAlpha(int d) { return Embedding(d).alpha(); }
+
+Status BlurPartSums(const LatticeView& lat, int channels, const float* part_sums, float* scratch,
+                    const float** blurred, const Parallel& par) {
+  *blurred = nullptr;
+  if (lat.splat_offsets != nullptr) {
+    return Status::Invalid("lattice: BlurPartSums is the splat without lists; this lattice has them");
+  }
+  if (lat.blur_passes < 1) return Status::Invalid("lattice: blur_passes must be >= 1");
+  const int64_t C = channels;
+  const int64_t m = lat.num_points;
+  const int64_t parts = SplatParts(lat.num_voxels, lat.d, m);
+  float* cur = scratch;
+  float* next = scratch + (m + 1) * C;
+  // Row m of both buffers is the absent neighbour: always zero.
+  for (int64_t c = 0; c < C; ++c) cur[m * C + c] = next[m * C + c] = 0.0f;
+  // Part 0's sums, then the others added in part order: SplatSums's additions, in its order.
+  par.For(m, 2 * C * parts + 4, [&](int64_t b, int64_t e) {
+    std::copy(part_sums + b * C, part_sums + e * C, cur + b * C);
+    for (int64_t p = b; p < e; ++p) {
+      float* row = cur + p * C;
+      for (int64_t t = 1; t < parts; ++t) {
+        const float* add = part_sums + t * m * C + p * C;
+        for (int64_t c = 0; c < C; ++c) row[c] += add[c];
+      }
+    }
+  });
+  bool ok = true;
+  const int d1 = lat.d + 1;
+  for (int pass = 0; pass < lat.blur_passes; ++pass) {
+    for (int s = 0; s < d1; ++s) {
+      switch (channels) {
+        case 2: ok = BlurDirection<2>(lat, s, channels, cur, next, par) && ok; break;
+        case 3: ok = BlurDirection<3>(lat, s, channels, cur, next, par) && ok; break;
+        case 4: ok = BlurDirection<4>(lat, s, channels, cur, next, par) && ok; break;
+        case 5: ok = BlurDirection<5>(lat, s, channels, cur, next, par) && ok; break;
+        case 8: ok = BlurDirection<8>(lat, s, channels, cur, next, par) && ok; break;
+        default: ok = BlurDirection<0>(lat, s, channels, cur, next, par) && ok; break;
+      }
+      std::swap(cur, next);
+    }
+  }
+  if (!ok) {
+    return Status::Invalid(
+        "lattice: an index in blur_neighbours is out of range; pass the tensors of one lattice "
+        "build unchanged");
+  }
+  *blurred = cur;
+  return Status::Ok();
+}
 
 Status Filter(const LatticeView& lat, const float* values, int channels, bool reverse,
               float* out, float* scratch, const Parallel& par, int64_t* first_nonfinite) {

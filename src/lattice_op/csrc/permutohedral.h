@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -314,6 +315,124 @@ inline int64_t FilterScratchSize(const LatticeView& lat, int channels) {
 Status Filter(const LatticeView& lat, const float* values, int channels, bool reverse,
               float* out, float* scratch, const Parallel& par,
               int64_t* first_nonfinite = nullptr);
+
+// The filter (reverse = false) of a lattice without splat lists in its three steps, for a
+// caller that splats each voxel's values in the pass that computes them and slices in the pass
+// that uses the result, instead of writing both to memory and reading them back (an iterative
+// solver that filters what it has just computed, step after step). Filter runs the same steps
+// with the same arithmetic in the same order, so the result is the same bit for bit:
+//   1. splat: for each part t < P = SplatParts(num_voxels, d, M), voxels SplatPartBegin(n, P, t)
+//      .. SplatPartBegin(n, P, t + 1): zero the part's [M, C] sums, then add its voxels one by one
+//      in increasing order (SplatVoxel);
+//   2. BlurPartSums: the parts' sums added in part order, then the blur;
+//   3. slice: SliceVoxel per voxel, with alpha = SliceAlpha(d).
+inline int64_t SplatPartBegin(int64_t num_voxels, int64_t parts, int64_t part) {
+  return num_voxels * part / parts;
+}
+
+// The slice's normalisation 1 / (1 + 2^-d) (Embedding::alpha).
+float SliceAlpha(int d);
+
+// Four floats in GCC's vector extension (one SSE register): rows of 8 channels are added as two
+// such vectors below; each lane computes what the scalar loop would, bit for bit.
+typedef float Float4x __attribute__((vector_size(16)));
+
+// Adds voxel i's values v[0..C) (C = kChannels when > 0, else channels), times its barycentric
+// weights, into the rows of its d+1 lattice points in sums [M, C]; v == nullptr adds the
+// weights alone (C = 1). Returns false, leaving the entry out, for an index out of range.
+template <int kChannels>
+inline bool SplatVoxel(const LatticeView& lat, int64_t i, const float* v, int channels,
+                       float* sums) {
+  const int64_t C = kChannels > 0 ? kChannels : channels;
+  const int d1 = lat.d + 1;
+  const int32_t* index = lat.vertex_index + i * d1;
+  const float* weight = lat.vertex_weight + i * d1;
+  const auto m_u = static_cast<uint64_t>(lat.num_points);
+  bool ok = true;
+  for (int k = 0; k < d1; ++k) {
+    const int32_t p = index[k];
+    if (static_cast<uint64_t>(static_cast<int64_t>(p)) >= m_u) {
+      ok = false;
+      continue;
+    }
+    float* row = sums + static_cast<int64_t>(p) * C;
+    if constexpr (kChannels == 8) {
+      if (v != nullptr) {
+        Float4x r0, r1, x0, x1;
+        std::memcpy(&r0, row, sizeof(r0));
+        std::memcpy(&r1, row + 4, sizeof(r1));
+        std::memcpy(&x0, v, sizeof(x0));
+        std::memcpy(&x1, v + 4, sizeof(x1));
+        r0 += weight[k] * x0;
+        r1 += weight[k] * x1;
+        std::memcpy(row, &r0, sizeof(r0));
+        std::memcpy(row + 4, &r1, sizeof(r1));
+        continue;
+      }
+    }
+    if (v == nullptr) {
+      row[0] += weight[k];
+    } else {
+      for (int64_t c = 0; c < C; ++c) row[c] += weight[k] * v[c];
+    }
+  }
+  return ok;
+}
+
+// out[0..C) = alpha * sum over voxel i's d+1 vertices of weight * lattice_values[vertex row].
+// Returns false, leaving the vertex out, for an index out of range.
+template <int kChannels>
+inline bool SliceVoxel(const LatticeView& lat, int64_t i, const float* lattice_values,
+                       int channels, float alpha, float* out) {
+  const int64_t C = kChannels > 0 ? kChannels : channels;
+  const int d1 = lat.d + 1;
+  const auto m_u = static_cast<uint64_t>(lat.num_points);
+  bool ok = true;
+  if constexpr (kChannels == 8) {
+    Float4x acc0 = {}, acc1 = {};
+    for (int k = 0; k < d1; ++k) {
+      const int32_t p = lat.vertex_index[i * d1 + k];
+      if (static_cast<uint64_t>(static_cast<int64_t>(p)) >= m_u) {
+        ok = false;
+        continue;
+      }
+      const float w = alpha * lat.vertex_weight[i * d1 + k];
+      const float* src = lattice_values + static_cast<int64_t>(p) * 8;
+      Float4x x0, x1;
+      std::memcpy(&x0, src, sizeof(x0));
+      std::memcpy(&x1, src + 4, sizeof(x1));
+      acc0 += w * x0;
+      acc1 += w * x1;
+    }
+    std::memcpy(out, &acc0, sizeof(acc0));
+    std::memcpy(out + 4, &acc1, sizeof(acc1));
+    return ok;
+  }
+  for (int64_t c = 0; c < C; ++c) out[c] = 0.0f;
+  for (int k = 0; k < d1; ++k) {
+    const int32_t p = lat.vertex_index[i * d1 + k];
+    if (static_cast<uint64_t>(static_cast<int64_t>(p)) >= m_u) {
+      ok = false;
+      continue;
+    }
+    const float w = alpha * lat.vertex_weight[i * d1 + k];
+    const float* src = lattice_values + static_cast<int64_t>(p) * C;
+    for (int64_t c = 0; c < C; ++c) out[c] += w * src[c];
+  }
+  return ok;
+}
+
+// Floats of scratch BlurPartSums needs for `channels` channels: two [M+1, C] buffers.
+inline int64_t BlurPartSumsScratchSize(const LatticeView& lat, int channels) {
+  return 2 * (lat.num_points + 1) * static_cast<int64_t>(channels);
+}
+
+// Step 2: part_sums holds SplatParts(num_voxels, d, M) blocks of [M, C], part t's at t * M * C.
+// Writes the blurred lattice values [M+1, C] into scratch (BlurPartSumsScratchSize floats) and
+// sets *blurred to them (one of scratch's two buffers). Fails with kInvalidArgument for a blur
+// neighbour out of range, or for a lattice with splat lists.
+Status BlurPartSums(const LatticeView& lat, int channels, const float* part_sums, float* scratch,
+                    const float** blurred, const Parallel& par);
 
 }  // namespace crf3d
 
