@@ -375,9 +375,11 @@ def mean_field(
         )
     if spatial_filter not in SPATIAL_FILTERS:
         raise ValueError(f"spatial_filter must be one of {SPATIAL_FILTERS}, got {spatial_filter!r}")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
-        raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
-    if checkpoint_every < 1:
+    if (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or checkpoint_every < 1
+    ):
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     backend = resolve_backend(backend, unaries)
     if recompute and backend == "tf" and not tf.executing_eagerly():
