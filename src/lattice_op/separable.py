@@ -17,7 +17,7 @@ of those ops. "auto" picks as crf_rnn_3d.lattice_op.backend.resolve_backend says
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
@@ -115,35 +115,80 @@ def separable_filter(
             f"but {len(radii)} tap sequences were given"
         )
     if resolve_backend(backend, values) == "tf":
-        return _separable_tf(values, parts, radii, bool(check_finite))
+        learnt = [isinstance(t, tf.Tensor | tf.Variable) for t in taps]
+        return _separable_tf(values, parts, radii, learnt, bool(check_finite))
     radii_t = tf.constant(radii, tf.int32, shape=[len(radii)])
     return _library.load().crf3d_separable_filter(
         values, flat, radii_t, check_finite=bool(check_finite)
     )
 
 
-def _correlate_axis(x: tf.Tensor, taps: tf.Tensor, radius: int, axis: int) -> tf.Tensor:
-    """out[i] = sum_{o=-r..r} taps[o + r] * x[i + o e_axis] (zero outside), summed from o = -r
-    up, one multiply-add per tap (the compiled kernel's order)."""
+def _shifted(x: tf.Tensor, radius: int, axis: int) -> Callable[[int], tf.Tensor]:
+    """shift(o): x moved by o voxels along axis (entry i holds x[i + o e_axis], zero outside),
+    for |o| <= radius; all shifts are slices of one zero-padded copy."""
     rank = x.shape.rank
-    if radius == 0:
-        return taps[0] * x
     paddings = [[0, 0]] * rank
     paddings[axis] = [radius, radius]
     padded = tf.pad(x, paddings)
-    shape = tf.shape(x)
-    size = tf.tensor_scatter_nd_update(-tf.ones([rank], tf.int32), [[axis]], [shape[axis]])
-    out = None
-    for o in range(-radius, radius + 1):
+    size = tf.tensor_scatter_nd_update(-tf.ones([rank], tf.int32), [[axis]], [tf.shape(x)[axis]])
+
+    def shift(o: int) -> tf.Tensor:
         begin = [0] * rank
         begin[axis] = radius + o
-        term = taps[o + radius] * tf.slice(padded, begin, size)
+        return tf.slice(padded, begin, size)
+
+    return shift
+
+
+def _correlate(x: tf.Tensor, taps: tf.Tensor, radius: int, axis: int) -> tf.Tensor:
+    """out[i] = sum_{o=-r..r} taps[o + r] * x[i + o e_axis] (zero outside), summed from o = -r
+    up, one multiply-add per tap (the compiled kernel's order)."""
+    if radius == 0:
+        return taps[0] * x
+    shift = _shifted(x, radius, axis)
+    out = None
+    for o in range(-radius, radius + 1):
+        # each term after the sum so far: traced, the runtime would otherwise compute all
+        # 2r + 1 shifted terms at once (as many volumes alive together instead of two)
+        with tf.control_dependencies([] if out is None else [out]):
+            term = taps[o + radius] * shift(o)
         out = term if out is None else out + term
     return out
 
 
+def _correlate_axis(
+    x: tf.Tensor, taps: tf.Tensor, radius: int, axis: int, taps_gradient: bool
+) -> tf.Tensor:
+    """:func:`_correlate` with its own gradient: the values get the correlation with the taps
+    reversed (the adjoint, as the compiled op's gradient); the taps (when taps_gradient)
+    d/d taps[o + r] = sum_i g[i] x[i + o e_axis]. TensorFlow's derivative of the slices
+    instead sums 2r + 1 padded volumes at once and, eagerly, keeps every shifted term."""
+
+    @tf.custom_gradient
+    def run(x: tf.Tensor, taps: tf.Tensor):
+        def gradient(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
+            d_x = _correlate(upstream, tf.reverse(taps, [0]), radius, axis)
+            if not taps_gradient:
+                return d_x, None
+            shift = _shifted(x, radius, axis)
+            d_taps = []
+            for o in range(-radius, radius + 1):
+                with tf.control_dependencies(d_taps[-1:]):  # one product at a time
+                    d_taps.append(tf.reduce_sum(upstream * shift(o)))
+            return d_x, tf.stack(d_taps)
+
+        # stop_gradient: eagerly, a tape would otherwise also record (and keep) the ops inside
+        return _correlate(tf.stop_gradient(x), tf.stop_gradient(taps), radius, axis), gradient
+
+    return run(x, taps)
+
+
 def _separable_tf(
-    values: tf.Tensor, parts: list[tf.Tensor], radii: list[int], check_finite: bool
+    values: tf.Tensor,
+    parts: list[tf.Tensor],
+    radii: list[int],
+    learnt: list[bool],
+    check_finite: bool,
 ) -> tf.Tensor:
     """The "tf" backend of separable_filter: one zero-padded correlation per spatial axis, in
     TensorFlow ops; checks and errors as the compiled op's."""
@@ -169,8 +214,8 @@ def _separable_tf(
         checks.append(require_finite_values(values))
     with tf.control_dependencies([c for c in checks if c is not None]):
         out = tf.identity(values)
-    for axis, (part, radius) in enumerate(zip(parts, radii, strict=True)):
-        out = _correlate_axis(out, part, radius, axis + 1)
+    for axis, (part, radius, grad) in enumerate(zip(parts, radii, learnt, strict=True)):
+        out = _correlate_axis(out, part, radius, axis + 1, grad)
     return out
 
 

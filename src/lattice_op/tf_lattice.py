@@ -489,11 +489,14 @@ def build(features: tf.Tensor, key_bits: int = KEY_BITS) -> TfLatticeTensors:
 
     ids, neighbours = _points(rem0, rank, tf.cast(batch, tf.int64), d64, key_bits)
     vertex_shape = tf.concat([shape[:-1], [d1]], 0)
-    return TfLatticeTensors(
-        vertex_index=tf.reshape(ids, vertex_shape),
-        vertex_weight=tf.stop_gradient(tf.reshape(bary, vertex_shape)),
-        blur_neighbours=neighbours,
-    )
+    vertex_index = tf.reshape(ids, vertex_shape)
+    vertex_weight = tf.stop_gradient(tf.reshape(bary, vertex_shape))
+    if features.shape[-1] is not None:  # a static F + 1 lets the filter unroll its loops
+        static = features.shape[:-1].concatenate([features.shape[-1] + 1])
+        vertex_index.set_shape(static)
+        vertex_weight.set_shape(static)
+        neighbours.set_shape([features.shape[-1] + 1, None, 2])
+    return TfLatticeTensors(vertex_index, vertex_weight, neighbours)
 
 
 def filter_values(
@@ -533,27 +536,39 @@ def filter_values(
     zero_row = tf.zeros([1, channels])
     cur = tf.concat([splat, zero_row], 0)  # row M: the absent neighbour, always zero
 
-    def blur(s: tf.Tensor, cur: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def blur(s: tf.Tensor | int, cur: tf.Tensor) -> tf.Tensor:
         j = d1 - 1 - s if reverse else s
         pair = nbrs[j]
         new = cur[:m] + 0.5 * (tf.gather(cur, pair[:, 0]) + tf.gather(cur, pair[:, 1]))
-        return s + 1, tf.concat([new, zero_row], 0)
-
-    _, cur = tf.while_loop(
-        lambda s, cur: s < d1,
-        blur,
-        (tf.constant(0), cur),
-        shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, values.shape[-1]])),
-    )
+        return tf.concat([new, zero_row], 0)
 
     # slice: out = sum_k (alpha * weight_k) * lattice[index_k], k = 0..F in turn
     _, alpha, _ = embedding_constants(d1 - 1)
     scaled = alpha * weight
 
-    def gather_add(k: tf.Tensor, out: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return k + 1, out + scaled[:, k][:, None] * tf.gather(cur, index[:, k])
+    def gather_add(k: tf.Tensor | int, out: tf.Tensor) -> tf.Tensor:
+        return out + scaled[:, k][:, None] * tf.gather(cur, index[:, k])
 
-    _, out = tf.while_loop(lambda k, out: k < d1, gather_add, (tf.constant(0), tf.zeros_like(flat)))
+    out = tf.zeros_like(flat)
+    static_d1 = lattice.vertex_index.shape[-1]
+    if static_d1 is not None:
+        # F known when traced: Python loops. Traced, a while loop here kept about 100 bytes
+        # per voxel of each call alive until the end of the step (the TF path's CrfRnn step
+        # grew by that per filter call; docs/lattice_op.md, "Memory of the TF filter").
+        for s in range(static_d1):
+            cur = blur(s, cur)
+        for k in range(static_d1):
+            out = gather_add(k, out)
+        return tf.reshape(out, shape)
+    _, cur = tf.while_loop(
+        lambda s, cur: s < d1,
+        lambda s, cur: (s + 1, blur(s, cur)),
+        (tf.constant(0), cur),
+        shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, values.shape[-1]])),
+    )
+    _, out = tf.while_loop(
+        lambda k, out: k < d1, lambda k, out: (k + 1, gather_add(k, out)), (tf.constant(0), out)
+    )
     return tf.reshape(out, shape)
 
 
@@ -586,7 +601,8 @@ class TfLattice:
 
         @tf.custom_gradient
         def run(values: tf.Tensor, features: tf.Tensor):
-            out = filter_values(lattice, values, reverse, check_finite)
+            # stop_gradient: eagerly, a tape would otherwise also record (and keep) the ops inside
+            out = filter_values(lattice, tf.stop_gradient(values), reverse, check_finite)
 
             def gradient(upstream: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
                 def filter_fn(x: tf.Tensor, adjoint: bool) -> tf.Tensor:
