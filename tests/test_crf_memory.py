@@ -480,26 +480,3 @@ def test_checkpoint_every_in_the_config() -> None:
     layer = _layer(True, checkpoint_every=3)
     assert layer.get_config()["checkpoint_every"] == 3
     assert CrfRnn.from_config(layer.get_config()).checkpoint_every == 3
-
-
-@pytest.mark.parametrize(
-    ("backend", "traced", "warns"),
-    [("tf", True, True), ("tf", False, False), ("compiled", True, False)],
-)
-def test_recompute_on_the_traced_tf_path_warns(backend, traced, warns) -> None:
-    """Traced, recompute raised the TF-op path's peak (docs/benchmarks.md, make bench): the
-    user is told; eagerly, or with the compiled kernels, it lowers the peak and stays silent."""
-    import warnings
-
-    unaries, image, _ = _inputs(1, (4, 5, 3), 2, 1, seed=3)
-    layer = _layer(True, backend=backend)
-
-    def call():
-        return layer([unaries, image], training=True)
-
-    run = tf.function(call) if traced else call
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run()
-    recompute_warnings = [w for w in caught if "recompute on the TF-op path" in str(w.message)]
-    assert bool(recompute_warnings) == warns

@@ -28,7 +28,6 @@ comparable between the lattice and an exact filter.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
@@ -382,15 +381,6 @@ def mean_field(
     ):
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     backend = resolve_backend(backend, unaries)
-    if recompute and backend == "tf" and not tf.executing_eagerly():
-        warnings.warn(
-            "crf recompute on the TF-op path (backend 'tf', the path a GPU takes) raised the "
-            "traced training step's peak memory in our measurement instead of lowering it "
-            "(PROMISE12 size: 2.2 GB against 1.1 GB without; docs/benchmarks.md). It lowers "
-            "the peak with the compiled kernels; on a GPU leave recompute off.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
     unaries = require_finite(unaries, "unaries")
     image = require_finite(image, "image")
     features = bilateral_features(image, spacing, theta_alpha, theta_beta)

@@ -63,12 +63,17 @@ _SUMMARIZE = 16
 
 def first_true(flags: tf.Tensor) -> tf.Tensor:
     """The lowest flat index (int64 scalar) of a true entry of `flags`, or its size if none:
-    int64 arithmetic and Max, which have GPU kernels (ArgMax does not promise the first of
-    equal maxima, and int64 Min has no GPU kernel)."""
+    the first row of Where's int64 indices (in row-major order; Where has GPU kernels, while
+    ArgMax does not promise the first of equal maxima and int64 Min has no GPU kernel).
+
+    No tensor of the flags' size is formed from their shape alone: traced with static shapes,
+    TensorFlow's graph constant folding evaluated such a tensor (an index range) for every
+    check when a function was first run, even inside the error branch that never runs (a
+    first step of the TF-op path's CrfRnn held gigabytes at the BraTS size)."""
     flat = tf.reshape(flags, [-1])
     size = tf.size(flat, out_type=tf.int64)
-    countdown = size - tf.range(size, dtype=tf.int64)  # size, size - 1, ..., 1
-    return size - tf.reduce_max(tf.where(flat, countdown, tf.zeros_like(countdown)))
+    hits = tf.reshape(tf.where(flat), [-1])  # int64, ascending
+    return tf.concat([hits[:1], tf.reshape(size, [1])], 0)[0]
 
 
 def unravel(flat_index: tf.Tensor, shape: tf.Tensor) -> tf.Tensor:

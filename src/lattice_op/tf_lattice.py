@@ -4,8 +4,9 @@ The compiled lattice op (csrc/permutohedral.cc behind tf_op/) has CPU kernels on
 computes the same lattice with ops that TensorFlow runs on every device (elementwise arithmetic,
 scan, gather, Unique, unsorted_segment_sum/min, while loops), so the lattice and the filter run
 where the rest of the model runs, GPUs included. No Python loop runs over voxels, and every size
-may be unknown when a ``tf.function`` is traced (the feature count too: the loops over channels
-and lattice directions are TensorFlow loops).
+may be unknown when a ``tf.function`` is traced (the feature count too: the build's loops over
+channels and lattice directions are TensorFlow loops; the filter's are Python loops when the
+feature count is known, TensorFlow loops otherwise).
 
 GPU placement (``make check-gpu-ops``, docs/benchmarks.md): every per-voxel or per-point integer
 is int64, because TensorFlow's GPU build computes int32 arithmetic, reshapes and slices in host
@@ -44,9 +45,11 @@ the [N (F+1), F+1] key table; eager intermediates are dropped as soon as they ar
 (docs/lattice_op.md, "Memory of the build").
 
 Filter (:class:`TfLattice` ``.filter``): splat (products weight x value summed per lattice point
-with unsorted_segment_sum, in entry order like the compiled splat), blur (F+1 directions, the
+with unsorted_segment_sum, one simplex vertex at a time), blur (F+1 directions, the
 [1/2, 1, 1/2] stencil, reverse order for the adjoint), slice (times 1 / (1 + 2^-F)), with the
-compiled op's normalisation and scale conventions (``Lattice.filter``). Gradients
+compiled op's normalisation and scale conventions (``Lattice.filter``). Traced, its memory is
+one [N, C] product at a time beside the input and output (docs/lattice_op.md, "Memory of the
+TF filter"). Gradients
 (``tf.custom_gradient``): values get the adjoint filter, features get
 :func:`crf_rnn_3d.lattice_op.lattice.feature_gradient` evaluated with this filter on this
 lattice, exactly as the compiled op's registered gradient does; nothing is differentiated
@@ -530,44 +533,57 @@ def filter_values(
     weight = tf.reshape(lattice.vertex_weight, [-1, d1])
     flat = tf.reshape(values, [-1, channels])  # [N, C]
 
-    # splat: entry (i, k) adds weight * value to its point, summed in entry order
-    products = tf.reshape(weight[:, :, None] * flat[:, None, :], [-1, channels])
-    splat = tf.math.unsorted_segment_sum(products, tf.reshape(index, [-1]), m)
     zero_row = tf.zeros([1, channels])
-    cur = tf.concat([splat, zero_row], 0)  # row M: the absent neighbour, always zero
 
     def blur(s: tf.Tensor | int, cur: tf.Tensor) -> tf.Tensor:
         j = d1 - 1 - s if reverse else s
         pair = nbrs[j]
         new = cur[:m] + 0.5 * (tf.gather(cur, pair[:, 0]) + tf.gather(cur, pair[:, 1]))
-        return tf.concat([new, zero_row], 0)
+        return tf.concat([new, zero_row], 0)  # row M: the absent neighbour, always zero
 
     # slice: out = sum_k (alpha * weight_k) * lattice[index_k], k = 0..F in turn
     _, alpha, _ = embedding_constants(d1 - 1)
     scaled = alpha * weight
 
-    def gather_add(k: tf.Tensor | int, out: tf.Tensor) -> tf.Tensor:
-        return out + scaled[:, k][:, None] * tf.gather(cur, index[:, k])
+    def term(k: tf.Tensor | int, cur: tf.Tensor) -> tf.Tensor:
+        return scaled[:, k][:, None] * tf.gather(cur, index[:, k])
 
-    out = tf.zeros_like(flat)
     static_d1 = lattice.vertex_index.shape[-1]
     if static_d1 is not None:
-        # F known when traced: Python loops. Traced, a while loop here kept about 100 bytes
-        # per voxel of each call alive until the end of the step (the TF path's CrfRnn step
-        # grew by that per filter call; docs/lattice_op.md, "Memory of the TF filter").
+        # F known when traced: Python loops, and each vertex's [N, C] products formed only
+        # after the previous one is summed (control dependencies; otherwise the runtime forms
+        # all F + 1 at once). Traced, while loops here kept about 100 bytes per voxel of each
+        # call alive to the end of the step (docs/lattice_op.md, "Memory of the TF filter").
+        # The splat sums vertex by vertex, not in entry order: equal to float rounding.
+        splat = None
+        for k in range(static_d1):
+            with tf.control_dependencies([] if splat is None else [splat]):
+                part = tf.math.unsorted_segment_sum(weight[:, k][:, None] * flat, index[:, k], m)
+            splat = part if splat is None else splat + part
+        cur = tf.concat([splat, zero_row], 0)
         for s in range(static_d1):
             cur = blur(s, cur)
+        out = None
         for k in range(static_d1):
-            out = gather_add(k, out)
+            with tf.control_dependencies([] if out is None else [out]):
+                part = term(k, cur)
+            out = part if out is None else out + part
         return tf.reshape(out, shape)
+
+    # F unknown: the splat in entry order (entry (i, k) adds weight * value to its point),
+    # blur and slice as while loops
+    products = tf.reshape(weight[:, :, None] * flat[:, None, :], [-1, channels])
+    splat = tf.math.unsorted_segment_sum(products, tf.reshape(index, [-1]), m)
     _, cur = tf.while_loop(
         lambda s, cur: s < d1,
         lambda s, cur: (s + 1, blur(s, cur)),
-        (tf.constant(0), cur),
+        (tf.constant(0), tf.concat([splat, zero_row], 0)),
         shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, values.shape[-1]])),
     )
     _, out = tf.while_loop(
-        lambda k, out: k < d1, lambda k, out: (k + 1, gather_add(k, out)), (tf.constant(0), out)
+        lambda k, out: k < d1,
+        lambda k, out: (k + 1, out + term(k, cur)),
+        (tf.constant(0), tf.zeros_like(flat)),
     )
     return tf.reshape(out, shape)
 
