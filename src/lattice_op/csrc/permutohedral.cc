@@ -640,6 +640,10 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   if (max_packed_bits_ > 0) {
     std::vector<int64_t> rem0_lo(static_cast<size_t>(d)), rem0_hi(static_cast<size_t>(d));
     Rem0Bounds(emb, span, rem0_lo.data(), rem0_hi.data());
+    for (int k = 0; k < d; ++k) {
+      rem0_lo[static_cast<size_t>(k)] += packed_bounds_inset_;
+      rem0_hi[static_cast<size_t>(k)] -= packed_bounds_inset_;
+    }
     if (packing_.Fit(d, rem0_lo.data(), rem0_hi.data(), max_packed_bits_)) {
       bool out_of_range = false;
       const Status s = EmbedAndHash(features, n, emb, lo, max_points, index_base, vertex_index,

@@ -325,6 +325,9 @@ class LatticeBuilder {
   // Most bits the packed keys may take (64, the default); 0 forces the wide form (for tests that
   // compare the two).
   void set_max_packed_bits(int bits) { max_packed_bits_ = bits; }
+  // For tests of the fallback: narrows the packing's remainder-0 bounds by `inset` on each side,
+  // so that simplices fall outside it and the build reruns with the wide keys.
+  void set_packed_bounds_inset(int64_t inset) { packed_bounds_inset_ = inset; }
 
  private:
   template <class Table>
@@ -334,6 +337,7 @@ class LatticeBuilder {
                       std::vector<Table>& shards, bool* out_of_range);
   int d_ = 0;
   int max_packed_bits_ = 64;
+  int64_t packed_bounds_inset_ = 0;
   bool packed_ = false;
   KeyPacking packing_;
   // The lattice points with packed keys, sharded as shards_ below (used when packed_).
