@@ -20,6 +20,9 @@ namespace {
 // serially into chunk 0's: below about 16k voxels per chunk the merge costs more than the
 // parallel embedding saves.
 constexpr int64_t kMinVoxelsPerChunk = 16384;
+// The merge of chunk tables into shards prefetches the home slot of the point this many
+// insertions ahead: enough misses in flight to overlap, few enough to stay in L1.
+constexpr int64_t kMergeAhead = 16;
 
 }  // namespace
 
@@ -761,7 +764,14 @@ Status LatticeBuilder::EmbedAndHash(const float* features, int64_t n, const Embe
           const int64_t* start = shard_start.data() + c * (shards + 1);
           const int32_t* order = by_shard[static_cast<size_t>(c)].data();
           std::vector<int32_t>& map = to_shard[static_cast<size_t>(c)];
-          for (int64_t q = start[s]; q < start[s + 1]; ++q) {
+          // The shard's home slots are prefetched kMergeAhead points ahead (the table was
+          // reserved above, so its mask does not change under the prefetches).
+          const int64_t q_end = start[s + 1];
+          for (int64_t q = start[s]; q < std::min(q_end, start[s] + kMergeAhead); ++q) {
+            t.Prefetch(PointHash(from, order[q]));
+          }
+          for (int64_t q = start[s]; q < q_end; ++q) {
+            if (q + kMergeAhead < q_end) t.Prefetch(PointHash(from, order[q + kMergeAhead]));
             const int32_t p = order[q];
             const int32_t i = InsertPoint(t, from, p, PointHash(from, p));
             if (i < 0) {
@@ -792,15 +802,19 @@ Status LatticeBuilder::EmbedAndHash(const float* features, int64_t n, const Embe
     shard_begin_.clear();
     return Status::Exhausted(TooManyPoints(max_points, n, d));
   }
-  // Chunk-local point numbers in vertex_index become lattice numbers.
+  // Chunk-local point numbers in vertex_index become lattice numbers: first each chunk point's
+  // number (in place of its number within its shard), then one gather per entry.
   const int64_t d1 = d + 1;
   par.For(chunks, 4 * d1 * (n / chunks + 1), [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       const std::vector<uint16_t>& of = shard_of[static_cast<size_t>(c)];
-      const std::vector<int32_t>& map = to_shard[static_cast<size_t>(c)];
+      std::vector<int32_t>& map = to_shard[static_cast<size_t>(c)];
+      for (size_t p = 0; p < map.size(); ++p) {
+        map[p] = static_cast<int32_t>(shard_begin_[of[p]] + map[p]) + index_base;
+      }
+      const int32_t* global = map.data();
       for (int64_t i = chunk_begin(c) * d1; i < chunk_begin(c + 1) * d1; ++i) {
-        const auto p = static_cast<size_t>(vertex_index[i]);
-        vertex_index[i] = static_cast<int32_t>(shard_begin_[of[p]] + map[p]) + index_base;
+        vertex_index[i] = global[vertex_index[i]];
       }
     }
   });
