@@ -112,6 +112,44 @@ inline void RankFixed(const float* diff, int32_t* rank) {
   for (int i = 0; i <= D; ++i) rank[i] = count[i / 4][i % 4];
 }
 
+// The remainder-0 point of EmbedImpl for d = D fixed at compile time and bounded coordinates
+// (kBounded), four coordinates at a time: the same float operations per coordinate as the scalar
+// loop (FloorCeil, the two candidates, the nearer one), with masks in place of its branches,
+// whose outcome is random. Returns the sum of the D+1 coordinates.
+template <int D>
+inline int32_t Rem0Fixed(const float* elevated, int32_t* rem0) {
+  constexpr int kBlocks = (D + 4) / 4;
+  float padded[4 * kBlocks] = {};
+  for (int i = 0; i <= D; ++i) padded[i] = elevated[i];
+  const float down = 1.0f / static_cast<float>(D + 1);
+  const Float4 down4 = {down, down, down, down};
+  constexpr auto kD1 = static_cast<float>(D + 1);
+  const Float4 d1 = {kD1, kD1, kD1, kD1};
+  const Float4 one = {1.0f, 1.0f, 1.0f, 1.0f};
+  const Int4 one_bits = (Int4)one;  // a cast between vector types keeps the bits
+  int32_t out[4 * kBlocks];
+  for (int b = 0; b < kBlocks; ++b) {
+    Float4 e;
+    std::memcpy(&e, padded + 4 * b, sizeof(e));
+    const Float4 v = e * down4;
+    const Float4 t = __builtin_convertvector(__builtin_convertvector(v, Int4), Float4);
+    const Float4 v_lo = t - (Float4)((t > v) & one_bits);
+    const Float4 v_up = t + (Float4)((t < v) & one_bits);
+    const Float4 up = v_up * d1;
+    const Float4 lo = v_lo * d1;
+    const Int4 take_up = (up - e) < (e - lo);
+    const Int4 chosen = (take_up & (Int4)up) | (~take_up & (Int4)lo);
+    const Int4 r = __builtin_convertvector((Float4)chosen, Int4);
+    std::memcpy(out + 4 * b, &r, sizeof(r));
+  }
+  int32_t sum = 0;
+  for (int i = 0; i <= D; ++i) {
+    rem0[i] = out[i];
+    sum += out[i];
+  }
+  return sum;
+}
+
 // Embedding::Embed with d fixed at compile time when D > 0 (so that its loops unroll), read from
 // `dim` when D == 0. kBounded: the caller guarantees |f * scale| * (d+1) < 2^30 (Build's span
 // check), so floor and ceil may go through int32 (FloorCeil; same results as std::floor and
@@ -132,19 +170,23 @@ inline void EmbedImpl(int dim, const float* scale, const float* f, float* elevat
   // Nearest point of the remainder-0 sublattice (coordinates that are multiples of d+1).
   const float down = 1.0f / static_cast<float>(d + 1);
   int32_t sum = 0;
-  for (int i = 0; i <= d; ++i) {
-    const float v = elevated[i] * down;
-    float v_lo, v_up;
-    if (kBounded) {
-      FloorCeil(v, &v_lo, &v_up);
-    } else {
-      v_lo = std::floor(v);
-      v_up = std::ceil(v);
+  if (D > 0 && kBounded) {
+    sum = Rem0Fixed<(D > 0 ? D : 1)>(elevated, rem0);
+  } else {
+    for (int i = 0; i <= d; ++i) {
+      const float v = elevated[i] * down;
+      float v_lo, v_up;
+      if (kBounded) {
+        FloorCeil(v, &v_lo, &v_up);
+      } else {
+        v_lo = std::floor(v);
+        v_up = std::ceil(v);
+      }
+      const float up = v_up * static_cast<float>(d + 1);
+      const float lo = v_lo * static_cast<float>(d + 1);
+      rem0[i] = static_cast<int32_t>((up - elevated[i] < elevated[i] - lo) ? up : lo);
+      sum += rem0[i];
     }
-    const float up = v_up * static_cast<float>(d + 1);
-    const float lo = v_lo * static_cast<float>(d + 1);
-    rem0[i] = static_cast<int32_t>((up - elevated[i] < elevated[i] - lo) ? up : lo);
-    sum += rem0[i];
   }
   sum /= (d + 1);
 
