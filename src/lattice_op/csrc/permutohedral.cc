@@ -23,6 +23,12 @@ constexpr int64_t kMinVoxelsPerChunk = 16384;
 // The merge of chunk tables into shards prefetches the home slot of the point this many
 // insertions ahead: enough misses in flight to overlap, few enough to stay in L1.
 constexpr int64_t kMergeAhead = 16;
+// Entries of the embed's cache of recently used points (packed keys; a power of two, 16 bytes
+// each).
+#ifndef CRF3D_RECENT_POINTS
+#define CRF3D_RECENT_POINTS 65536
+#endif
+constexpr size_t kRecentPoints = CRF3D_RECENT_POINTS;
 
 }  // namespace
 
@@ -423,6 +429,15 @@ EmbedResult EmbedRangeImpl(const float* features, int64_t begin, int64_t end,
   }
   std::vector<uint64_t> hashes(static_cast<size_t>(group * d1));
   std::vector<char> repeat(static_cast<size_t>(group));
+  // Packed keys: the points found or inserted last, direct-mapped by hash (a hash stands for its
+  // key). Neighbouring voxels share most of their simplices' vertices, so most lookups end here
+  // instead of in the table.
+  struct Recent {
+    uint64_t hash;
+    int32_t index;  // -1: empty
+  };
+  std::vector<Recent> recent(kPacked ? kRecentPoints : 0, Recent{0, -1});
+  constexpr uint64_t kRecentMask = kRecentPoints - 1;
   for (int64_t g0 = begin; g0 < end; g0 += group) {
     const int64_t g1 = std::min<int64_t>(end, g0 + group);
     for (int64_t i = g0; i < g1; ++i) {
@@ -448,8 +463,9 @@ EmbedResult EmbedRangeImpl(const float* features, int64_t begin, int64_t end,
         for (int k = 0; k < d1; ++k) {
           const int64_t slot = (i - g0) * d1 + k;
           codes[static_cast<size_t>(slot)] = code;
-          hashes[static_cast<size_t>(slot)] = PackedKeyTable::Hash(code);
-          table.Prefetch(hashes[static_cast<size_t>(slot)]);
+          const uint64_t h = PackedKeyTable::Hash(code);
+          hashes[static_cast<size_t>(slot)] = h;
+          if (recent[h & kRecentMask].hash != h) table.Prefetch(h);
           code += step[static_cast<size_t>(by_rank[static_cast<size_t>(d - k)])];
         }
       } else {
@@ -482,8 +498,14 @@ EmbedResult EmbedRangeImpl(const float* features, int64_t begin, int64_t end,
         const int64_t slot = (i - g0) * d1 + k;
         int32_t p;
         if constexpr (kPacked) {
-          p = table.FindOrInsert(codes[static_cast<size_t>(slot)],
-                                 hashes[static_cast<size_t>(slot)]);
+          const uint64_t h = hashes[static_cast<size_t>(slot)];
+          Recent& r = recent[h & kRecentMask];
+          if (r.hash == h && r.index >= 0) {
+            p = r.index;
+          } else {
+            p = table.FindOrInsert(codes[static_cast<size_t>(slot)], h);
+            r = Recent{h, p};
+          }
         } else {
           p = table.template FindOrInsert<D>(keys.data() + slot * d,
                                              hashes[static_cast<size_t>(slot)]);
