@@ -465,7 +465,7 @@ EmbedResult EmbedRangeImpl(const float* features, int64_t begin, int64_t end,
           codes[static_cast<size_t>(slot)] = code;
           const uint64_t h = PackedKeyTable::Hash(code);
           hashes[static_cast<size_t>(slot)] = h;
-          if (recent[h & kRecentMask].hash != h) table.Prefetch(h);
+          __builtin_prefetch(&recent[h & kRecentMask]);
           code += step[static_cast<size_t>(by_rank[static_cast<size_t>(d - k)])];
         }
       } else {
@@ -485,6 +485,17 @@ EmbedResult EmbedRangeImpl(const float* features, int64_t begin, int64_t end,
           if (k == d) break;
           for (int c = 0; c < d; ++c) key[d + c] = key[c] + 1;
           if (moved < d) key[d + moved] -= d1;
+        }
+      }
+    }
+    if constexpr (kPacked) {
+      // Second pass: the cache entries prefetched above are in; the table's home slot is
+      // prefetched for the vertices the cache does not hold.
+      for (int64_t i = g0; i < g1; ++i) {
+        if (repeat[static_cast<size_t>(i - g0)]) continue;
+        for (int k = 0; k < d1; ++k) {
+          const uint64_t h = hashes[static_cast<size_t>((i - g0) * d1 + k)];
+          if (recent[h & kRecentMask].hash != h) table.Prefetch(h);
         }
       }
     }
