@@ -118,6 +118,7 @@ int main(int argc, char** argv) {
   int64_t m = 0;
   const bool build_only = std::getenv("BENCH_CORE_BUILD_ONLY") != nullptr;
   double cpu[3] = {1e30, 1e30, 1e30};
+  bool packed = false;  // whether the build packed its keys into 64-bit codes
   for (int r = 0; r < repeats; ++r) {
     const double c0 = CpuNow();
     const double t0 = Now();
@@ -131,6 +132,7 @@ int main(int argc, char** argv) {
     const double t1 = Now();
     const double c1 = CpuNow();
     m = builder.num_points();
+    packed = builder.packed_keys();
     nbrs.assign(static_cast<size_t>(d1 * m * 2), 0);
     builder.BlurNeighbours(m, 0, nbrs.data(), par);
     const double t2 = Now();
@@ -187,16 +189,19 @@ int main(int argc, char** argv) {
   }
   const bool lists = crf3d::SplatNeedsLists(n, d, m);
   if (build_only) {
-    std::printf("%s: %lld voxels, F = %d, %d thread(s), %lld lattice points, lists %d\n"
+    std::printf("%s: %lld voxels, F = %d, %d thread(s), %lld lattice points, lists %d, "
+                "keys %s\n"
                 "  embed + hash %.3f s | blur neighbours %.3f s | splat lists %.3f s\n"
                 "  CPU time (all threads): embed + hash %.3f s | blur neighbours %.3f s | "
                 "splat lists %.3f s\n",
                 dir.c_str(), static_cast<long long>(n), d, threads, static_cast<long long>(m),
-                lists ? 1 : 0, best[0], best[1], best[2], cpu[0], cpu[1], cpu[2]);
+                lists ? 1 : 0, packed ? "packed" : "wide", best[0], best[1], best[2], cpu[0],
+                cpu[1], cpu[2]);
     return 0;
   }
-  std::printf("%s: %lld voxels, F = %d, C = %d, %d thread(s), %lld lattice points\n", dir.c_str(),
-              static_cast<long long>(n), d, channels, threads, static_cast<long long>(m));
+  std::printf("%s: %lld voxels, F = %d, C = %d, %d thread(s), %lld lattice points, keys %s\n",
+              dir.c_str(), static_cast<long long>(n), d, channels, threads,
+              static_cast<long long>(m), packed ? "packed" : "wide");
   std::printf("  embed + hash %.3f s | blur neighbours %.3f s | splat lists %.3f s | "
               "build total %.3f s | filter %.3f s\n",
               best[0], best[1], best[2], best[0] + best[1] + best[2], best[3]);

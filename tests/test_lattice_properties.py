@@ -111,6 +111,26 @@ def test_shift_of_features_leaves_output_unchanged() -> None:
     np.testing.assert_array_equal(shifted, base)
 
 
+def test_features_too_wide_for_packed_keys_give_the_same_filter() -> None:
+    """The build packs each lattice key into a 64-bit code when the features' ranges allow it
+    and keeps the keys wide otherwise (permutohedral.h, KeyPacking). A second cluster 5000
+    units away along one channel widens every packed field past 64 bits (F = 7: 7 fields of
+    13 bits or more), so the pair is built with wide keys, while the first cluster alone is
+    packed. The first cluster holds every channel's minimum, so it lands on the same lattice
+    coordinates in both builds, and the far cluster adds nothing to it (exp(-5000^2 / 2) = 0):
+    its filtered values must agree to float rounding."""
+    feats, vals = make_case(11, spatial=(9, 8, 7), num_f=7, channels=3)
+    far = feats.copy()
+    far[..., 6] += 5000.0
+    pair = Lattice(np.concatenate([feats, far], axis=1))
+    together = pair.filter(np.concatenate([vals, 2.0 * vals], axis=1)).numpy()
+    alone = Lattice(feats).filter(vals).numpy()
+    scale = float(np.max(np.abs(alone)))
+    np.testing.assert_allclose(together[:, :9], alone, rtol=1e-5, atol=1e-6 * scale)
+    # The far cluster is filtered on its own too: twice the values, twice the output's scale.
+    assert np.max(np.abs(together[:, 9:])) > 0.5 * scale
+
+
 def test_lattice_is_built_once_in_a_graph() -> None:
     """Several filters and their gradients in one tf.function run one lattice build."""
     feats, vals = make_case(11)

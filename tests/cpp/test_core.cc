@@ -378,10 +378,18 @@ void CheckSplatPartsRule() {
 // neighbours are the points at key +- u_j (or absent), and each point's splat list holds its
 // entries in entry order. The lattice is built as the second batch item (index_base > 0, more
 // points in total than its own) as the TF op does.
-void CheckStructure(const std::vector<int64_t>& shape, int extra, uint32_t seed) {
+//
+// The build packs the keys into 64-bit codes when the features' ranges allow it and uses the wide
+// keys otherwise, or when a simplex falls outside the packing after all (then it reruns). The
+// keys argument says which form the build must end with: "packed", "wide" (the ranges are too
+// wide to pack, or max_bits = 0 forbids it) or "fallback" (packing's bounds narrowed by inset, so
+// the packed build meets a simplex outside them and reruns with the wide keys).
+void CheckStructure(const std::vector<int64_t>& shape, int extra, uint32_t seed,
+                    const std::string& keys = "packed", double extra_scale = 0.8,
+                    int max_bits = 64, int64_t inset = 0) {
   std::mt19937 rng(seed);
   int d = 0;
-  const std::vector<float> f = GridFeatures(shape, 0.45, extra, 0.8, rng, &d);
+  const std::vector<float> f = GridFeatures(shape, 0.45, extra, extra_scale, rng, &d);
   const int64_t n = static_cast<int64_t>(f.size()) / d;
   const int d1 = d + 1;
   // Reference: shift by the channel minima (as Build does), embed, list the vertex keys.
@@ -418,6 +426,8 @@ void CheckStructure(const std::vector<int64_t>& shape, int extra, uint32_t seed)
     std::vector<int32_t> vi(static_cast<size_t>(n * d1));
     std::vector<float> vw(static_cast<size_t>(n * d1));
     crf3d::LatticeBuilder builder;
+    builder.set_max_packed_bits(max_bits);
+    builder.set_packed_bounds_inset(inset);
     const crf3d::Status status =
         builder.Build(f.data(), n, d, int64_t{1} << 28, base, vi.data(), vw.data(), par);
     const int64_t m = builder.num_points();
@@ -425,6 +435,10 @@ void CheckStructure(const std::vector<int64_t>& shape, int extra, uint32_t seed)
     std::vector<int32_t> nbrs(static_cast<size_t>(d1 * total * 2), -7);
     if (status.ok()) builder.BlurNeighbours(total, base, nbrs.data(), par);
     std::string problem = status.ok() ? "" : status.message;
+    if (problem.empty() && builder.packed_keys() != (keys == "packed")) {
+      problem = std::string("the build ended with ") + (builder.packed_keys() ? "packed" : "wide") +
+                " keys, expected " + (keys == "packed" ? "packed" : "wide");
+    }
     // Keys <-> points, both ways.
     std::map<std::vector<int32_t>, int32_t> point_of;
     std::vector<const std::vector<int32_t>*> key_of(static_cast<size_t>(m), nullptr);
@@ -495,7 +509,9 @@ void CheckStructure(const std::vector<int64_t>& shape, int extra, uint32_t seed)
     std::snprintf(detail, sizeof(detail), "%lld voxels, %lld points, %d thread(s)%s%s",
                   static_cast<long long>(n), static_cast<long long>(m), threads,
                   problem.empty() ? "" : ": ", problem.c_str());
-    Check(problem.empty(), "lattice structure vs std::map reference, F = " + std::to_string(d),
+    Check(problem.empty(),
+          "lattice structure vs std::map reference, F = " + std::to_string(d) + ", " + keys +
+              " keys",
           detail);
   }
 }
@@ -505,6 +521,125 @@ void CheckStructure(const std::vector<int64_t>& shape, int extra, uint32_t seed)
 // sqrt(1 * 2)), and the lattice points are (k, -k) for every integer k, so a voxel at x lands on
 // floor(x) and floor(x) + 1. x = 0.3, 0.6 -> {0, 1}; 1.5 -> {1, 2}; 4.2 -> {4, 5}: 5 points.
 // One voxel in F dimensions: its simplex has F + 1 distinct vertices.
+// 3c. The packed keys (KeyPacking): codes against the keys they stand for, and the packed build
+// against the wide one.
+void CheckPacked() {
+  // (a) Fields for F = 7 with remainder-0 bounds of different widths (and one negative range):
+  // random keys anywhere in the box the fields promise (vertex keys and blur neighbours:
+  // [lo - d - 1, hi + 2d]) pack one-to-one, and a step's code change is the sum of its
+  // coordinates' units.
+  {
+    const int d = 7;
+    const int64_t lo[d] = {-300, -5, 0, 17, -1000, 2, -64};
+    const int64_t hi[d] = {250, 40, 7, 17, -900, 66, 63};
+    crf3d::KeyPacking packing;
+    const bool fits = packing.Fit(d, lo, hi);
+    std::mt19937 rng(21);
+    std::map<uint64_t, std::vector<int32_t>> seen;
+    std::string problem = fits ? "" : "did not fit";
+    for (int t = 0; t < 20000 && problem.empty(); ++t) {
+      std::vector<int32_t> key(d), moved(d);
+      for (int i = 0; i < d; ++i) {
+        std::uniform_int_distribution<int64_t> in(lo[i] - d - 1, hi[i] + 2 * d);
+        key[static_cast<size_t>(i)] = static_cast<int32_t>(in(rng));
+      }
+      const uint64_t code = packing.Pack(key.data());
+      const auto it = seen.emplace(code, key).first;
+      if (it->second != key) problem = "two keys share a code";
+      // a step that stays in the box: each coordinate moved by -1 .. d, within its range
+      uint64_t expected = code;
+      for (int i = 0; i < d; ++i) {
+        std::uniform_int_distribution<int64_t> to(lo[i] - d - 1, hi[i] + 2 * d);
+        moved[static_cast<size_t>(i)] = static_cast<int32_t>(to(rng));
+        expected += static_cast<uint64_t>(moved[static_cast<size_t>(i)] - key[static_cast<size_t>(i)]) *
+                    packing.unit(i);
+      }
+      if (packing.Pack(moved.data()) != expected) problem = "code of a moved key";
+    }
+    // InRange: every bound itself is inside, one past it is not.
+    std::vector<int32_t> rem0(d + 1);
+    for (int i = 0; i < d && problem.empty(); ++i) {
+      for (int j = 0; j < d; ++j) rem0[static_cast<size_t>(j)] = static_cast<int32_t>(lo[j]);
+      const bool at_lo = packing.InRange(rem0.data());
+      rem0[static_cast<size_t>(i)] = static_cast<int32_t>(lo[i] - 1);
+      const bool below = packing.InRange(rem0.data());
+      rem0[static_cast<size_t>(i)] = static_cast<int32_t>(hi[i]);
+      const bool at_hi = packing.InRange(rem0.data());
+      rem0[static_cast<size_t>(i)] = static_cast<int32_t>(hi[i] + 1);
+      const bool above = packing.InRange(rem0.data());
+      if (!at_lo || below || !at_hi || above) problem = "InRange at coordinate " + std::to_string(i);
+    }
+    Check(problem.empty(), "packed keys: one code per key, steps by addition, range check",
+          std::to_string(packing.bits()) + " bits" + (problem.empty() ? "" : ": " + problem));
+    // 8 fields of 2^9 + 3d + 2 values each need 8 x 10 bits: more than a word.
+    int64_t wide_lo[8], wide_hi[8];
+    for (int i = 0; i < 8; ++i) wide_lo[i] = 0, wide_hi[i] = 511;
+    crf3d::KeyPacking too_wide;
+    const bool no = too_wide.Fit(8, wide_lo, wide_hi);
+    std::vector<int32_t> origin(9, 0);
+    Check(!no && !too_wide.InRange(origin.data()), "packed keys: 8 fields of 10 bits do not fit",
+          "refused at " + std::to_string(too_wide.bits()) + " bits");
+  }
+  // (b) The packed build against the wide one on a grid with 4 random channels (F = 7): with one
+  // chunk the arrays are equal entry for entry (same points in the same order); with several,
+  // point numbers may differ but the filter's output is bit for bit the same.
+  std::mt19937 rng(5);
+  int d = 0;
+  const std::vector<float> f = GridFeatures({12, 40, 90}, 0.6, 4, 0.9, rng, &d);
+  const int64_t n = static_cast<int64_t>(f.size()) / d;
+  const int d1 = d + 1;
+  const int channels = 3;
+  std::vector<float> values(static_cast<size_t>(n * channels));
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  for (float& v : values) v = uniform(rng);
+  for (int threads : {1, 3}) {
+    const crf3d::StdThreadParallel par(threads);
+    std::vector<int32_t> vi[2], nbrs[2];
+    std::vector<float> vw[2], out[2];
+    bool packed[2] = {false, false};
+    std::string problem;
+    for (int form = 0; form < 2; ++form) {  // 0: packed, 1: wide
+      vi[form].resize(static_cast<size_t>(n * d1));
+      vw[form].resize(static_cast<size_t>(n * d1));
+      crf3d::LatticeBuilder builder;
+      builder.set_max_packed_bits(form == 0 ? 64 : 0);
+      const crf3d::Status s = builder.Build(f.data(), n, d, int64_t{1} << 28, 0, vi[form].data(),
+                                            vw[form].data(), par);
+      if (!s.ok()) {
+        problem = s.message;
+        break;
+      }
+      packed[form] = builder.packed_keys();
+      const int64_t m = builder.num_points();
+      nbrs[form].assign(static_cast<size_t>(d1 * m * 2), 0);
+      builder.BlurNeighbours(m, 0, nbrs[form].data(), par);
+      crf3d::LatticeView lat;
+      lat.num_voxels = n;
+      lat.d = d;
+      lat.num_points = m;
+      lat.vertex_index = vi[form].data();
+      lat.vertex_weight = vw[form].data();
+      lat.blur_neighbours = nbrs[form].data();
+      out[form].resize(values.size());
+      std::vector<float> scratch(static_cast<size_t>(crf3d::FilterScratchSize(lat, channels)));
+      const crf3d::Status fs = crf3d::Filter(lat, values.data(), channels, false,
+                                             out[form].data(), scratch.data(), par);
+      if (!fs.ok()) problem = fs.message;
+    }
+    if (problem.empty() && !(packed[0] && !packed[1])) problem = "not one packed and one wide build";
+    if (problem.empty() && vw[0] != vw[1]) problem = "vertex weights differ";
+    if (problem.empty() && nbrs[0].size() != nbrs[1].size()) problem = "point counts differ";
+    if (problem.empty() && threads == 1 && (vi[0] != vi[1] || nbrs[0] != nbrs[1])) {
+      problem = "vertex_index or blur_neighbours differ with one chunk";
+    }
+    if (problem.empty() && out[0] != out[1]) problem = "filter outputs differ";
+    Check(problem.empty(),
+          "packed build == wide build, F = 7, " + std::to_string(threads) + " thread(s)",
+          std::to_string(n) + " voxels, " + std::to_string(nbrs[0].size() / (2 * d1)) +
+              " points" + (problem.empty() ? "" : ": " + problem));
+  }
+}
+
 void CheckPointCounts() {
   const crf3d::StdThreadParallel par(1);
   const double to_f = std::sqrt(3.0) / 2.0;
@@ -866,7 +1001,17 @@ int main() {
   CheckSplatPartsRule();
   CheckStructure({30, 40, 100}, 1, 11);  // F = 4: 7 chunks with 7 threads
   CheckStructure({20, 30, 60}, 4, 12);   // F = 7 (the BraTS feature count)
-  CheckStructure({16, 32, 70}, 7, 13);   // F = 10: the build's generic path
+  CheckStructure({16, 32, 70}, 7, 13, "wide");  // F = 10: the generic path; too wide to pack
+  CheckStructure({40000}, 0, 14);  // F = 1: the generic path with packed keys
+  // The wide keys where packing would fit: forbidden (max_bits 0), and as the rerun after a
+  // simplex fell outside the packing's bounds (narrowed for the test).
+  CheckStructure({30, 40, 100}, 1, 11, "wide", 0.8, 0);
+  CheckStructure({20, 30, 60}, 4, 12, "wide", 0.8, 0);
+  CheckStructure({30, 40, 100}, 1, 11, "fallback", 0.8, 64, 30);
+  CheckStructure({20, 30, 60}, 4, 12, "fallback", 0.8, 64, 40);
+  // Ranges that need more than 64 bits at F = 7 (extra channels spread 40x wider).
+  CheckStructure({20, 30, 60}, 4, 12, "wide", 32.0);
+  CheckPacked();
   CheckPointCounts();
   CheckSeparable<double>("double", 1e-12);
   CheckSeparable<float>("float", 1e-5);

@@ -8,6 +8,7 @@
 #include <memory>
 #include <new>
 #include <sstream>
+#include <type_traits>
 #include <utility>
 
 namespace crf3d {
@@ -19,6 +20,15 @@ namespace {
 // serially into chunk 0's: below about 16k voxels per chunk the merge costs more than the
 // parallel embedding saves.
 constexpr int64_t kMinVoxelsPerChunk = 16384;
+// The merge of chunk tables into shards prefetches the home slot of the point this many
+// insertions ahead: enough misses in flight to overlap, few enough to stay in L1.
+constexpr int64_t kMergeAhead = 16;
+// Entries of the embed's cache of recently used points (packed keys; a power of two, 16 bytes
+// each).
+#ifndef CRF3D_RECENT_POINTS
+#define CRF3D_RECENT_POINTS 65536
+#endif
+constexpr size_t kRecentPoints = CRF3D_RECENT_POINTS;
 
 }  // namespace
 
@@ -108,6 +118,44 @@ inline void RankFixed(const float* diff, int32_t* rank) {
   for (int i = 0; i <= D; ++i) rank[i] = count[i / 4][i % 4];
 }
 
+// The remainder-0 point of EmbedImpl for d = D fixed at compile time and bounded coordinates
+// (kBounded), four coordinates at a time: the same float operations per coordinate as the scalar
+// loop (FloorCeil, the two candidates, the nearer one), with masks in place of its branches,
+// whose outcome is random. Returns the sum of the D+1 coordinates.
+template <int D>
+inline int32_t Rem0Fixed(const float* elevated, int32_t* rem0) {
+  constexpr int kBlocks = (D + 4) / 4;
+  float padded[4 * kBlocks] = {};
+  for (int i = 0; i <= D; ++i) padded[i] = elevated[i];
+  const float down = 1.0f / static_cast<float>(D + 1);
+  const Float4 down4 = {down, down, down, down};
+  constexpr auto kD1 = static_cast<float>(D + 1);
+  const Float4 d1 = {kD1, kD1, kD1, kD1};
+  const Float4 one = {1.0f, 1.0f, 1.0f, 1.0f};
+  const Int4 one_bits = (Int4)one;  // a cast between vector types keeps the bits
+  int32_t out[4 * kBlocks];
+  for (int b = 0; b < kBlocks; ++b) {
+    Float4 e;
+    std::memcpy(&e, padded + 4 * b, sizeof(e));
+    const Float4 v = e * down4;
+    const Float4 t = __builtin_convertvector(__builtin_convertvector(v, Int4), Float4);
+    const Float4 v_lo = t - (Float4)((t > v) & one_bits);
+    const Float4 v_up = t + (Float4)((t < v) & one_bits);
+    const Float4 up = v_up * d1;
+    const Float4 lo = v_lo * d1;
+    const Int4 take_up = (up - e) < (e - lo);
+    const Int4 chosen = (take_up & (Int4)up) | (~take_up & (Int4)lo);
+    const Int4 r = __builtin_convertvector((Float4)chosen, Int4);
+    std::memcpy(out + 4 * b, &r, sizeof(r));
+  }
+  int32_t sum = 0;
+  for (int i = 0; i <= D; ++i) {
+    rem0[i] = out[i];
+    sum += out[i];
+  }
+  return sum;
+}
+
 // Embedding::Embed with d fixed at compile time when D > 0 (so that its loops unroll), read from
 // `dim` when D == 0. kBounded: the caller guarantees |f * scale| * (d+1) < 2^30 (Build's span
 // check), so floor and ceil may go through int32 (FloorCeil; same results as std::floor and
@@ -128,19 +176,23 @@ inline void EmbedImpl(int dim, const float* scale, const float* f, float* elevat
   // Nearest point of the remainder-0 sublattice (coordinates that are multiples of d+1).
   const float down = 1.0f / static_cast<float>(d + 1);
   int32_t sum = 0;
-  for (int i = 0; i <= d; ++i) {
-    const float v = elevated[i] * down;
-    float v_lo, v_up;
-    if (kBounded) {
-      FloorCeil(v, &v_lo, &v_up);
-    } else {
-      v_lo = std::floor(v);
-      v_up = std::ceil(v);
+  if (D > 0 && kBounded) {
+    sum = Rem0Fixed<(D > 0 ? D : 1)>(elevated, rem0);
+  } else {
+    for (int i = 0; i <= d; ++i) {
+      const float v = elevated[i] * down;
+      float v_lo, v_up;
+      if (kBounded) {
+        FloorCeil(v, &v_lo, &v_up);
+      } else {
+        v_lo = std::floor(v);
+        v_up = std::ceil(v);
+      }
+      const float up = v_up * static_cast<float>(d + 1);
+      const float lo = v_lo * static_cast<float>(d + 1);
+      rem0[i] = static_cast<int32_t>((up - elevated[i] < elevated[i] - lo) ? up : lo);
+      sum += rem0[i];
     }
-    const float up = v_up * static_cast<float>(d + 1);
-    const float lo = v_lo * static_cast<float>(d + 1);
-    rem0[i] = static_cast<int32_t>((up - elevated[i] < elevated[i] - lo) ? up : lo);
-    sum += rem0[i];
   }
   sum /= (d + 1);
 
@@ -310,12 +362,41 @@ FeatureStats Summarise(const float* f, int64_t begin, int64_t end, int d) {
   }
 }
 
-// Embeds voxels [begin, end) and inserts their simplex vertices into table. Writes local point
-// indices plus index_base. False when the table hit its size limit.
-template <int D>
-bool EmbedRangeImpl(const float* features, int64_t begin, int64_t end, const Embedding& emb,
-                    const std::vector<float>& shift, KeyTable& table, int32_t index_base,
-                    int32_t* vertex_index, float* vertex_weight) {
+// What EmbedRange met: all voxels hashed, the table at max_points, or (packed keys only) a
+// simplex outside the KeyPacking's fields, which sends the build back to the wide keys.
+enum class EmbedResult { kOk, kFull, kOutOfRange };
+
+// The two key forms' tables, for the code that runs on either (embed, merge, blur neighbours).
+inline uint64_t PointHash(const KeyTable& t, int64_t p) { return t.Hash(t.key(p)); }
+inline uint64_t PointHash(const PackedKeyTable& t, int64_t p) {
+  return PackedKeyTable::Hash(t.code(p));
+}
+// Inserts point p of `from`, of hash h, into `to` (or finds it there).
+inline int32_t InsertPoint(KeyTable& to, const KeyTable& from, int64_t p, uint64_t h) {
+  return to.FindOrInsert(from.key(p), h);
+}
+inline int32_t InsertPoint(PackedKeyTable& to, const PackedKeyTable& from, int64_t p,
+                           uint64_t h) {
+  return to.FindOrInsert(from.code(p), h);
+}
+template <class Table>
+Table NewTable(int d, int64_t max_points) {
+  if constexpr (std::is_same_v<Table, PackedKeyTable>) {
+    (void)d;
+    return PackedKeyTable(max_points);
+  } else {
+    return KeyTable(d, max_points);
+  }
+}
+
+// Embeds voxels [begin, end) and inserts their simplex vertices into table (a KeyTable, or a
+// PackedKeyTable with the fields of `packing`). Writes local point indices plus index_base.
+template <int D, class Table>
+EmbedResult EmbedRangeImpl(const float* features, int64_t begin, int64_t end,
+                           const Embedding& emb, const std::vector<float>& shift,
+                           const KeyPacking& packing, Table& table, int32_t index_base,
+                           int32_t* vertex_index, float* vertex_weight) {
+  constexpr bool kPacked = std::is_same_v<Table, PackedKeyTable>;
   const int d = D > 0 ? D : emb.dim();
   const int d1 = d + 1;
   // Voxels go through in groups whose vertex keys are hashed and prefetched before any is
@@ -327,13 +408,36 @@ bool EmbedRangeImpl(const float* features, int64_t begin, int64_t end, const Emb
       bary(static_cast<size_t>(d1 + 1));
   std::vector<int32_t> simplex(static_cast<size_t>(2 * d1)), previous(static_cast<size_t>(2 * d1)),
       by_rank(static_cast<size_t>(d1));
-  const uint64_t coefficient_sum = table.coefficient_sum();
   int32_t* rem0 = simplex.data();
   int32_t* rank = simplex.data() + d1;
   bool have_previous = false;
-  std::vector<int32_t> keys(static_cast<size_t>(group * d1 * d));
+  // Wide keys: the keys themselves and the linear hash; packed: the codes, and the code change
+  // of each step from vertex k to k + 1 by the coordinate it moves (step[d]: the implied one).
+  uint64_t coefficient_sum = 0;
+  std::vector<int32_t> keys;
+  std::vector<uint64_t> codes, step;
+  if constexpr (kPacked) {
+    codes.resize(static_cast<size_t>(group * d1));
+    step.resize(static_cast<size_t>(d1));
+    for (int c = 0; c < d1; ++c) {
+      step[static_cast<size_t>(c)] =
+          packing.ones() - (c < d ? static_cast<uint64_t>(d1) * packing.unit(c) : 0);
+    }
+  } else {
+    coefficient_sum = table.coefficient_sum();
+    keys.resize(static_cast<size_t>(group * d1 * d));
+  }
   std::vector<uint64_t> hashes(static_cast<size_t>(group * d1));
   std::vector<char> repeat(static_cast<size_t>(group));
+  // Packed keys: the points found or inserted last, direct-mapped by hash (a hash stands for its
+  // key). Neighbouring voxels share most of their simplices' vertices, so most lookups end here
+  // instead of in the table.
+  struct Recent {
+    uint64_t hash;
+    int32_t index;  // -1: empty
+  };
+  std::vector<Recent> recent(kPacked ? kRecentPoints : 0, Recent{0, -1});
+  constexpr uint64_t kRecentMask = kRecentPoints - 1;
   for (int64_t g0 = begin; g0 < end; g0 += group) {
     const int64_t g1 = std::min<int64_t>(end, g0 + group);
     for (int64_t i = g0; i < g1; ++i) {
@@ -351,22 +455,48 @@ bool EmbedRangeImpl(const float* features, int64_t begin, int64_t end, const Emb
       std::copy(simplex.begin(), simplex.begin() + 2 * d1, previous.begin());
       have_previous = true;
       // Vertex k + 1 is vertex k plus (1, ..., 1) minus (d+1) at the coordinate of rank d - k
-      // (the implied last coordinate has no hash coefficient).
+      // (the implied last coordinate has no hash coefficient and no field).
       for (int k = 0; k < d1; ++k) by_rank[static_cast<size_t>(rank[k])] = k;
-      uint64_t linear = table.Linear(rem0);
-      // The keys follow the same steps (Embedding::VertexKey, one step at a time): vertex 0 is
-      // rem0, vertex k + 1 is vertex k plus one in every coordinate, less d+1 in the moved one.
-      int32_t* key = keys.data() + (i - g0) * d1 * d;
-      std::copy(rem0, rem0 + d, key);
-      for (int k = 0; k < d1; ++k, key += d) {
-        const int64_t slot = (i - g0) * d1 + k;
-        hashes[static_cast<size_t>(slot)] = KeyTable::Mix(linear);
-        table.Prefetch(hashes[static_cast<size_t>(slot)]);
-        const int moved = by_rank[static_cast<size_t>(d - k)];
-        linear += coefficient_sum - (moved < d ? static_cast<uint64_t>(d1) * table.coefficient(moved) : 0);
-        if (k == d) break;
-        for (int c = 0; c < d; ++c) key[d + c] = key[c] + 1;
-        if (moved < d) key[d + moved] -= d1;
+      if constexpr (kPacked) {
+        if (!packing.InRange<D>(rem0)) return EmbedResult::kOutOfRange;
+        uint64_t code = packing.Pack<D>(rem0);
+        for (int k = 0; k < d1; ++k) {
+          const int64_t slot = (i - g0) * d1 + k;
+          codes[static_cast<size_t>(slot)] = code;
+          const uint64_t h = PackedKeyTable::Hash(code);
+          hashes[static_cast<size_t>(slot)] = h;
+          __builtin_prefetch(&recent[h & kRecentMask]);
+          code += step[static_cast<size_t>(by_rank[static_cast<size_t>(d - k)])];
+        }
+      } else {
+        uint64_t linear = table.Linear(rem0);
+        // The keys follow the same steps (Embedding::VertexKey, one step at a time): vertex 0
+        // is rem0, vertex k + 1 is vertex k plus one in every coordinate, less d+1 in the moved
+        // one.
+        int32_t* key = keys.data() + (i - g0) * d1 * d;
+        std::copy(rem0, rem0 + d, key);
+        for (int k = 0; k < d1; ++k, key += d) {
+          const int64_t slot = (i - g0) * d1 + k;
+          hashes[static_cast<size_t>(slot)] = KeyTable::Mix(linear);
+          table.Prefetch(hashes[static_cast<size_t>(slot)]);
+          const int moved = by_rank[static_cast<size_t>(d - k)];
+          linear += coefficient_sum -
+                    (moved < d ? static_cast<uint64_t>(d1) * table.coefficient(moved) : 0);
+          if (k == d) break;
+          for (int c = 0; c < d; ++c) key[d + c] = key[c] + 1;
+          if (moved < d) key[d + moved] -= d1;
+        }
+      }
+    }
+    if constexpr (kPacked) {
+      // Second pass: the cache entries prefetched above are in; the table's home slot is
+      // prefetched for the vertices the cache does not hold.
+      for (int64_t i = g0; i < g1; ++i) {
+        if (repeat[static_cast<size_t>(i - g0)]) continue;
+        for (int k = 0; k < d1; ++k) {
+          const uint64_t h = hashes[static_cast<size_t>((i - g0) * d1 + k)];
+          if (recent[h & kRecentMask].hash != h) table.Prefetch(h);
+        }
       }
     }
     for (int64_t i = g0; i < g1; ++i) {
@@ -377,24 +507,38 @@ bool EmbedRangeImpl(const float* features, int64_t begin, int64_t end, const Emb
       }
       for (int k = 0; k < d1; ++k) {
         const int64_t slot = (i - g0) * d1 + k;
-        const int32_t p = table.FindOrInsert<D>(keys.data() + slot * d, hashes[static_cast<size_t>(slot)]);
-        if (p < 0) return false;
+        int32_t p;
+        if constexpr (kPacked) {
+          const uint64_t h = hashes[static_cast<size_t>(slot)];
+          Recent& r = recent[h & kRecentMask];
+          if (r.hash == h && r.index >= 0) {
+            p = r.index;
+          } else {
+            p = table.FindOrInsert(codes[static_cast<size_t>(slot)], h);
+            r = Recent{h, p};
+          }
+        } else {
+          p = table.template FindOrInsert<D>(keys.data() + slot * d,
+                                             hashes[static_cast<size_t>(slot)]);
+        }
+        if (p < 0) return EmbedResult::kFull;
         out[k] = p + index_base;
       }
     }
   }
-  return true;
+  return EmbedResult::kOk;
 }
 
 // EmbedRangeImpl with the feature count fixed at compile time for the common small ones.
-bool EmbedRange(const float* features, int64_t begin, int64_t end, const Embedding& emb,
-                const std::vector<float>& shift, KeyTable& table, int32_t index_base,
-                int32_t* vertex_index, float* vertex_weight) {
+template <class Table>
+EmbedResult EmbedRange(const float* features, int64_t begin, int64_t end, const Embedding& emb,
+                       const std::vector<float>& shift, const KeyPacking& packing, Table& table,
+                       int32_t index_base, int32_t* vertex_index, float* vertex_weight) {
   switch (emb.dim()) {
-#define CRF3D_EMBED_CASE(D)                                                                  \
-  case D:                                                                                    \
-    return EmbedRangeImpl<D>(features, begin, end, emb, shift, table, index_base, vertex_index, \
-                             vertex_weight);
+#define CRF3D_EMBED_CASE(D)                                                                \
+  case D:                                                                                  \
+    return EmbedRangeImpl<D>(features, begin, end, emb, shift, packing, table, index_base, \
+                             vertex_index, vertex_weight);
     CRF3D_EMBED_CASE(2)
     CRF3D_EMBED_CASE(3)
     CRF3D_EMBED_CASE(4)
@@ -404,8 +548,8 @@ bool EmbedRange(const float* features, int64_t begin, int64_t end, const Embeddi
     CRF3D_EMBED_CASE(8)
 #undef CRF3D_EMBED_CASE
     default:
-      return EmbedRangeImpl<0>(features, begin, end, emb, shift, table, index_base, vertex_index,
-                               vertex_weight);
+      return EmbedRangeImpl<0>(features, begin, end, emb, shift, packing, table, index_base,
+                               vertex_index, vertex_weight);
   }
 }
 
@@ -417,13 +561,114 @@ std::string TooManyPoints(int64_t max_points, int64_t n, int d) {
   return m.str();
 }
 
+// Bounds of the remainder-0 points of features shifted to [0, span[k]] per channel, for
+// KeyPacking::Fit. Elevated coordinate j is sum_{i > j} c_i - j c_j with c_i = f[i-1] scale[i-1]
+// in [0, span[i-1] scale[i-1]] (EmbedImpl); its nearest remainder-0 coordinate is within
+// (d+1) / 2 of it and the step back onto the hyperplane moves it by d+1 at most. The margin
+// adds a generous allowance for float rounding; KeyPacking::InRange checks every simplex, so a
+// bound that came out too tight costs a rerun with the wide keys, never a wrong lattice.
+void Rem0Bounds(const Embedding& emb, const std::vector<double>& span, int64_t* rem0_lo,
+                int64_t* rem0_hi) {
+  const int d = emb.dim();
+  std::vector<double> top(static_cast<size_t>(d) + 1, 0.0);  // c_i's largest value, i = 1..d
+  for (int i = 1; i <= d; ++i) {
+    top[static_cast<size_t>(i)] =
+        std::max(0.0, span[static_cast<size_t>(i) - 1]) * emb.scale()[i - 1];
+  }
+  double above = 0.0;  // sum_{i > j} of top[i]
+  for (int j = d; j >= 0; --j) {
+    const double lo = j > 0 ? -j * top[static_cast<size_t>(j)] : 0.0;
+    const double hi = above;
+    const double margin = 2.0 * (d + 1) + 2.0 + 1e-4 * (std::fabs(lo) + std::fabs(hi));
+    if (j < d) {
+      rem0_lo[j] = static_cast<int64_t>(std::floor(lo - margin));
+      rem0_hi[j] = static_cast<int64_t>(std::ceil(hi + margin));
+    }
+    if (j > 0) above += top[static_cast<size_t>(j)];
+  }
+}
+
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// packed keys
+// ---------------------------------------------------------------------------------------------
+
+bool KeyPacking::Fit(int d, const int64_t* rem0_lo, const int64_t* rem0_hi, int max_bits) {
+  d_ = d;
+  bits_ = 0;
+  ones_ = 0;
+  base_.assign(static_cast<size_t>(d), 0);
+  shift_.assign(static_cast<size_t>(d), 0);
+  rem0_lo_.assign(static_cast<size_t>(d), 0);
+  rem0_hi_.assign(static_cast<size_t>(d), -1);  // until it fits: every simplex out of range
+  int shift = 0;
+  for (int i = 0; i < d; ++i) {
+    constexpr int64_t kLimit = int64_t{1} << 31;
+    if (rem0_lo[i] > rem0_hi[i] || rem0_lo[i] < -kLimit || rem0_hi[i] >= kLimit) return false;
+    // Vertex keys lie in [rem0_lo - d, rem0_hi + d]; a blur neighbour moves each coordinate by
+    // -1 or +d: the field holds [rem0_lo - d - 1, rem0_hi + 2d].
+    base_[static_cast<size_t>(i)] = rem0_lo[i] - d - 1;
+    const auto top = static_cast<uint64_t>(rem0_hi[i] - rem0_lo[i] + 3 * d + 1);
+    const int width = 64 - __builtin_clzll(top);
+    shift_[static_cast<size_t>(i)] = shift;
+    shift += width;
+    if (shift > max_bits || shift > 64) {
+      bits_ = shift;
+      return false;
+    }
+  }
+  for (int i = 0; i < d; ++i) {
+    rem0_lo_[static_cast<size_t>(i)] = static_cast<int32_t>(rem0_lo[i]);
+    rem0_hi_[static_cast<size_t>(i)] = static_cast<int32_t>(rem0_hi[i]);
+    ones_ += unit(i);
+  }
+  bits_ = shift;
+  return true;
+}
+
+PackedKeyTable::PackedKeyTable(int64_t max_points) : max_points_(max_points) {
+  Rehash(KeyTable::kInitialSlots);
+}
+
+void PackedKeyTable::Rehash(size_t capacity) {
+  slots_.assign(capacity, Slot{0, 0, 0});
+  mask_ = capacity - 1;
+  for (size_t p = 0; p < codes_.size(); ++p) {
+    const uint64_t h = Hash(codes_[p]);
+    uint64_t s = h & mask_;
+    while (slots_[s].index != 0) s = (s + 1) & mask_;
+    slots_[s] = Slot{h, static_cast<uint32_t>(p) + 1, 0};
+  }
+}
+
+void PackedKeyTable::Reserve(int64_t points) {
+  codes_.reserve(static_cast<size_t>(points));
+  size_t capacity = slots_.size();
+  while (capacity < static_cast<size_t>(2 * points)) capacity *= 2;
+  if (capacity != slots_.size()) Rehash(capacity);
+}
+
+int32_t PackedKeyTable::Insert(uint64_t code, uint64_t h, uint64_t s) {
+  if (size() >= max_points_) return -1;
+  const auto p = static_cast<int32_t>(size());
+  codes_.push_back(code);
+  slots_[s] = Slot{h, static_cast<uint32_t>(p) + 1, 0};
+  if (2 * codes_.size() > slots_.size()) Rehash(2 * slots_.size());  // load <= 1/2
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// build
+// ---------------------------------------------------------------------------------------------
 
 Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t max_points,
                              int32_t index_base, int32_t* vertex_index, float* vertex_weight,
                              const Parallel& par, int blur_passes) {
   d_ = d;
+  packed_ = false;
   shards_.clear();
+  packed_shards_.clear();
   shard_begin_.clear();
   if (blur_passes < 1) return Status::Invalid("lattice: blur_passes must be >= 1");
   const Embedding emb(d, blur_passes);
@@ -453,34 +698,77 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
     }
   }
   const double max_span = emb.max_feature_span();
+  std::vector<double> span(static_cast<size_t>(d));
   for (int k = 0; k < d; ++k) {
-    const double span = static_cast<double>(hi[static_cast<size_t>(k)]) - lo[static_cast<size_t>(k)];
-    if (span > max_span) {
+    span[static_cast<size_t>(k)] =
+        static_cast<double>(hi[static_cast<size_t>(k)]) - lo[static_cast<size_t>(k)];
+    if (span[static_cast<size_t>(k)] > max_span) {
       std::ostringstream m;
-      m << "features channel " << k << " spans " << span << " (max - min), beyond the "
-        << max_span << " the lattice resolves in single precision for " << d
+      m << "features channel " << k << " spans " << span[static_cast<size_t>(k)]
+        << " (max - min), beyond the " << max_span
+        << " the lattice resolves in single precision for " << d
         << " channels; features must be divided by the kernel widths (theta)";
       return Status::Invalid(m.str());
     }
   }
 
-  // 2. Embed and hash. Each chunk fills a table of its own in parallel. With one chunk that
-  // table is the lattice; otherwise the chunk tables are merged in parallel into as many
-  // hash shards, so that point numbering depends only on the chunk count.
+  // 2. Embed and hash, with keys packed into 64-bit codes when the features' ranges allow it
+  // (KeyPacking), else, or when a simplex falls outside the packing after all, with the wide
+  // keys. Both give the same lattice: the same points, weights and (with one chunk) numbering.
+  if (max_packed_bits_ > 0) {
+    std::vector<int64_t> rem0_lo(static_cast<size_t>(d)), rem0_hi(static_cast<size_t>(d));
+    Rem0Bounds(emb, span, rem0_lo.data(), rem0_hi.data());
+    for (int k = 0; k < d; ++k) {
+      rem0_lo[static_cast<size_t>(k)] += packed_bounds_inset_;
+      rem0_hi[static_cast<size_t>(k)] -= packed_bounds_inset_;
+    }
+    if (packing_.Fit(d, rem0_lo.data(), rem0_hi.data(), max_packed_bits_)) {
+      bool out_of_range = false;
+      const Status s = EmbedAndHash(features, n, emb, lo, max_points, index_base, vertex_index,
+                                    vertex_weight, par, packed_shards_, &out_of_range);
+      if (!out_of_range) {
+        packed_ = s.ok();
+        return s;
+      }
+      packed_shards_.clear();
+      shard_begin_.clear();
+    }
+  }
+  bool unused = false;
+  return EmbedAndHash(features, n, emb, lo, max_points, index_base, vertex_index, vertex_weight,
+                      par, shards_, &unused);
+}
+
+template <class Table>
+Status LatticeBuilder::EmbedAndHash(const float* features, int64_t n, const Embedding& emb,
+                                    const std::vector<float>& lo, int64_t max_points,
+                                    int32_t index_base, int32_t* vertex_index,
+                                    float* vertex_weight, const Parallel& par,
+                                    std::vector<Table>& shards_out, bool* out_of_range) {
+  const int d = emb.dim();
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(par.num_threads(), n / kMinVoxelsPerChunk));
+  auto chunk_begin = [&](int64_t c) { return n * c / chunks; };
+  *out_of_range = false;
+  // Each chunk fills a table of its own in parallel. With one chunk that table is the lattice;
+  // otherwise the chunk tables are merged in parallel into as many hash shards, so that point
+  // numbering depends only on the chunk count.
   if (chunks == 1) {
-    shards_.emplace_back(d, max_points);
-    if (!EmbedRange(features, 0, n, emb, lo, shards_[0], index_base, vertex_index,
-                    vertex_weight)) {
-      shards_.clear();
+    shards_out.push_back(NewTable<Table>(d, max_points));
+    const EmbedResult r = EmbedRange(features, 0, n, emb, lo, packing_, shards_out[0],
+                                     index_base, vertex_index, vertex_weight);
+    if (r != EmbedResult::kOk) {
+      shards_out.clear();
+      *out_of_range = r == EmbedResult::kOutOfRange;
       return Status::Exhausted(TooManyPoints(max_points, n, d));
     }
-    shard_begin_ = {0, shards_[0].size()};
+    shard_begin_ = {0, shards_out[0].size()};
     return Status::Ok();
   }
   const int shards = static_cast<int>(std::min<int64_t>(chunks, 1 << 16));
-  std::vector<KeyTable> local;
+  std::vector<Table> local;
   local.reserve(static_cast<size_t>(chunks));
-  for (int64_t c = 0; c < chunks; ++c) local.emplace_back(d, max_points);
+  for (int64_t c = 0; c < chunks; ++c) local.push_back(NewTable<Table>(d, max_points));
   // Per chunk: the shard of each of its points; its point numbers grouped by shard, in
   // increasing order within a shard (a counting sort), group s starting at
   // shard_start[c * (shards + 1) + s]; and room for each point's number within its shard.
@@ -488,19 +776,21 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   std::vector<std::vector<int32_t>> by_shard(static_cast<size_t>(chunks));
   std::vector<std::vector<int32_t>> to_shard(static_cast<size_t>(chunks));
   std::vector<int64_t> shard_start(static_cast<size_t>(chunks * (shards + 1)), 0);
-  std::vector<char> full(static_cast<size_t>(chunks), 0);
+  std::vector<char> full(static_cast<size_t>(chunks), 0), outside(static_cast<size_t>(chunks), 0);
   par.For(chunks, 200 * d * d * (n / chunks + 1), [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       try {  // an exception must not escape a worker thread
-        KeyTable& t = local[static_cast<size_t>(c)];
-        full[static_cast<size_t>(c)] = !EmbedRange(features, chunk_begin(c), chunk_begin(c + 1),
-                                                   emb, lo, t, 0, vertex_index, vertex_weight);
+        Table& t = local[static_cast<size_t>(c)];
+        const EmbedResult r = EmbedRange(features, chunk_begin(c), chunk_begin(c + 1), emb, lo,
+                                         packing_, t, 0, vertex_index, vertex_weight);
+        full[static_cast<size_t>(c)] = r != EmbedResult::kOk;
+        outside[static_cast<size_t>(c)] = r == EmbedResult::kOutOfRange;
         if (full[static_cast<size_t>(c)]) continue;
         std::vector<uint16_t>& of = shard_of[static_cast<size_t>(c)];
         of.resize(static_cast<size_t>(t.size()));
         int64_t* start = shard_start.data() + c * (shards + 1);
         for (int64_t p = 0; p < t.size(); ++p) {
-          const int s = KeyTable::Shard(t.Hash(t.key(p)), shards);
+          const int s = KeyTable::Shard(PointHash(t, p), shards);
           of[static_cast<size_t>(p)] = static_cast<uint16_t>(s);
           ++start[s + 1];
         }
@@ -518,20 +808,24 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
       }
     }
   });
+  if (std::find(outside.begin(), outside.end(), 1) != outside.end()) {
+    *out_of_range = true;
+    return Status::Exhausted(TooManyPoints(max_points, n, d));
+  }
   if (std::find(full.begin(), full.end(), 1) != full.end()) {
     return Status::Exhausted(TooManyPoints(max_points, n, d));
   }
   // The merge: shard s takes, chunk by chunk in order, the chunk points whose hash falls in it
   // (so its numbering is fixed by the chunk count alone); to_shard[c][p] is chunk c's point p's
   // number within its shard. Shards touch disjoint entries, so they run concurrently.
-  shards_.reserve(static_cast<size_t>(shards));
-  for (int s = 0; s < shards; ++s) shards_.emplace_back(d, max_points);
+  shards_out.reserve(static_cast<size_t>(shards));
+  for (int s = 0; s < shards; ++s) shards_out.push_back(NewTable<Table>(d, max_points));
   std::vector<char> shard_full(static_cast<size_t>(shards), 0);
   const int64_t points_per_shard = n * (d + 1) / (chunks * shards) + 1;  // a rough guess
   par.For(shards, 150 * d * points_per_shard, [&](int64_t b, int64_t e) {
     for (int64_t s = b; s < e; ++s) {
       try {
-        KeyTable& t = shards_[static_cast<size_t>(s)];
+        Table& t = shards_out[static_cast<size_t>(s)];
         // Chunks are contiguous slabs of voxels and share few points: the sum of the counts
         // is close to the shard's final size.
         int64_t expected = 0;
@@ -541,14 +835,20 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
         }
         t.Reserve(std::min(expected, max_points));
         for (int64_t c = 0; c < chunks && !shard_full[static_cast<size_t>(s)]; ++c) {
-          const KeyTable& from = local[static_cast<size_t>(c)];
+          const Table& from = local[static_cast<size_t>(c)];
           const int64_t* start = shard_start.data() + c * (shards + 1);
           const int32_t* order = by_shard[static_cast<size_t>(c)].data();
           std::vector<int32_t>& map = to_shard[static_cast<size_t>(c)];
-          for (int64_t q = start[s]; q < start[s + 1]; ++q) {
+          // The shard's home slots are prefetched kMergeAhead points ahead (the table was
+          // reserved above, so its mask does not change under the prefetches).
+          const int64_t q_end = start[s + 1];
+          for (int64_t q = start[s]; q < std::min(q_end, start[s] + kMergeAhead); ++q) {
+            t.Prefetch(PointHash(from, order[q]));
+          }
+          for (int64_t q = start[s]; q < q_end; ++q) {
+            if (q + kMergeAhead < q_end) t.Prefetch(PointHash(from, order[q + kMergeAhead]));
             const int32_t p = order[q];
-            const int32_t* key = from.key(p);
-            const int32_t i = t.FindOrInsert(key, t.Hash(key));
+            const int32_t i = InsertPoint(t, from, p, PointHash(from, p));
             if (i < 0) {
               shard_full[static_cast<size_t>(s)] = 1;
               break;
@@ -564,34 +864,52 @@ Status LatticeBuilder::Build(const float* features, int64_t n, int d, int64_t ma
   local.clear();
   by_shard.clear();
   if (std::find(shard_full.begin(), shard_full.end(), 1) != shard_full.end()) {
-    shards_.clear();
+    shards_out.clear();
     return Status::Exhausted(TooManyPoints(max_points, n, d));
   }
   shard_begin_.assign(static_cast<size_t>(shards) + 1, 0);
   for (int s = 0; s < shards; ++s) {
     shard_begin_[static_cast<size_t>(s) + 1] =
-        shard_begin_[static_cast<size_t>(s)] + shards_[static_cast<size_t>(s)].size();
+        shard_begin_[static_cast<size_t>(s)] + shards_out[static_cast<size_t>(s)].size();
   }
   if (shard_begin_.back() > max_points) {
-    shards_.clear();
+    shards_out.clear();
     shard_begin_.clear();
     return Status::Exhausted(TooManyPoints(max_points, n, d));
   }
-  // Chunk-local point numbers in vertex_index become lattice numbers.
+  // Chunk-local point numbers in vertex_index become lattice numbers: first each chunk point's
+  // number (in place of its number within its shard), then one gather per entry.
   const int64_t d1 = d + 1;
   par.For(chunks, 4 * d1 * (n / chunks + 1), [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       const std::vector<uint16_t>& of = shard_of[static_cast<size_t>(c)];
-      const std::vector<int32_t>& map = to_shard[static_cast<size_t>(c)];
+      std::vector<int32_t>& map = to_shard[static_cast<size_t>(c)];
+      for (size_t p = 0; p < map.size(); ++p) {
+        map[p] = static_cast<int32_t>(shard_begin_[of[p]] + map[p]) + index_base;
+      }
+      const int32_t* global = map.data();
       for (int64_t i = chunk_begin(c) * d1; i < chunk_begin(c + 1) * d1; ++i) {
-        const auto p = static_cast<size_t>(vertex_index[i]);
-        vertex_index[i] = static_cast<int32_t>(shard_begin_[of[p]] + map[p]) + index_base;
+        vertex_index[i] = global[vertex_index[i]];
       }
     }
   });
   return Status::Ok();
 }
+
 namespace {
+
+// Marks every backward neighbour of points [0, m) absent (the forward lookups below then fill
+// the ones that exist).
+void MarkBackwardAbsent(int d, int64_t m, int64_t total_points, int32_t index_base, int32_t* nbrs,
+                        const Parallel& par) {
+  const auto absent = static_cast<int32_t>(total_points);
+  par.For(m, 2 * (d + 1), [&](int64_t b, int64_t e) {
+    for (int j = 0; j <= d; ++j) {
+      int32_t* row = nbrs + (j * total_points + index_base) * 2;
+      for (int64_t p = b; p < e; ++p) row[2 * p] = absent;
+    }
+  });
+}
 
 // LatticeBuilder::BlurNeighbours for the points [0, shard_begin.back()) of hash-sharded tables,
 // with d fixed at compile time when D > 0.
@@ -608,12 +926,7 @@ void BlurNeighboursImpl(const std::vector<KeyTable>& shards, const std::vector<i
   const int64_t m = begin.back();
   const int count_shards = static_cast<int>(shards.size());
   const auto absent = static_cast<int32_t>(total_points);
-  par.For(m, 2 * (d + 1), [&](int64_t b, int64_t e) {
-    for (int j = 0; j <= d; ++j) {
-      int32_t* row = nbrs + (j * total_points + index_base) * 2;
-      for (int64_t p = b; p < e; ++p) row[2 * p] = absent;
-    }
-  });
+  MarkBackwardAbsent(d, m, total_points, index_base, nbrs, par);
   const uint64_t coefficient_sum = shards[0].coefficient_sum();
   // Forward neighbour keys of a few points at a time are looked up as one batch: (d+1) per
   // point, direction j of point p0 + q / (d+1) in slot q. Three passes over the batch overlap
@@ -666,11 +979,70 @@ void BlurNeighboursImpl(const std::vector<KeyTable>& shards, const std::vector<i
   });
 }
 
+
+// BlurNeighboursImpl for packed keys: a neighbour's code is the point's plus a constant per
+// direction (KeyPacking), and a lookup reads only the slot.
+template <bool kSharded>
+void BlurNeighboursPackedImpl(const std::vector<PackedKeyTable>& shards,
+                              const std::vector<int64_t>& begin, const KeyPacking& packing,
+                              int d, int64_t total_points, int32_t index_base, int32_t* nbrs,
+                              const Parallel& par) {
+  const int64_t m = begin.back();
+  const int count_shards = static_cast<int>(shards.size());
+  const auto absent = static_cast<int32_t>(total_points);
+  MarkBackwardAbsent(d, m, total_points, index_base, nbrs, par);
+  // One step forward along direction j adds (d+1) e_j - (1, ..., 1) (j == d: the implied
+  // coordinate, no field).
+  std::vector<uint64_t> forward(static_cast<size_t>(d) + 1);
+  for (int j = 0; j <= d; ++j) {
+    forward[static_cast<size_t>(j)] =
+        (j < d ? static_cast<uint64_t>(d + 1) * packing.unit(j) : 0) - packing.ones();
+  }
+  const int per_batch = std::max(1, KeyTable::kMaxBatch / (d + 1));
+  par.For(m, 20 * (d + 1), [&](int64_t b, int64_t e) {
+    uint64_t hashes[KeyTable::kMaxBatch];
+    int shard[KeyTable::kMaxBatch];
+    int s = static_cast<int>(std::upper_bound(begin.begin(), begin.end(), b) - begin.begin()) - 1;
+    for (int64_t p0 = b; p0 < e; p0 += per_batch) {
+      const int64_t p1 = std::min<int64_t>(e, p0 + per_batch);
+      int count = 0;
+      for (int64_t p = p0; p < p1; ++p) {
+        while (p >= begin[static_cast<size_t>(s) + 1]) ++s;
+        const uint64_t code = shards[static_cast<size_t>(s)].code(p - begin[static_cast<size_t>(s)]);
+        for (int j = 0; j <= d; ++j, ++count) {
+          hashes[count] = PackedKeyTable::Hash(code + forward[static_cast<size_t>(j)]);
+          shard[count] = kSharded ? KeyTable::Shard(hashes[count], count_shards) : 0;
+          shards[static_cast<size_t>(shard[count])].Prefetch(hashes[count]);
+        }
+      }
+      int q = 0;
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int j = 0; j <= d; ++j, ++q) {
+          int32_t* row = nbrs + (j * total_points + index_base) * 2;
+          const int32_t found = shards[static_cast<size_t>(shard[q])].Find(hashes[q]);
+          if (found < 0) {
+            row[2 * p + 1] = absent;
+          } else {
+            const int64_t g = begin[static_cast<size_t>(shard[q])] + found;
+            row[2 * p + 1] = static_cast<int32_t>(g) + index_base;
+            row[2 * g] = static_cast<int32_t>(p) + index_base;
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void LatticeBuilder::BlurNeighbours(int64_t total_points, int32_t index_base, int32_t* nbrs,
                                     const Parallel& par) const {
   if (num_points() == 0) return;
+  if (packed_) {
+    (packed_shards_.size() > 1 ? BlurNeighboursPackedImpl<true> : BlurNeighboursPackedImpl<false>)(
+        packed_shards_, shard_begin_, packing_, d_, total_points, index_base, nbrs, par);
+    return;
+  }
   const bool sharded = shards_.size() > 1;
   switch (d_) {
 #define CRF3D_BLUR_CASE(D)                                                                     \

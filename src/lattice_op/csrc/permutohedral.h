@@ -197,6 +197,112 @@ class KeyTable {
   uint64_t mask_ = 0;
 };
 
+// The build's narrow key form: the d stored coordinates of a lattice key packed into one 64-bit
+// code, coordinate i in a field of its own (its value minus base_i, shifted left by shift_i). The
+// fields are sized from the features' ranges (Fit), with room for every vertex key of the lattice
+// and for every blur neighbour (one step along u_j moves a coordinate by -1 or +d), so that
+//   - the code is one-to-one on that box, and
+//   - code(key + delta) = code(key) + sum_i delta_i 2^shift_i (modulo 2^64, exactly): a vertex's
+//     or neighbour's code follows from another's by one addition, as the wide hash's linear
+//     sum does.
+// Keys whose fields would take more than 64 bits in all use the wide form (KeyTable).
+class KeyPacking {
+ public:
+  // Fields for stored coordinates i < d whose remainder-0 points lie in [rem0_lo[i],
+  // rem0_hi[i]] (so their vertex keys in [rem0_lo[i] - d, rem0_hi[i] + d]); false, leaving the
+  // packing unusable, when the fields need more than max_bits bits together.
+  bool Fit(int d, const int64_t* rem0_lo, const int64_t* rem0_hi, int max_bits = 64);
+  int bits() const { return bits_; }
+  // Whether the simplex of this remainder-0 point (d+1 coordinates, the first d stored) has all
+  // its vertex keys inside the fields (D > 0: d fixed at compile time).
+  template <int D = 0>
+  bool InRange(const int32_t* rem0) const {
+    const int d = D > 0 ? D : d_;
+    bool inside = true;
+    for (int i = 0; i < d; ++i) {
+      inside &= rem0[i] >= rem0_lo_[static_cast<size_t>(i)];
+      inside &= rem0[i] <= rem0_hi_[static_cast<size_t>(i)];
+    }
+    return inside;
+  }
+  // The code of a key (d coordinates) inside the fields.
+  template <int D = 0>
+  uint64_t Pack(const int32_t* key) const {
+    const int d = D > 0 ? D : d_;
+    uint64_t code = 0;
+    for (int i = 0; i < d; ++i) {
+      code += static_cast<uint64_t>(static_cast<int64_t>(key[i]) - base_[static_cast<size_t>(i)])
+              << shift_[static_cast<size_t>(i)];
+    }
+    return code;
+  }
+  // The code change of adding 1 to stored coordinate i (i < d), and of adding (1, ..., 1).
+  uint64_t unit(int i) const { return uint64_t{1} << shift_[static_cast<size_t>(i)]; }
+  uint64_t ones() const { return ones_; }
+
+ private:
+  int d_ = 0;
+  int bits_ = 0;
+  std::vector<int64_t> base_;  // a field holds coordinate - base (>= 0)
+  std::vector<int> shift_;
+  std::vector<int32_t> rem0_lo_, rem0_hi_;
+  uint64_t ones_ = 0;
+};
+
+// Open-addressing hash table (linear probing, load <= 1/2) from packed keys (KeyPacking) to dense
+// indices 0..size()-1, in order of first insertion. The hash KeyTable::Mix is a bijection of 64-bit
+// words, so equal hashes mean equal codes: a slot holds the hash beside the index and a lookup
+// reads no key (one cache miss where KeyTable's takes two: the slot, then the key).
+class PackedKeyTable {
+ public:
+  explicit PackedKeyTable(int64_t max_points);
+  static uint64_t Hash(uint64_t code) { return KeyTable::Mix(code); }
+  void Prefetch(uint64_t h) const { __builtin_prefetch(&slots_[h & mask_]); }
+  // Index of the key with this code (h = Hash(code)), inserted if absent; -1 when that would
+  // exceed max_points.
+  int32_t FindOrInsert(uint64_t code, uint64_t h) {
+    uint64_t s = h & mask_;
+    for (;;) {
+      const Slot& e = slots_[s];
+      if (e.index == 0) return Insert(code, h, s);
+      if (e.hash == h) return static_cast<int32_t>(e.index - 1);
+      s = (s + 1) & mask_;
+    }
+  }
+  // Index of the key of hash h, or -1 if absent. Safe to call concurrently once insertion is
+  // over.
+  int32_t Find(uint64_t h) const {
+    uint64_t s = h & mask_;
+    for (;;) {
+      const Slot& e = slots_[s];
+      if (e.index == 0) return -1;
+      if (e.hash == h) return static_cast<int32_t>(e.index - 1);
+      s = (s + 1) & mask_;
+    }
+  }
+  int64_t size() const { return static_cast<int64_t>(codes_.size()); }
+  uint64_t code(int64_t i) const { return codes_[static_cast<size_t>(i)]; }
+  void Reserve(int64_t points);
+  // Frees the slots and keeps the codes: code(i) and size() still answer, lookups no longer do.
+  void ReleaseSlots() {
+    std::vector<Slot>().swap(slots_);
+    mask_ = 0;
+  }
+
+ private:
+  struct Slot {
+    uint64_t hash;
+    uint32_t index;  // point index + 1; 0 marks an empty slot
+    uint32_t unused;
+  };
+  int32_t Insert(uint64_t code, uint64_t h, uint64_t s);
+  void Rehash(size_t capacity);
+  int64_t max_points_;
+  std::vector<uint64_t> codes_;
+  std::vector<Slot> slots_;  // power-of-two capacity
+  uint64_t mask_ = 0;
+};
+
 // The lattice of one batch item.
 class LatticeBuilder {
  public:
@@ -214,9 +320,28 @@ class LatticeBuilder {
   // written as total_points, the index of an always-zero row.
   void BlurNeighbours(int64_t total_points, int32_t index_base, int32_t* nbrs,
                       const Parallel& par) const;
+  // Whether the last Build packed its keys into 64-bit codes (KeyPacking) or used the wide form.
+  bool packed_keys() const { return packed_; }
+  // Most bits the packed keys may take (64, the default); 0 forces the wide form (for tests that
+  // compare the two).
+  void set_max_packed_bits(int bits) { max_packed_bits_ = bits; }
+  // For tests of the fallback: narrows the packing's remainder-0 bounds by `inset` on each side,
+  // so that simplices fall outside it and the build reruns with the wide keys.
+  void set_packed_bounds_inset(int64_t inset) { packed_bounds_inset_ = inset; }
 
  private:
+  template <class Table>
+  Status EmbedAndHash(const float* features, int64_t n, const Embedding& emb,
+                      const std::vector<float>& lo, int64_t max_points, int32_t index_base,
+                      int32_t* vertex_index, float* vertex_weight, const Parallel& par,
+                      std::vector<Table>& shards, bool* out_of_range);
   int d_ = 0;
+  int max_packed_bits_ = 64;
+  int64_t packed_bounds_inset_ = 0;
+  bool packed_ = false;
+  KeyPacking packing_;
+  // The lattice points with packed keys, sharded as shards_ below (used when packed_).
+  std::vector<PackedKeyTable> packed_shards_;
   // The lattice points, sharded by hash (KeyTable::Shard): one table when the build ran as one
   // chunk, one per chunk otherwise (merged in parallel, a shard per thread). Point i of shard s
   // is point shard_begin_[s] + i of the lattice.
