@@ -64,10 +64,12 @@ class LatticeBuildOp : public OpKernel {
     // left of the budget bounds the number of lattice points.
     const int64_t budget = MemoryBudget();
     // Per entry: vertex_index, vertex_weight, splat_voxels and splat_weights. Per point: its
-    // key, two hash slots, blur neighbours, CSR offset and up to kMaxSplatParts counting-sort
-    // cursors.
+    // key and two hash slots (wide keys: d int32 and two 8-byte slots; packed keys: one 8-byte
+    // code and two 16-byte slots; the larger of the two), blur neighbours, CSR offset and up to
+    // kMaxSplatParts counting-sort cursors.
     const int64_t fixed = entries * 16 + shape.num_elements() * 4;
-    const int64_t per_point = d * 4 + 16 + d1 * 8 + 4 + kMaxSplatParts * 4;
+    const int64_t key = std::max<int64_t>(d * 4 + 2 * 8, 8 + 2 * 16);
+    const int64_t per_point = key + d1 * 8 + 4 + kMaxSplatParts * 4;
     OP_REQUIRES(ctx, fixed < budget,
                 errors::ResourceExhausted("features of shape ", ShapeText(shape), " need ",
                                           fixed, " bytes of lattice entries, more than the ",
