@@ -58,6 +58,9 @@ __attribute__((target_clones("avx2", "default"))) void ExpInPlace(float* v, int6
   }
 }
 
+// Channels that the spatial filter runs on for K classes (see MeanField::spatial_channels).
+constexpr int64_t SpatialChannels(int64_t k) { return k >= 2 ? k - 1 : k; }
+
 // Channels of a lattice row in the fused form for K classes (kK > 0 when fixed at compile time):
 // up to 8 classes take a row of 8 floats, the classes then zeros, so that a row is whole vector
 // operations; each class's lane computes exactly what a row of K floats would.
@@ -88,10 +91,17 @@ struct MeanField {
   // Per voxel (bilateral) and per voxel of one item (spatial): the scale of a filter's output
   // ("mean": 1 / (K 1)), and of its input too ("symmetric": (K 1)^(-1/2) both).
   std::vector<float> scale_b, scale_s;
-  float* q_b = nullptr;  // bilateral input [n, K] (not written in the fused form, "symmetric")
-  float* q_s = nullptr;  // spatial input [n, K] ("symmetric"; "mean" shares q_b)
+  // The spatial filter runs on the first S = K - 1 classes only (S = K when K = 1): the classes'
+  // spatial inputs add up to a field known in advance (Q sums to 1 over the classes: 1 with
+  // "mean", scale_s with "symmetric"), so the filter of that field less the other classes'
+  // outputs is the last class's output, and the filter, whose cost is proportional to its
+  // channels, does 1/K less work. spatial_total is that field filtered, per voxel of one item.
+  int64_t spatial_channels = 0;
+  std::vector<float> spatial_total;
+  float* q_b = nullptr;  // bilateral input [n, K] (written in the unfused form only)
+  float* q_s = nullptr;  // spatial input [n, S]
   const float* a = nullptr;  // bilateral output (the unfused form)
-  const float* g = nullptr;  // spatial output
+  const float* g = nullptr;  // spatial output [n, S]
   // The fused form (lat != nullptr): the blurred lattice values that the update slices, and
   // the parts' splat sums [parts, M, K] that the next iteration's Q goes into.
   const LatticeView* lat = nullptr;
@@ -108,6 +118,7 @@ struct MeanField {
   bool Emit(const float* rows, int64_t i0, int64_t count, bool last, float* tmp,
             float* sums) const {
     const int64_t K = kK > 0 ? kK : k;
+    const int64_t S = kK > 0 ? SpatialChannels(kK) : spatial_channels;
     for (int64_t v = 0; v < count; ++v) {
       const float* row = rows + v * K;
       float top = row[0];
@@ -127,18 +138,13 @@ struct MeanField {
       const int64_t i = i0 + v;
       if (last) {
         for (int64_t l = 0; l < K; ++l) probabilities[i * K + l] = q[l] * inv;
-      } else if (symmetric) {
-        const float sb = inv * scale_b[static_cast<size_t>(i)];
-        const float ss = inv * scale_s[static_cast<size_t>(item_voxel)];
-        float* bilateral = sums != nullptr && kK > 0 ? padded : q_b + i * K;
-        for (int64_t l = 0; l < K; ++l) {
-          bilateral[l] = q[l] * sb;
-          q_s[i * K + l] = q[l] * ss;
-        }
-        if (sums != nullptr) Splat<kK>(i, bilateral, padded, sums, &ok);
       } else {
-        for (int64_t l = 0; l < K; ++l) q_b[i * K + l] = q[l] * inv;
-        if (sums != nullptr) Splat<kK>(i, q_b + i * K, padded, sums, &ok);
+        const float sb = symmetric ? inv * scale_b[static_cast<size_t>(i)] : inv;
+        const float ss = symmetric ? inv * scale_s[static_cast<size_t>(item_voxel)] : inv;
+        float* bilateral = sums != nullptr && kK > 0 ? padded : q_b + i * K;
+        for (int64_t l = 0; l < K; ++l) bilateral[l] = q[l] * sb;
+        for (int64_t l = 0; l < S; ++l) q_s[i * S + l] = q[l] * ss;
+        if (sums != nullptr) Splat<kK>(i, bilateral, padded, sums, &ok);
       }
       if (++item_voxel == per_item) item_voxel = 0;
     }
@@ -165,6 +171,7 @@ struct MeanField {
   bool Update(int64_t i0, int64_t count, bool last, float* tmp, float* scratch,
               float* sums) const {
     const int64_t K = kK > 0 ? kK : k;
+    const int64_t S = kK > 0 ? SpatialChannels(kK) : spatial_channels;
     float* message = scratch;
     float* sliced = scratch + K;  // LatticeRow(K) floats
     int64_t item_voxel = i0 % per_item;
@@ -180,8 +187,16 @@ struct MeanField {
              ok;
         ai = sliced;
       }
-      const float* gi = g + i * K;
-      for (int64_t l = 0; l < K; ++l) message[l] = w1[l] * ai[l] * ob + w2[l] * gi[l] * os;
+      const float* gi = g + i * S;
+      float spatial_sum = 0.0f;
+      for (int64_t l = 0; l < S; ++l) {
+        message[l] = w1[l] * ai[l] * ob + w2[l] * gi[l] * os;
+        spatial_sum += gi[l];
+      }
+      if (S < K) {  // the last class: the filtered total less the other classes
+        const float g_last = spatial_total[static_cast<size_t>(item_voxel)] - spatial_sum;
+        message[K - 1] = w1[K - 1] * ai[K - 1] * ob + w2[K - 1] * g_last * os;
+      }
       float* row = tmp + v * K;
       const float* u = unaries + i * K;
       for (int64_t l = 0; l < K; ++l) {
@@ -316,19 +331,32 @@ Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeV
     }
   });
   mf.scale_s = SeparableOnes(grid, spatial);
+  mf.spatial_channels = SpatialChannels(k);
+  if (mf.spatial_channels < k) mf.spatial_total = mf.scale_s;  // "mean": the filter of ones
   for (float& x : mf.scale_s) x = mf.symmetric ? 1.0f / std::sqrt(x) : 1.0f / x;
+  Grid spatial_grid = grid;
+  spatial_grid.channels = mf.spatial_channels;
+  if (mf.spatial_channels < k && mf.symmetric) {  // "symmetric": the filter of scale_s
+    Grid item = grid;
+    item.batch = 1;
+    item.channels = 1;
+    std::vector<float> item_scratch(mf.scale_s.size());
+    s = SeparableCorrelate(item, spatial, mf.scale_s.data(), mf.spatial_total.data(),
+                           item_scratch.data(), par);
+    if (!s.ok()) return s;
+  }
 
-  // Buffers of [n, K]: the bilateral input, the spatial output and (unfused form) the bilateral
-  // output. The output `probabilities` is written only by the last pass, so until then it
-  // holds the spatial filter's input ("symmetric") or its scratch ("mean"); with "symmetric"
-  // the spatial scratch is the bilateral input, once that is filtered (or splatted). Left
+  // Buffers of [n, K]: the bilateral input, the spatial output (of which [n, S] is used) and
+  // (unfused form) the bilateral output. The output `probabilities` is written only by the last
+  // pass, so until then it holds the spatial filter's input [n, S]; the spatial scratch is the
+  // bilateral input, once that is filtered (or splatted; the fused form does not write it). Left
   // uninitialised: every pass writes them whole.
   const size_t size = static_cast<size_t>(grid.size());
   std::unique_ptr<float[]> q_b(new float[size]), g(new float[size]), a;
   mf.q_b = q_b.get();
-  mf.q_s = mf.symmetric ? probabilities : q_b.get();
+  mf.q_s = probabilities;
   mf.g = g.get();
-  float* spatial_scratch = mf.symmetric ? q_b.get() : probabilities;
+  float* spatial_scratch = q_b.get();
   // The bilateral filter's scratch: the parts' splat sums and the blur's two buffers (fused),
   // or Filter's scratch.
   const int64_t m = lat.num_points;
@@ -368,7 +396,7 @@ Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeV
       s = Filter(lat, q_b.get(), static_cast<int>(k), false, a.get(), scratch.get(), par);
     }
     if (!s.ok()) return s;
-    s = SeparableCorrelate(grid, spatial, mf.q_s, g.get(), spatial_scratch, par);
+    s = SeparableCorrelate(spatial_grid, spatial, mf.q_s, g.get(), spatial_scratch, par);
     if (!s.ok()) return s;
     if (!mf.RunPass(false, last, par, nullptr)) return out_of_range;
   }
