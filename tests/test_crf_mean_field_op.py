@@ -41,10 +41,9 @@ def inputs(shape, classes, channels, seed, spread=3.0):
 def test_spatial_only_matches_float64_reference(normalisation, classes) -> None:
     """With w1 = 0 only the separable spatial kernel acts, and it is exact here (every axis is
     within its 4-sigma radius): the fused kernel must match the brute-force float64 mean field.
-    Two batch items, 3-D, anisotropic spacing. The kernel filters the first K - 1 classes and
-    derives the last one's spatial message from the filtered total (K = 1: the one class), so
-    K = 1, 2, 3 and 8 (the widest padded row) each take a different count of filtered
-    channels."""
+    Two batch items, 3-D, anisotropic spacing. For K = 2 and 3 the kernel filters the first
+    K - 1 classes and derives the last one's spatial message from the filtered total; K = 1 and
+    K = 8 (the widest padded row) filter every class."""
     unaries, image, rng = inputs((2, 5, 6, 7), classes, 2, seed=classes)
     kw = settings(classes, rng, bilateral_weight=tf.zeros([classes]), num_iterations=3)
     logits, probs = mf.mean_field_inference(unaries, image, normalisation=normalisation, **kw)
@@ -91,7 +90,7 @@ def test_lattice_without_splat_lists(normalisation, classes) -> None:
     """A volume whose lattice has no splat lists (wide widths: few points for many voxels), so
     that the kernel splats and slices inside its own passes over the voxels (in 4 splat parts),
     against the composed TF mean field on the same lattice; K = 2 and 5 take rows padded to 8
-    floats (and filter K - 1 spatial channels), K = 9 the generic path."""
+    floats (K = 2 filters K - 1 spatial channels), K = 9 the generic path."""
     unaries, image, rng = inputs((1, 24, 40, 40), classes, 2, seed=classes, spread=5.0)
     kw = settings(classes, rng, spacing=[2.0, 1.0, 1.0], theta_alpha=8.0, theta_beta=[3.0, 3.0])
     features = mf.bilateral_features(image, kw["spacing"], kw["theta_alpha"], kw["theta_beta"])

@@ -802,9 +802,9 @@ void CheckFusedMeanField() {
 
 
 // 6. The mean-field kernel for every class count it treats differently (mean_field.cc: K <= 8
-// on lattice rows padded to 8 floats, K = 9 on the generic path; the spatial filter on the first
-// K - 1 classes, the last class's spatial message derived from the filtered total, and K = 1 on
-// its one class), against the mean field computed here in double: Q = softmax(U), then per
+// on lattice rows padded to 8 floats, K = 9 on the generic path; for K = 2 and 3 the spatial
+// filter on the first K - 1 classes, the last class's spatial message derived from the filtered
+// total), against the mean field computed here in double: Q = softmax(U), then per
 // iteration L = U - mu (w1 A(Q) + w2 G(Q)) with A the core's lattice Filter (float, the only
 // precision it has; inputs rounded to float) and G the separable filter in double on all K
 // classes, both normalised by their filters of ones ("mean" and "symmetric"). K = 1..9, two
@@ -864,8 +864,9 @@ void CheckMeanFieldRowWidths() {
           double top = logits[static_cast<size_t>(i * k)], sum = 0.0;
           for (int l = 1; l < k; ++l) top = std::max(top, logits[static_cast<size_t>(i * k + l)]);
           for (int l = 0; l < k; ++l) {
-            q[static_cast<size_t>(i * k + l)] = std::exp(logits[static_cast<size_t>(i * k + l)] - top);
-            sum += q[static_cast<size_t>(i * k + l)];
+            const size_t at = static_cast<size_t>(i * k + l);
+            q[at] = std::exp(logits[at] - top);
+            sum += q[at];
           }
           for (int l = 0; l < k; ++l) q[static_cast<size_t>(i * k + l)] /= sum;
         }
@@ -900,7 +901,8 @@ void CheckMeanFieldRowWidths() {
             for (int j = 0; j < k; ++j) {
               pairwise += mu[static_cast<size_t>(l * k + j)] * message[static_cast<size_t>(j)];
             }
-            logits[static_cast<size_t>(i * k + l)] = unaries[static_cast<size_t>(i * k + l)] - pairwise;
+            const size_t at = static_cast<size_t>(i * k + l);
+            logits[at] = unaries[at] - pairwise;
           }
         }
         softmax();
