@@ -105,7 +105,7 @@ struct MeanField {
   int64_t spatial_channels = 0;
   std::vector<float> spatial_total;
   float* q_b = nullptr;  // bilateral input [n, K] (written in the unfused form only)
-  float* q_s = nullptr;  // spatial input [n, S]
+  float* q_s = nullptr;  // spatial input [n, S] (q_b itself where the two are the same rows)
   const float* a = nullptr;  // bilateral output (the unfused form)
   const float* g = nullptr;  // spatial output [n, S]
   // The fused form (lat != nullptr): the blurred lattice values that the update slices, and
@@ -149,7 +149,9 @@ struct MeanField {
         const float ss = symmetric ? inv * scale_s[static_cast<size_t>(item_voxel)] : inv;
         float* bilateral = sums != nullptr && kK > 0 ? padded : q_b + i * K;
         for (int64_t l = 0; l < K; ++l) bilateral[l] = q[l] * sb;
-        for (int64_t l = 0; l < S; ++l) q_s[i * S + l] = q[l] * ss;
+        if (q_s != q_b) {  // (shared: the bilateral row is the spatial one, ss == sb)
+          for (int64_t l = 0; l < S; ++l) q_s[i * S + l] = q[l] * ss;
+        }
         if (sums != nullptr) Splat<kK>(i, bilateral, padded, sums, &ok);
       }
       if (++item_voxel == per_item) item_voxel = 0;
@@ -354,15 +356,18 @@ Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeV
 
   // Buffers of [n, K]: the bilateral input, the spatial output (of which [n, S] is used) and
   // (unfused form) the bilateral output. The output `probabilities` is written only by the last
-  // pass, so until then it holds the spatial filter's input [n, S]; the spatial scratch is the
-  // bilateral input, once that is filtered (or splatted; the fused form does not write it). Left
-  // uninitialised: every pass writes them whole.
+  // pass, so until then it holds the spatial filter's input [n, S], and the spatial scratch is
+  // the bilateral input, once that is filtered (or splatted; the fused form with K <= 8 does not
+  // write it). With "mean" and every class filtered, where the bilateral input rows are written
+  // (the unfused form, K > 8), they are the spatial input too, and `probabilities` the scratch.
+  // Left uninitialised: every pass writes them whole.
   const size_t size = static_cast<size_t>(grid.size());
   std::unique_ptr<float[]> q_b(new float[size]), g(new float[size]), a;
+  const bool shared = !mf.symmetric && mf.spatial_channels == k && (!fused || k > 8);
   mf.q_b = q_b.get();
-  mf.q_s = probabilities;
+  mf.q_s = shared ? q_b.get() : probabilities;
   mf.g = g.get();
-  float* spatial_scratch = q_b.get();
+  float* spatial_scratch = shared ? probabilities : q_b.get();
   // The bilateral filter's scratch: the parts' splat sums and the blur's two buffers (fused),
   // or Filter's scratch.
   const int64_t m = lat.num_points;
