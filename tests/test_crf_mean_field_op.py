@@ -37,12 +37,15 @@ def inputs(shape, classes, channels, seed, spread=3.0):
 
 
 @pytest.mark.parametrize("normalisation", ["mean", "symmetric"])
-def test_spatial_only_matches_float64_reference(normalisation) -> None:
+@pytest.mark.parametrize("classes", [1, 2, 3, 8])
+def test_spatial_only_matches_float64_reference(normalisation, classes) -> None:
     """With w1 = 0 only the separable spatial kernel acts, and it is exact here (every axis is
     within its 4-sigma radius): the fused kernel must match the brute-force float64 mean field.
-    Two batch items, three classes, 3-D, anisotropic spacing."""
-    unaries, image, rng = inputs((2, 5, 6, 7), 3, 2, seed=0)
-    kw = settings(3, rng, bilateral_weight=tf.zeros([3]), num_iterations=3)
+    Two batch items, 3-D, anisotropic spacing. For K = 2 and 3 the kernel filters the first
+    K - 1 classes and derives the last one's spatial message from the filtered total; K = 1 and
+    K = 8 (the widest padded row) filter every class."""
+    unaries, image, rng = inputs((2, 5, 6, 7), classes, 2, seed=classes)
+    kw = settings(classes, rng, bilateral_weight=tf.zeros([classes]), num_iterations=3)
     logits, probs = mf.mean_field_inference(unaries, image, normalisation=normalisation, **kw)
     expected = mean_field_reference(
         unaries.numpy().astype(np.float64),
@@ -51,14 +54,15 @@ def test_spatial_only_matches_float64_reference(normalisation) -> None:
         kw["theta_alpha"],
         tuple(kw["theta_beta"]),
         kw["theta_gamma"],
-        np.zeros(3),
+        np.zeros(classes),
         kw["spatial_weight"].numpy().astype(np.float64),
         kw["compatibility"].numpy().astype(np.float64),
         3,
         normalisation,
     )
     np.testing.assert_allclose(logits.numpy(), expected, rtol=0, atol=2e-5)
-    assert np.abs(expected - unaries.numpy()).max() > 0.1  # the CRF did change the logits
+    if classes > 1:  # (one class: the message moves every logit alike)
+        assert np.abs(expected - unaries.numpy()).max() > 0.1  # the CRF did change the logits
     softmax = np.exp(expected - expected.max(-1, keepdims=True))
     softmax /= softmax.sum(-1, keepdims=True)
     np.testing.assert_allclose(probs.numpy(), softmax, rtol=0, atol=2e-6)
@@ -81,12 +85,12 @@ def test_matches_composed_mean_field(normalisation, shape, spacing) -> None:
 
 
 @pytest.mark.parametrize("normalisation", ["mean", "symmetric"])
-@pytest.mark.parametrize("classes", [5, 9])
+@pytest.mark.parametrize("classes", [2, 5, 9])
 def test_lattice_without_splat_lists(normalisation, classes) -> None:
     """A volume whose lattice has no splat lists (wide widths: few points for many voxels), so
     that the kernel splats and slices inside its own passes over the voxels (in 4 splat parts),
-    against the composed TF mean field on the same lattice; K = 5 takes rows padded to 8
-    floats, K = 9 the generic path."""
+    against the composed TF mean field on the same lattice; K = 2 and 5 take rows padded to 8
+    floats (K = 2 filters K - 1 spatial channels), K = 9 the generic path."""
     unaries, image, rng = inputs((1, 24, 40, 40), classes, 2, seed=classes, spread=5.0)
     kw = settings(classes, rng, spacing=[2.0, 1.0, 1.0], theta_alpha=8.0, theta_beta=[3.0, 3.0])
     features = mf.bilateral_features(image, kw["spacing"], kw["theta_alpha"], kw["theta_beta"])

@@ -44,7 +44,7 @@ struct MeanFieldParams {
 // lattice arrays or taps, and for NaN or Inf in the unaries, weights or compatibility.
 // Allocates 2 grid.size() + SplatParts(n, F, M) M R + 2 (M + 1) R + 2 n floats of scratch for a
 // lattice of M points without splat lists (R = 8 for K <= 8, else K), and
-// 3 grid.size() + 2 (M + 1) K + 2 n with them.
+// 3 grid.size() + 2 (M + 1) K + 2 n with them; for K = 2 and 3, 2 more per voxel of one item.
 Status MeanFieldInference(const Grid& grid, const float* unaries, const LatticeView& lat,
                           const std::vector<AxisTaps<float>>& spatial, const MeanFieldParams& params,
                           float* logits, float* probabilities, const Parallel& par);
