@@ -10,8 +10,11 @@ may be tensors (a learnt width): the op then also differentiates with respect to
 
 ``backend="tf"`` computes the same correlation with TensorFlow's own ops (every device): per axis,
 zero padding and one multiply-add of a shifted slice per tap, summed in the compiled kernel's
-order (tap -r first); its gradients (values and tensor taps) are TensorFlow's own derivatives
-of those ops. "auto" picks as crf_rnn_3d.lattice_op.backend.resolve_backend says.
+order (tap -r first), one term after another; its gradients are its own, as the compiled op's:
+the values get the correlation with the taps reversed, tensor taps the lagged inner products
+of the gradient with the values (TensorFlow's derivative of the slices would add all 2r + 1
+padded volumes at once; docs/lattice_op.md, "Memory of the TF filter"). "auto" picks as
+crf_rnn_3d.lattice_op.backend.resolve_backend says.
 """
 
 from __future__ import annotations
