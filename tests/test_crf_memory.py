@@ -57,6 +57,21 @@ def _logits_and_gradients(layer: CrfRnn, unaries, image, upstream, weights):
     return logits.numpy(), [g.numpy() for g in grads]
 
 
+def _traced_step(layer: CrfRnn, spec):
+    """tf.function of (logits, [d/d unaries, d/d image, d/d each trainable weight]) of
+    sum(upstream * logits), traced with input signature `spec` (unaries, image, upstream)."""
+
+    @tf.function(input_signature=spec)
+    def step(u, im, g):
+        with tf.GradientTape() as tape:
+            tape.watch([u, im])
+            logits = layer([u, im], training=True)
+            loss = tf.reduce_sum(g * logits)
+        return logits, tape.gradient(loss, [u, im, *layer.trainable_weights])
+
+    return step
+
+
 def _weights(layer_settings, unaries, image, seed):
     """Random weights (not the Potts start), so that every gradient is generic."""
     probe = _layer(False, **layer_settings)
@@ -201,13 +216,7 @@ def test_recompute_under_tf_function_with_unknown_sizes(backend, grappler_off, m
         layer([unaries, image])
         layer.set_weights(weights)
 
-        @tf.function(input_signature=spec)
-        def step(u, im, g, layer=layer):
-            with tf.GradientTape() as tape:
-                tape.watch([u, im])
-                logits = layer([u, im], training=True)
-                loss = tf.reduce_sum(g * logits)
-            return logits, tape.gradient(loss, [u, im, *layer.trainable_weights])
+        step = _traced_step(layer, spec)
 
         calls.clear()
         logits, grads = step(unaries, image, upstream)
@@ -438,13 +447,7 @@ def test_checkpoint_every_under_tf_function_matches_the_plain_loop(grappler_off)
         layer([unaries, image])
         layer.set_weights(weights)
 
-        @tf.function(input_signature=spec)
-        def step(u, im, g, layer=layer):
-            with tf.GradientTape() as tape:
-                tape.watch([u, im])
-                logits = layer([u, im], training=True)
-                loss = tf.reduce_sum(g * logits)
-            return logits, tape.gradient(loss, [u, im, *layer.trainable_weights])
+        step = _traced_step(layer, spec)
 
         logits, grads = step(unaries, image, upstream)
         results.append((logits.numpy(), [g.numpy() for g in grads]))
